@@ -1,0 +1,8 @@
+"""loramix: X-LoRA, a mixture of LoRA experts gated per token and per layer (Buehler & Buehler, 2024)."""
+
+__version__ = "0.1.0"
+
+from .config import XLoraConfig  # noqa: E402
+from .model import XLoraModel, XLoraOutput  # noqa: E402
+
+__all__ = ["XLoraConfig", "XLoraModel", "XLoraOutput", "__version__"]

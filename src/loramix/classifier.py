@@ -1,0 +1,68 @@
+"""The scaling head ("X-LoRA classifier") and the turning of its scalings into mixing weights.
+
+Paper, section 2: the gate reads the last hidden state h[b, t] of the scaling pass and predicts, per token,
+one weight per expert (and per LoRA layer with `layerwise_scalings`):
+
+    logits = last(inner(h))                      (b, t, L*E) layerwise, (b, t, E) otherwise
+    scalings = softmax(logits / temperature)     (b, t, L, E), over experts
+
+`inner` is depth-1 blocks of Linear (+ ReLU + Dropout); the module keeps the original `xlora` library's
+attribute names (`inner.{i}`, `last`) so its published checkpoints load as they are.
+
+The layers then use mixing weights, derived from the scalings the way PEFT's XLoraLayer does it, per token and
+per LoRA layer: keep the top-k experts (others set to 0), optionally re-normalise the kept ones with a softmax,
+and multiply by the global scaling weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class XLoraClassifier(nn.Module):
+    def __init__(self, hidden_size: int, n_experts: int, n_lora_layers: int, *, depth: int, size: int,
+                 dropout_p: float, relu_and_dropout: bool, bias: bool, layerwise: bool) -> None:
+        super().__init__()
+        self.n_experts, self.n_lora_layers, self.layerwise = n_experts, n_lora_layers, layerwise
+        self.inner = nn.ModuleList()
+        width = hidden_size
+        for _ in range(depth - 1):
+            self.inner.append(nn.Linear(width, size, bias=bias))
+            if relu_and_dropout:
+                self.inner.extend([nn.ReLU(), nn.Dropout(dropout_p)])
+            width = size
+        self.last = nn.Linear(width, n_experts * (n_lora_layers if layerwise else 1), bias=bias)
+
+    def forward(self, hidden: torch.Tensor, *, enable_softmax: bool, temperature: float) -> torch.Tensor:
+        """hidden: (b, t, hidden_size) -> scalings (b, t, n_lora_layers, n_experts)."""
+        b, t, _ = hidden.shape
+        x = hidden.to(self.last.weight.dtype)
+        for module in self.inner:
+            x = module(x)
+        logits = self.last(x)  # (b, t, L*E) or (b, t, E)
+        if self.layerwise:
+            logits = logits.reshape(b, t, self.n_lora_layers, self.n_experts)
+        else:
+            logits = logits.unsqueeze(2).expand(b, t, self.n_lora_layers, self.n_experts)
+        if enable_softmax:
+            logits = torch.softmax(logits / temperature, dim=-1)
+        return logits
+
+    def hidden_linears(self) -> list[nn.Linear]:
+        return [m for m in self.inner if isinstance(m, nn.Linear)]
+
+
+def mixing_weights(scalings: torch.Tensor, *, top_k: int | None, softmax_topk: bool,
+                   global_weight: float) -> torch.Tensor:
+    """Scalings (..., n_experts) -> the weights the layers apply, per token and LoRA layer (PEFT's semantics)."""
+    w = scalings
+    if top_k is not None and top_k < w.shape[-1]:
+        kept = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.topk(top_k, dim=-1).indices, True)
+        w = w * kept.to(w.dtype)
+    if softmax_topk:
+        nonzero = w != 0
+        w = torch.softmax(w.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
+    if global_weight != 1.0:
+        w = w * global_weight
+    return w

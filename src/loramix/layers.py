@@ -1,0 +1,121 @@
+"""The mixed LoRA layer: a base layer plus all experts' low-rank updates, weighted per token.
+
+For one adapted layer (index `l` on the LoRA-layer axis) and experts e = 1..E with ranks r_e,
+
+    y[b, t] = W0 x[b, t] + sum_e  w[b, t, l, e] * s_e * B_e A_e x[b, t]
+
+where s_e = alpha_e / r_e (alpha_e / sqrt(r_e) with rsLoRA) and w are the mixing weights that the model
+computed for this pass (the classifier's scalings after top-k and the global weight; see classifier.py).
+
+The experts are stacked once, at load time, along the rank axis:
+
+    A = [A_1; A_2; ...; A_E]      (R, in)     R = sum of the ranks of the experts that adapt this layer
+    B = [B_1, B_2, ..., B_E]      (out, R)
+
+and each rank row remembers its expert (`expert_of_rank`) and scale (`scale_of_rank`). The sum over experts is
+then two matrix products whatever E is:
+
+    h = (x A^T) * (w[..., expert_of_rank] * scale_of_rank)      (b, t, R)
+    y = W0 x + h B^T                                             (b, t, out)
+
+Experts that do not adapt this layer simply own no rows. No forward hooks: the model swaps these modules in
+once and, before each pass, writes the mixing weights into the `MixingState` that every layer shares.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import ExpertModule
+
+
+class MixingState:
+    """The mixing weights of the pass being run, shared by the model and all its mixed layers.
+
+    `weights` is None (layers add no LoRA at all: the base model) or a tensor broadcastable to
+    (batch, tokens, n_lora_layers, n_experts).
+    """
+
+    def __init__(self) -> None:
+        self.weights: torch.Tensor | None = None
+
+
+class MixedLoraLayer(nn.Module):
+    """Common part of the mixed Linear and Embedding layers: the stacked expert weights and their bookkeeping."""
+
+    def __init__(self, base_layer: nn.Module, experts: list[ExpertModule | None], layer_index: int,
+                 state: MixingState, trainable: bool, dropout_p: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_index = layer_index
+        self.n_experts = len(experts)
+        self._state = state  # plain attribute: shared, not a submodule
+        weight = base_layer.weight
+        present = [(e, m) for e, m in enumerate(experts) if m is not None]
+        # rank_slices[e] = (start, stop) of expert e's rows in the stacked matrices, or None
+        self.rank_slices: list[tuple[int, int] | None] = [None] * self.n_experts
+        start = 0
+        for e, m in present:
+            self.rank_slices[e] = (start, start + m.rank)
+            start += m.rank
+        self.embedding_flags = [m.embedding if m is not None else False for m in experts]
+        self.lora_A = nn.Parameter(torch.cat([m.lora_A for _, m in present], 0).to(weight.device, weight.dtype),
+                                   requires_grad=trainable)  # (R, in)
+        self.lora_B = nn.Parameter(torch.cat([m.lora_B for _, m in present], 1).to(weight.device, weight.dtype),
+                                   requires_grad=trainable)  # (out, R)
+        expert_of_rank = torch.cat([torch.full((m.rank,), e) for e, m in present])
+        scale_of_rank = torch.cat([torch.full((m.rank,), m.scale, dtype=torch.float32) for _, m in present])
+        self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)  # (R,)
+        self.register_buffer("scale_of_rank", scale_of_rank.to(weight.device), persistent=False)  # (R,)
+        self.dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
+
+    def rank_weights(self) -> torch.Tensor | None:
+        """Per-rank-row weights w[..., expert_of_rank] * scale_of_rank for this layer, or None for no LoRA."""
+        weights = self._state.weights
+        if weights is None:
+            return None
+        w = weights[..., self.layer_index, :]  # (b, t, E)
+        return w.index_select(-1, self.expert_of_rank) * self.scale_of_rank  # (b, t, R)
+
+    def expert_module(self, e: int, scale: float) -> ExpertModule | None:
+        """Expert e's own A and B for this layer (views into the stacked weights), or None."""
+        if self.rank_slices[e] is None:
+            return None
+        lo, hi = self.rank_slices[e]
+        return ExpertModule(lora_A=self.lora_A[lo:hi], lora_B=self.lora_B[:, lo:hi], scale=scale,
+                            embedding=self.embedding_flags[e])
+
+    def delta_weight(self, expert_weights: torch.Tensor) -> torch.Tensor:
+        """The dense update sum_e w_e s_e B_e A_e for fixed per-expert weights (E,): (out, in)."""
+        w = expert_weights.to(self.scale_of_rank.dtype).index_select(0, self.expert_of_rank) * self.scale_of_rank
+        return (self.lora_B * w.to(self.lora_B.dtype)) @ self.lora_A
+
+
+class MixedLoraLinear(MixedLoraLayer):
+    """nn.Linear (or GPT-2's Conv1D) plus the weighted experts: y = W0 x + h B^T, h = (x A^T) * w."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        w = self.rank_weights()
+        if w is None:
+            return result
+        h = F.linear(self.dropout(x), self.lora_A) * w.to(x.dtype)  # (b, t, R)
+        return result + F.linear(h, self.lora_B)  # (b, t, out)
+
+
+class MixedLoraEmbedding(MixedLoraLayer):
+    """nn.Embedding plus the weighted experts: the A lookup replaces the first product."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(ids)
+        w = self.rank_weights()
+        if w is None:
+            return result
+        h = F.embedding(ids, self.lora_A.t(), padding_idx=self.base_layer.padding_idx) * w.to(result.dtype)  # (b, t, R)
+        delta = F.linear(h, self.lora_B)  # (b, t, dim)
+        embed_scale = getattr(self.base_layer, "embed_scale", None)  # scaled embeddings (Gemma) scale LoRA too
+        if embed_scale is not None:
+            delta = delta * torch.as_tensor(embed_scale, dtype=delta.dtype, device=delta.device)
+        return result + delta

@@ -1,0 +1,431 @@
+"""XLoraModel: a base causal LM, its LoRA experts mixed per token, and the two passes of X-LoRA.
+
+    1. scaling pass: the base model with every expert weighted by `scaling_pass_value` (0: no LoRA at all)
+       gives the last hidden state h (b, t, hidden);
+    2. the classifier maps h to scalings (b, t, n_lora_layers, n_experts);
+    3. mixed pass: the same model, each adapted layer adding sum_e w[b, t, layer, e] s_e B_e A_e x.
+
+Both passes run through `forward`, each with its own optional KV cache, so cached generation needs nothing
+more than keeping the two caches. Only the classifier is trained by default; the scaling pass runs without
+gradients (as in PEFT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .classifier import XLoraClassifier, mixing_weights
+from .config import CONFIG_NAME, XLoraConfig
+from .experts import ADAPTER_CONFIG, Expert, load_expert, save_expert, supported_module
+from .hub import resolve_file
+from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
+
+CLASSIFIER_NAME = "xlora_classifier.safetensors"
+_PEFT_WEIGHTS = "adapter_model.safetensors"
+_PICKLED_CLASSIFIERS = ("xlora_classifier.pt", "xlora_classifier.bin", "xlora_classifier.pth", "adapter_model.bin")
+
+
+@dataclass
+class XLoraOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (b, t, vocab)
+    scalings: torch.Tensor | None = None  # (b, t, n_lora_layers, n_experts), the classifier's output
+    past_key_values: Any = None  # KV cache of the mixed pass
+    scaling_past_key_values: Any = None  # KV cache of the scaling pass
+
+
+class XLoraModel(nn.Module):
+    """X-LoRA over a Hugging Face causal LM. Build with `from_base` or `from_pretrained`."""
+
+    def __init__(self, base_model: nn.Module, config: XLoraConfig, experts: list[Expert],
+                 base_model_id: str | None = None) -> None:
+        super().__init__()
+        hidden_size = _hidden_size(base_model)
+        if config.hidden_size is None:
+            config = dataclasses.replace(config, hidden_size=hidden_size)
+        elif hidden_size is not None and config.hidden_size != hidden_size:
+            raise ValueError(f"hidden_size: config says {config.hidden_size}, the base model's is {hidden_size}")
+        self.config = config
+        self.base_model_id = base_model_id
+        self.base = base_model
+        self.expert_names = [e.name for e in experts]
+        self._expert_configs = [e.config for e in experts]
+        self._expert_dtypes = [e.dtype for e in experts]
+        self._expert_scales: list[dict[str, float]] = [{k: m.scale for k, m in e.modules.items()} for e in experts]
+        self._state = MixingState()
+        self.lora_layer_names = _swap_in_mixed_layers(base_model, experts, self._state, config)
+        self.classifier = XLoraClassifier(
+            config.hidden_size, len(experts), len(self.lora_layer_names), depth=config.xlora_depth,
+            size=config.xlora_size, dropout_p=config.xlora_dropout_p,
+            relu_and_dropout=config.enable_relu_and_dropout, bias=config.use_bias,
+            layerwise=config.layerwise_scalings,
+        ).to(device=_param(base_model).device, dtype=_param(base_model).dtype)
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        for layer in self.mixed_layers():
+            layer.lora_A.requires_grad_(config.use_trainable_adapters)
+            layer.lora_B.requires_grad_(config.use_trainable_adapters)
+        self._latest_scalings: torch.Tensor | None = None
+        self._scalings_log: list[torch.Tensor] = []
+        self._scalings_logging = False
+        self.eval()
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, base: str | nn.Module, config: XLoraConfig, *, dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None, trust_remote_code: bool = False,
+                  _peft_xlora_experts: bool = False) -> "XLoraModel":
+        """Load the base model (path, hub id or a loaded PreTrainedModel) and the experts named in `config`."""
+        if isinstance(config.adapters, list):
+            raise ValueError("adapters: from_base needs a mapping name -> adapter path or hub id")
+        if isinstance(base, str):
+            from transformers import AutoModelForCausalLM
+
+            base_model_id = base
+            kwargs = {"dtype": dtype} if dtype is not None else {}
+            base = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
+        else:
+            base_model_id = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+            if dtype is not None:
+                base = base.to(dtype)
+        if device is not None:
+            base = base.to(device)
+        experts = [load_expert(name, source, base, inside_peft_xlora=_peft_xlora_experts)
+                   for name, source in config.adapters.items()]
+        return cls(base, config, experts, base_model_id=base_model_id)
+
+    @classmethod
+    def from_pretrained(cls, source: str, base: str | nn.Module | None = None, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, trust_remote_code: bool = False,
+                        adapters: dict[str, str] | None = None) -> "XLoraModel":
+        """Load a saved X-LoRA: loramix / original `xlora` layout, or an X-LoRA saved by PEFT.
+
+        `base` defaults to the base model id recorded in the checkpoint. `adapters` (name -> folder or hub id)
+        loads the experts from elsewhere instead of the checkpoint's own folders; names must match the saved ones.
+        """
+        config_path = resolve_file(source, CONFIG_NAME, what="X-LoRA checkpoint")
+        if config_path is not None:
+            config, raw = XLoraConfig.from_json_file(config_path)
+            expert_dirs = [_join(source, name) for name in config.expert_names]
+            base_id = raw.get("base_model_id")
+            classifier_file = CLASSIFIER_NAME
+        else:
+            peft_path = resolve_file(source, ADAPTER_CONFIG, what="X-LoRA checkpoint")
+            if peft_path is None:
+                raise FileNotFoundError(f"{source}: neither {CONFIG_NAME} nor a PEFT X-LoRA {ADAPTER_CONFIG}")
+            with open(peft_path, encoding="utf-8") as f:
+                raw = json.load(f)
+            if str(raw.get("peft_type", "")).upper() != "XLORA":
+                raise ValueError(f"{peft_path}: peft_type is {raw.get('peft_type')!r}, not an X-LoRA checkpoint")
+            config = XLoraConfig.from_dict(raw, source=peft_path)
+            expert_dirs = [_join(source, str(i)) for i in range(config.n_experts)]  # PEFT saves experts as 0/, 1/, ...
+            base_id = raw.get("base_model_name_or_path")
+            classifier_file = _PEFT_WEIGHTS
+        weights_path = resolve_file(source, classifier_file, what="X-LoRA checkpoint")
+        if weights_path is None:
+            pickled = [f for f in _PICKLED_CLASSIFIERS if os.path.isdir(source) and os.path.isfile(os.path.join(source, f))]
+            if pickled:
+                raise ValueError(f"{source}: classifier weights are in {pickled[0]}, a pickle; only safetensors are "
+                                 f"loaded (convert it with safetensors.torch.save_file)")
+            raise FileNotFoundError(f"{source}: no {classifier_file}")
+        if base is None:
+            if not base_id:
+                raise ValueError(f"{source}: the checkpoint records no base model id; pass base=...")
+            base = base_id
+        peft_layout = classifier_file == _PEFT_WEIGHTS
+        if adapters is not None:
+            if list(adapters) != config.expert_names:
+                raise ValueError(f"adapters: names {list(adapters)} differ from the checkpoint's {config.expert_names}")
+            expert_dirs, peft_layout_experts = list(adapters.values()), False
+        else:
+            peft_layout_experts = peft_layout
+        config = dataclasses.replace(config, adapters=dict(zip(config.expert_names, expert_dirs)))
+        model = cls.from_base(base, config, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                              _peft_xlora_experts=peft_layout_experts)
+        state = load_file(weights_path)
+        if peft_layout:
+            state = _classifier_state_from_peft(state, model.classifier, weights_path)
+        _load_classifier_state(model.classifier, state, weights_path)
+        return model
+
+    def save_pretrained(self, folder: str) -> None:
+        """Write the published X-LoRA layout: config, classifier, and one PEFT adapter folder per expert.
+
+        Every file is written to a temporary name and renamed, so an interrupted save leaves no partial file.
+        """
+        os.makedirs(folder, exist_ok=True)
+        config = self.config.to_dict()
+        config["adapters"] = list(self.expert_names)
+        config["base_model_id"] = self.base_model_id
+        from . import __version__
+
+        config["loramix_version"] = __version__
+        _atomic_write(os.path.join(folder, CONFIG_NAME),
+                      lambda p: open(p, "w", encoding="utf-8").write(json.dumps(config, indent=2) + "\n"))
+        classifier_state = {k: v.detach().contiguous().cpu() for k, v in self.classifier.state_dict().items()}
+        _atomic_write(os.path.join(folder, CLASSIFIER_NAME), lambda p: save_file(classifier_state, p))
+        for e, name in enumerate(self.expert_names):
+            modules = {}
+            for layer_name, layer in zip(self.lora_layer_names, self.mixed_layers()):
+                m = layer.expert_module(e, self._expert_scales[e].get(layer_name, 0.0))
+                if m is not None:
+                    modules[layer_name] = m
+            target = os.path.join(folder, name)
+            tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
+            try:
+                save_expert(modules, self._expert_configs[e], self._expert_dtypes[e], tmp)
+                _replace_dir(tmp, target)
+            finally:
+                if os.path.isdir(tmp):
+                    import shutil
+
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- the two passes -------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, past_key_values: Any = None,
+                scaling_past_key_values: Any = None, use_cache: bool = False,
+                scalings: torch.Tensor | None = None, logits_to_keep: int = 0) -> XLoraOutput:
+        """Run X-LoRA. `scalings` (b, t or 1, n_lora_layers, n_experts), if given, skips the scaling pass."""
+        inputs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=use_cache)
+        try:
+            if scalings is None:
+                # Pass 1: the base model with constant expert weights; no gradient, as in PEFT.
+                self._state.weights = self._scaling_pass_weights()
+                with torch.no_grad():
+                    hidden, scaling_past_key_values = self._last_hidden_state(
+                        past_key_values=scaling_past_key_values, **inputs)
+                scalings = self.classifier(hidden, enable_softmax=self.config.enable_softmax,
+                                           temperature=self.config.softmax_temperature)  # (b, t, L, E)
+                self._record(scalings)
+            # Pass 2: every adapted layer mixes its experts with per-token weights.
+            self._state.weights = self._mixing_weights(scalings)
+            extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+            out = self.base(past_key_values=past_key_values, return_dict=True, **inputs, **extra)
+        finally:
+            self._state.weights = None
+        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
+        return XLoraOutput(loss=loss, logits=out.logits, scalings=scalings,
+                           past_key_values=out.past_key_values if use_cache else None,
+                           scaling_past_key_values=scaling_past_key_values if use_cache else None)
+
+    def _scaling_pass_weights(self) -> torch.Tensor | None:
+        value = self.config.resolved_scaling_pass_value()
+        if value == 0:
+            return None  # every expert weighted 0: the bare base model, no LoRA computed
+        p = self.classifier.last.weight
+        constant = torch.full((1, 1, len(self.lora_layer_names), len(self.expert_names)), value,
+                              dtype=p.dtype, device=p.device)
+        return self._mixing_weights(constant)
+
+    def _mixing_weights(self, scalings: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return mixing_weights(scalings, top_k=c.top_k_lora, softmax_topk=c.enable_softmax_topk,
+                              global_weight=c.global_scaling_weight)
+
+    def _last_hidden_state(self, **inputs) -> tuple[torch.Tensor, Any]:
+        """The base's final hidden state (after its last norm), without computing the LM head."""
+        backbone = getattr(self.base, "base_model", self.base)
+        if backbone is not self.base:
+            out = backbone(return_dict=True, **inputs)
+            return out.last_hidden_state, out.past_key_values
+        out = self.base(output_hidden_states=True, return_dict=True, **inputs)
+        return out.hidden_states[-1], out.past_key_values
+
+    def _record(self, scalings: torch.Tensor) -> None:
+        self._latest_scalings = scalings.detach()
+        if self._scalings_logging:
+            self._scalings_log.append(scalings.detach())
+
+    # ---- inspection and knobs (PEFT's names) ----------------------------------------------------------------
+    def mixed_layers(self) -> list[MixedLoraLayer]:
+        return [m for m in self.base.modules() if isinstance(m, MixedLoraLayer)]
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.expert_names)
+
+    @property
+    def n_lora_layers(self) -> int:
+        return len(self.lora_layer_names)
+
+    @property
+    def device(self) -> torch.device:
+        return _param(self.base).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _param(self.base).dtype
+
+    def get_latest_scalings(self) -> torch.Tensor | None:
+        """Scalings (b, t, n_lora_layers, n_experts) of the latest scaling pass, or None."""
+        return self._latest_scalings
+
+    def enable_scalings_logging(self) -> None:
+        self._scalings_logging = True
+
+    def disable_scalings_logging(self) -> None:
+        """Stop logging; the log is kept."""
+        self._scalings_logging = False
+
+    def clear_scalings_log(self) -> None:
+        self._scalings_log.clear()
+
+    def get_scalings_log(self) -> list[torch.Tensor]:
+        """A copy of the list of logged scalings, each (b, t, n_lora_layers, n_experts); t varies per call."""
+        return list(self._scalings_log)
+
+    def get_bucketed_scalings_log(self) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
+        """The log grouped by sequence length: {t: (positions in the log, tensors)}."""
+        buckets: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+        for i, s in enumerate(self._scalings_log):
+            positions, tensors = buckets.setdefault(s.shape[1], ([], []))
+            positions.append(i)
+            tensors.append(s)
+        return buckets
+
+    def set_topk_lora(self, value: int | None) -> None:
+        self._set(top_k_lora=value)
+
+    def set_softmax_temperature(self, value: float) -> None:
+        self._set(softmax_temperature=value)
+
+    def set_global_scaling_weight(self, weight: float) -> None:
+        self._set(global_scaling_weight=weight)
+
+    def get_global_scaling_weight(self) -> float:
+        return self.config.global_scaling_weight
+
+    def set_scaling_pass_value(self, value: float | None) -> None:
+        """None means 1 / n_experts."""
+        self._set(scaling_pass_value=value)
+
+    def _set(self, **changes) -> None:
+        self.config = dataclasses.replace(self.config, **changes)  # re-validated by __post_init__
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, Hugging Face convention: labels are the inputs, -100 is ignored."""
+    shift_logits = logits[:, :-1, :].float()  # (b, t-1, vocab)
+    shift_labels = labels[:, 1:].to(shift_logits.device)  # (b, t-1)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=-100)
+
+
+def _swap_in_mixed_layers(base: nn.Module, experts: list[Expert], state: MixingState,
+                          config: XLoraConfig) -> list[str]:
+    """Replace every module that any expert adapts by a mixed layer, in module traversal order (PEFT's)."""
+    targeted = set().union(*(e.modules for e in experts))
+    names = [name for name, _ in base.named_modules() if name in targeted]
+    for index, name in enumerate(names):
+        parent_name, _, child = name.rpartition(".")
+        parent = base.get_submodule(parent_name)
+        module = getattr(parent, child)
+        per_expert = [e.modules.get(name) for e in experts]
+        dropout_p = max((float(e.config.get("lora_dropout", 0.0) or 0.0) for e in experts if name in e.modules),
+                        default=0.0) if config.use_trainable_adapters else 0.0
+        cls = MixedLoraEmbedding if supported_module(module) == "embedding" else MixedLoraLinear
+        setattr(parent, child, cls(module, per_expert, index, state, config.use_trainable_adapters, dropout_p))
+    return names
+
+
+def _hidden_size(base: nn.Module) -> int | None:
+    cfg = getattr(base, "config", None)
+    if cfg is None:
+        return None
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
+def _param(module: nn.Module) -> torch.Tensor:
+    return next(module.parameters())
+
+
+def _join(source: str, name: str) -> str:
+    return os.path.join(source, name) if os.path.isdir(source) else f"{source.rstrip('/')}/{name}"
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _replace_dir(new: str, target: str) -> None:
+    """Move the finished folder `new` to `target`, replacing an older one."""
+    import shutil
+
+    if os.path.isdir(target):
+        old = target + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def _classifier_state_from_peft(state: dict[str, torch.Tensor], classifier: XLoraClassifier,
+                                path: str) -> dict[str, torch.Tensor]:
+    """Map PEFT's `...internal_xlora_classifier.layers.{i}.*` keys to ours (`inner.{j}.*`, `last.*`)."""
+    import re
+
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        m = re.search(r"internal_xlora_classifier\.layers\.(\d+)\.(weight|bias)$", key)
+        if m is None:
+            raise ValueError(f"{path}: unexpected key {key!r} for a PEFT X-LoRA classifier")
+        by_index.setdefault(int(m[1]), {})[m[2]] = tensor
+    indices = sorted(by_index)
+    hidden = classifier.hidden_linears()
+    if len(indices) != len(hidden) + 1:
+        raise ValueError(f"{path}: holds {len(indices)} classifier Linear layers, xlora_depth={len(hidden) + 1} "
+                         f"needs {len(hidden) + 1} (some PEFT versions save only the last one)")
+    ours = {}
+    inner_positions = [i for i, m in enumerate(classifier.inner) if isinstance(m, nn.Linear)]
+    for position, index in zip(inner_positions, indices[:-1]):
+        ours.update({f"inner.{position}.{k}": v for k, v in by_index[index].items()})
+    ours.update({f"last.{k}": v for k, v in by_index[indices[-1]].items()})
+    return ours
+
+
+def _load_classifier_state(classifier: XLoraClassifier, state: dict[str, torch.Tensor], path: str) -> None:
+    expected = classifier.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: classifier keys do not match the config (missing {missing}, unexpected "
+                         f"{unexpected}); check xlora_depth, use_bias and enable_relu_and_dropout")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config needs "
+                             f"{tuple(expected[key].shape)} (hidden_size, xlora_size, layerwise_scalings, experts)")
+    classifier.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

@@ -1,0 +1,41 @@
+"""Tiny random models and experts made on the spot: the quickstart and the benchmarks use them offline."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+
+def tiny_llama(hidden_size: int = 64, layers: int = 2, vocab_size: int = 128, seed: int = 0,
+               intermediate_size: int | None = None, heads: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                         intermediate_size=intermediate_size or 2 * hidden_size, num_attention_heads=heads,
+                         num_key_value_heads=heads, max_position_embeddings=2048,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_experts(base, folder: str, ranks: list[int], targets="all-linear", seed: int = 0,
+                   magnitude: float = 1.0) -> dict[str, str]:
+    """Save one PEFT LoRA adapter per rank with random A and B (B is non-zero); returns name -> folder."""
+    from peft import LoraConfig, get_peft_model
+
+    adapters = {}
+    for i, rank in enumerate(ranks):
+        torch.manual_seed(seed + i)
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                                              init_lora_weights=False))
+        if magnitude != 1.0:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_" in name:
+                        p.mul_(magnitude)
+        path = os.path.join(folder, f"expert_{i}")
+        model.save_pretrained(path)
+        adapters[f"expert_{i}"] = path
+    return adapters
