@@ -93,3 +93,16 @@ def peft_reference(base, adapters: dict[str, str], ours, **config):
             theirs.weight.copy_(own.weight)
             theirs.bias.copy_(own.bias)
     return model
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer over the tiny vocabulary (ids 0-2 special), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 32 + VOCAB - 3)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

@@ -70,6 +70,17 @@ class MixedLoraLayer(nn.Module):
         self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)  # (R,)
         self.register_buffer("scale_of_rank", scale_of_rank.to(weight.device), persistent=False)  # (R,)
         self.dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
+        self.folded_weight: torch.Tensor | None = None  # W0 + the frozen mix, in the base layer's layout
+
+    def fold(self, expert_weights: torch.Tensor) -> None:
+        """Use W0 + sum_e w_e s_e B_e A_e as this layer's weight until `unfold` (frozen scalings, one request)."""
+        delta = self.delta_weight(expert_weights)  # (out, in)
+        w0 = self.base_layer.weight
+        transposed = not isinstance(self.base_layer, nn.Linear)  # Conv1D (in, out), Embedding (num, dim)
+        self.folded_weight = (w0 + (delta.t() if transposed else delta).to(w0.dtype)).detach()
+
+    def unfold(self) -> None:
+        self.folded_weight = None
 
     def rank_weights(self) -> torch.Tensor | None:
         """Per-rank-row weights w[..., expert_of_rank] * scale_of_rank for this layer, or None for no LoRA."""
@@ -97,6 +108,8 @@ class MixedLoraLinear(MixedLoraLayer):
     """nn.Linear (or GPT-2's Conv1D) plus the weighted experts: y = W0 x + h B^T, h = (x A^T) * w."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded_weight is not None:
+            return self._folded_forward(x)
         result = self.base_layer(x)
         w = self.rank_weights()
         if w is None:
@@ -104,11 +117,22 @@ class MixedLoraLinear(MixedLoraLayer):
         h = F.linear(self.dropout(x), self.lora_A) * w.to(x.dtype)  # (b, t, R)
         return result + F.linear(h, self.lora_B)  # (b, t, out)
 
+    def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.base_layer.bias
+        if isinstance(self.base_layer, nn.Linear):
+            return F.linear(x, self.folded_weight, bias)
+        out = x.reshape(-1, x.shape[-1]) @ self.folded_weight  # Conv1D: (in, out) layout
+        return (out if bias is None else out + bias).reshape(*x.shape[:-1], -1)
+
 
 class MixedLoraEmbedding(MixedLoraLayer):
     """nn.Embedding plus the weighted experts: the A lookup replaces the first product."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.folded_weight is not None:
+            out = F.embedding(ids, self.folded_weight, padding_idx=self.base_layer.padding_idx)
+            embed_scale = getattr(self.base_layer, "embed_scale", None)
+            return out if embed_scale is None else out * torch.as_tensor(embed_scale, dtype=out.dtype)
         result = self.base_layer(ids)
         w = self.rank_weights()
         if w is None:

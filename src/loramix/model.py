@@ -250,6 +250,12 @@ class XLoraModel(nn.Module):
         if self._scalings_logging:
             self._scalings_log.append(scalings.detach())
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Cached generation with one KV cache per pass; see `loramix.generation.generate` for the options."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     # ---- inspection and knobs (PEFT's names) ----------------------------------------------------------------
     def mixed_layers(self) -> list[MixedLoraLayer]:
         return [m for m in self.base.modules() if isinstance(m, MixedLoraLayer)]

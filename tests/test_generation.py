@@ -1,0 +1,184 @@
+"""Cached generation against full recomputation, PEFT's generate, single rows, and its own frozen/folded modes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_experts, peft_reference, tiny_base, tiny_tokenizer
+
+from loramix import XLoraConfig, XLoraModel
+
+CONFIGS = {
+    "layerwise-depth2": dict(layerwise_scalings=True, xlora_depth=2, xlora_size=16),
+    "broadcast-topk-spv": dict(layerwise_scalings=False, xlora_depth=1, top_k_lora=2, scaling_pass_value=0.2),
+}
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    base = tiny_base("llama")
+    return base, make_experts(base, "llama", tmp_path_factory.mktemp("experts"))
+
+
+def build(experts, **config):
+    base, adapters = experts
+    return XLoraModel.from_base(copy.deepcopy(base), XLoraConfig(adapters=adapters, **config))
+
+
+def batch():
+    torch.manual_seed(11)
+    ids = torch.randint(3, 97, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def no_cache_greedy(model, ids, n):
+    """Reference: every step re-runs the whole sequence through both passes (what PEFT does)."""
+    seq = ids.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=seq).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_equals_full_recompute_and_peft(name, experts):
+    model = build(experts, **CONFIGS[name])
+    ids, _ = batch()
+    ours = model.generate(ids[:1], max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(ours, no_cache_greedy(model, ids[:1], 12))
+    reference = peft_reference(experts[0], experts[1], model, **CONFIGS[name])
+    ids, mask = batch()
+    ours = model.generate(ids, mask, max_new_tokens=12, eos_token_id=None)
+    theirs = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_left_padded_rows_equal_rows_alone_and_stop_at_eos(experts):
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    ids, mask = batch()
+    free = model.generate(ids, mask, max_new_tokens=10, eos_token_id=None)
+    eos = int(free[0, ids.shape[1] + 3])  # a token row 0 produces early: rows finish at different steps
+    together = model.generate(ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    for r in range(3):
+        start = int((mask[r] == 0).sum())
+        alone = model.generate(ids[r:r + 1, start:], max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+        n = alone.shape[1] - (ids.shape[1] - start)
+        assert torch.equal(together[r, start:start + alone.shape[1]], alone[0])
+        assert (together[r, ids.shape[1] + n:] == 0).all()  # padded after the row ended
+    reference = peft_reference(experts[0], experts[1], model, **CONFIGS["layerwise-depth2"])
+    theirs = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(together, theirs)
+
+
+def test_min_new_tokens_blocks_eos(experts):
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    ids, _ = batch()
+    free = model.generate(ids[:1], max_new_tokens=6, eos_token_id=None)
+    eos = int(free[0, ids.shape[1]])  # the very first token
+    assert model.generate(ids[:1], max_new_tokens=6, eos_token_id=eos).shape[1] == ids.shape[1] + 1
+    held = model.generate(ids[:1], max_new_tokens=6, min_new_tokens=3, eos_token_id=eos)
+    assert held.shape[1] >= ids.shape[1] + 3 and eos not in held[0, ids.shape[1]:ids.shape[1] + 3].tolist()
+
+
+@pytest.mark.parametrize("after", [0, 3])
+def test_frozen_scalings_equal_recompute_with_frozen_scalings(after, experts):
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    ids, _ = batch()
+    prompt = ids[:1]
+    result = model.generate(prompt, max_new_tokens=8, eos_token_id=None, freeze_scalings_after=after,
+                            return_scalings=True)
+    # reference: positions from (prompt + after - 1) on use the scalings computed there
+    seq = prompt.clone()
+    frozen_at = prompt.shape[1] + after - 1
+    with torch.no_grad():
+        for _ in range(8):
+            scalings = model(input_ids=seq).scalings
+            if seq.shape[1] > frozen_at:
+                scalings[:, frozen_at:] = scalings[:, frozen_at:frozen_at + 1]
+            logits = model(input_ids=seq, scalings=scalings).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(result.sequences, seq)
+    assert torch.allclose(result.scalings[0, after:], result.scalings[0, after:after + 1].expand(8 - after, -1, -1))
+    folded = model.generate(prompt, max_new_tokens=8, eos_token_id=None, freeze_scalings_after=after,
+                            fold_frozen=True)
+    assert torch.equal(folded, seq)
+    assert all(layer.folded_weight is None for layer in model.mixed_layers())  # unfolded after the request
+
+
+def test_returned_scalings_are_the_ones_that_produced_each_token(experts):
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    ids, _ = batch()
+    result = model.generate(ids[:1], max_new_tokens=5, eos_token_id=None, return_scalings=True)
+    with torch.no_grad():
+        full = model(input_ids=result.sequences).scalings  # (1, t, L, E)
+    expected = full[0, ids.shape[1] - 1: ids.shape[1] + 4]
+    torch.testing.assert_close(result.scalings[0], expected, atol=1e-5, rtol=0)
+    assert result.n_new_tokens == [5] and result.finish_reasons == ["length"]
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(experts):
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    ids, mask = batch()
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95, eos_token_id=None)
+    a = model.generate(ids, mask, seed=5, **kwargs)
+    b = model.generate(ids, mask, seed=5, **kwargs)
+    c = model.generate(ids, mask, seed=6, **kwargs)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = model.generate(ids, mask, max_new_tokens=10, eos_token_id=None)
+    assert torch.equal(model.generate(ids, mask, seed=1, top_k=1, **kwargs), greedy)
+    assert not torch.equal(a, greedy)
+
+
+def test_repetition_penalty_matches_transformers(experts):
+    """The penalty follows HF's RepetitionPenaltyLogitsProcessor; checked against the base model's generate."""
+    base = experts[0]
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    model.set_global_scaling_weight(0.0)  # experts off: X-LoRA is the base model
+    ids, _ = batch()
+    ours = model.generate(ids[:1], max_new_tokens=12, repetition_penalty=1.8, eos_token_id=None)
+    theirs = base.generate(ids[:1], max_new_tokens=12, repetition_penalty=1.8, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(top_k=-2), "top_k"),
+    (dict(temperature=float("nan")), "temperature"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(fold_frozen=True), "fold_frozen"), (dict(stop=["x"]), "tokenizer"),
+])
+def test_invalid_parameters(kwargs, field, experts):
+    model = build(experts, xlora_depth=1)
+    with pytest.raises(ValueError, match=field):
+        model.generate(torch.tensor([[5, 6, 7]]), **kwargs)
+
+
+def test_prompt_longer_than_context(experts):
+    model = build(experts, xlora_depth=1)
+    with pytest.raises(ValueError, match="context is 128"):
+        model.generate(torch.randint(3, 97, (1, 129)), max_new_tokens=1)
+
+
+def test_streamer_and_stop_strings(experts):
+    from transformers import TextIteratorStreamer
+
+    tokenizer = tiny_tokenizer()
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    prompt = tokenizer("the cat", return_tensors="pt")["input_ids"]
+    full = model.generate(prompt, max_new_tokens=10, eos_token_id=None)
+    text = tokenizer.decode(full[0, prompt.shape[1]:])
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    streamed = model.generate(prompt, max_new_tokens=10, eos_token_id=None, streamer=streamer)
+    assert torch.equal(streamed, full) and "".join(streamer) == text
+    stop = text[3:5]  # a stop string that appears after a few tokens
+    stopped = model.generate(prompt, max_new_tokens=10, eos_token_id=None, stop=[stop], tokenizer=tokenizer)
+    stopped_text = tokenizer.decode(stopped[0, prompt.shape[1]:])
+    assert stopped_text.endswith(stop) and text.startswith(stopped_text) and len(stopped_text) < len(text)
