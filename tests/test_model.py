@@ -101,7 +101,7 @@ def test_scaling_pass_at_zero_computes_no_lora(tmp_path, ids, monkeypatch):
     original = model._last_hidden_state
 
     def spy(**inputs):
-        seen.append(model._state.weights)
+        seen.append(model._state.rank_weights)
         return original(**inputs)
 
     monkeypatch.setattr(model, "_last_hidden_state", spy)

@@ -32,14 +32,27 @@ from .experts import ExpertModule
 
 
 class MixingState:
-    """The mixing weights of the pass being run, shared by the model and all its mixed layers.
+    """The weights of the pass being run, shared by the model and all its mixed layers.
 
-    `weights` is None (layers add no LoRA at all: the base model) or a tensor broadcastable to
-    (batch, tokens, n_lora_layers, n_experts).
+    `rank_weights` is None (layers add no LoRA at all: the base model) or (batch, tokens, total rank rows):
+    for every rank row of every layer, w[b, t, layer, expert_of_row] * scale_of_row, gathered once per pass
+    by the model (`set`), so that each layer only takes its slice [rank_offset : rank_offset + R].
     """
 
     def __init__(self) -> None:
-        self.weights: torch.Tensor | None = None
+        self.rank_weights: torch.Tensor | None = None
+        self.flat_index: torch.Tensor | None = None  # (total R,) index into the flattened (layer, expert) axis
+        self.flat_scale: torch.Tensor | None = None  # (total R,)
+
+    def set(self, weights: torch.Tensor | None) -> None:
+        """weights: mixing weights broadcastable to (b, t, n_lora_layers, n_experts), or None for no LoRA."""
+        if weights is None:
+            self.rank_weights = None
+            return
+        flat = weights.flatten(-2)  # (b, t, L*E)
+        if self.flat_index.device != flat.device:  # follow the model across devices
+            self.flat_index, self.flat_scale = self.flat_index.to(flat.device), self.flat_scale.to(flat.device)
+        self.rank_weights = flat.index_select(-1, self.flat_index) * self.flat_scale.to(flat.dtype)  # (b, t, R)
 
 
 class MixedLoraLayer(nn.Module):
@@ -69,6 +82,7 @@ class MixedLoraLayer(nn.Module):
         scale_of_rank = torch.cat([torch.full((m.rank,), m.scale, dtype=torch.float32) for _, m in present])
         self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)  # (R,)
         self.register_buffer("scale_of_rank", scale_of_rank.to(weight.device), persistent=False)  # (R,)
+        self.rank_offset = 0  # where this layer's rows start in MixingState.rank_weights (set by the model)
         self.dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
         self.folded_weight: torch.Tensor | None = None  # W0 + the frozen mix, in the base layer's layout
 
@@ -83,12 +97,11 @@ class MixedLoraLayer(nn.Module):
         self.folded_weight = None
 
     def rank_weights(self) -> torch.Tensor | None:
-        """Per-rank-row weights w[..., expert_of_rank] * scale_of_rank for this layer, or None for no LoRA."""
-        weights = self._state.weights
+        """This layer's per-rank-row weights w[..., expert_of_rank] * scale_of_rank (b, t, R), or None."""
+        weights = self._state.rank_weights
         if weights is None:
             return None
-        w = weights[..., self.layer_index, :]  # (b, t, E)
-        return w.index_select(-1, self.expert_of_rank) * self.scale_of_rank  # (b, t, R)
+        return weights[..., self.rank_offset: self.rank_offset + self.lora_A.shape[0]]
 
     def expert_module(self, e: int, scale: float) -> ExpertModule | None:
         """Expert e's own A and B for this layer (views into the stacked weights), or None."""
@@ -115,7 +128,8 @@ class MixedLoraLinear(MixedLoraLayer):
         if w is None:
             return result
         h = F.linear(self.dropout(x), self.lora_A) * w.to(x.dtype)  # (b, t, R)
-        return result + F.linear(h, self.lora_B)  # (b, t, out)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
+        return out.view(result.shape)  # W0 x + h B^T, (b, t, out)
 
     def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias

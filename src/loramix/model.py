@@ -65,6 +65,13 @@ class XLoraModel(nn.Module):
         self._expert_scales: list[dict[str, float]] = [{k: m.scale for k, m in e.modules.items()} for e in experts]
         self._state = MixingState()
         self.lora_layer_names = _swap_in_mixed_layers(base_model, experts, self._state, config)
+        offset, flat_index, flat_scale = 0, [], []
+        for layer in self.mixed_layers():  # one gather per pass serves every layer (see MixingState)
+            layer.rank_offset = offset
+            offset += layer.lora_A.shape[0]
+            flat_index.append(layer.layer_index * len(experts) + layer.expert_of_rank)
+            flat_scale.append(layer.scale_of_rank)
+        self._state.flat_index, self._state.flat_scale = torch.cat(flat_index), torch.cat(flat_scale)
         self.classifier = XLoraClassifier(
             config.hidden_size, len(experts), len(self.lora_layer_names), depth=config.xlora_depth,
             size=config.xlora_size, dropout_p=config.xlora_dropout_p,
@@ -204,7 +211,7 @@ class XLoraModel(nn.Module):
         try:
             if scalings is None:
                 # Pass 1: the base model with constant expert weights; no gradient, as in PEFT.
-                self._state.weights = self._scaling_pass_weights()
+                self._state.set(self._scaling_pass_weights())
                 with torch.no_grad():
                     hidden, scaling_past_key_values = self._last_hidden_state(
                         past_key_values=scaling_past_key_values, **inputs)
@@ -212,11 +219,11 @@ class XLoraModel(nn.Module):
                                            temperature=self.config.softmax_temperature)  # (b, t, L, E)
                 self._record(scalings)
             # Pass 2: every adapted layer mixes its experts with per-token weights.
-            self._state.weights = self._mixing_weights(scalings)
+            self._state.set(self._mixing_weights(scalings))
             extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
             out = self.base(past_key_values=past_key_values, return_dict=True, **inputs, **extra)
         finally:
-            self._state.weights = None
+            self._state.set(None)
         loss = causal_lm_loss(out.logits, labels) if labels is not None else None
         return XLoraOutput(loss=loss, logits=out.logits, scalings=scalings,
                            past_key_values=out.past_key_values if use_cache else None,
