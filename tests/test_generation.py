@@ -46,18 +46,21 @@ def no_cache_greedy(model, ids, n):
     return seq
 
 
+def peft_generate(experts, model, config, ids, mask, n, eos):
+    reference = peft_reference(experts[0], experts[1], model, **config)
+    return reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                              eos_token_id=eos, pad_token_id=0)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_equals_full_recompute_and_peft(name, experts):
     model = build(experts, **CONFIGS[name])
     ids, _ = batch()
     ours = model.generate(ids[:1], max_new_tokens=12, eos_token_id=None)
     assert torch.equal(ours, no_cache_greedy(model, ids[:1], 12))
-    reference = peft_reference(experts[0], experts[1], model, **CONFIGS[name])
     ids, mask = batch()
     ours = model.generate(ids, mask, max_new_tokens=12, eos_token_id=None)
-    theirs = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)
-    assert torch.equal(ours, theirs)
+    assert torch.equal(ours, peft_generate(experts, model, CONFIGS[name], ids, mask, 12, None))
 
 
 def test_left_padded_rows_equal_rows_alone_and_stop_at_eos(experts):
@@ -72,10 +75,7 @@ def test_left_padded_rows_equal_rows_alone_and_stop_at_eos(experts):
         n = alone.shape[1] - (ids.shape[1] - start)
         assert torch.equal(together[r, start:start + alone.shape[1]], alone[0])
         assert (together[r, ids.shape[1] + n:] == 0).all()  # padded after the row ended
-    reference = peft_reference(experts[0], experts[1], model, **CONFIGS["layerwise-depth2"])
-    theirs = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                eos_token_id=eos, pad_token_id=0)
-    assert torch.equal(together, theirs)
+    assert torch.equal(together, peft_generate(experts, model, CONFIGS["layerwise-depth2"], ids, mask, 10, eos))
 
 
 def test_min_new_tokens_blocks_eos(experts):

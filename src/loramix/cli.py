@@ -58,22 +58,24 @@ def generate(args: argparse.Namespace) -> int:
     eos_ids, _ = special_tokens(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
     colour = sys.stdout.isatty() and not args.no_colour
     tokens: list[int] = []
-    experts: list[int] = []
-    printed = ""
+    pieces: list[str] = []  # the text each token adds, marked with its dominant expert when asked
+    decoded = ""
     for step in decode_steps(model, ids, None, [params], eos_token_ids=eos_ids, tokenizer=tokenizer,
                              freeze_scalings_after=args.freeze_scalings_after, max_length=context_length(model)):
         token = int(step.tokens[0])
         if token in eos_ids:
             break
         tokens.append(token)
-        experts.append(int(step.scalings[0].float().sum(0).argmax()))  # summed over LoRA layers
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        piece, decoded = text[len(decoded):], text
+        if args.show_experts:
+            expert = int(step.scalings[0].float().sum(0).argmax())  # summed over LoRA layers
+            piece = paint(piece, expert, True) if colour else f"{piece}[{expert}]"
+        pieces.append(piece)
         if args.stream:
-            text = render(tokenizer, tokens, experts, model.expert_names, args.show_experts, colour)
-            sys.stdout.write(text[len(printed):])
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            printed = text
-    text = render(tokenizer, tokens, experts, model.expert_names, args.show_experts, colour)
-    sys.stdout.write(text[len(printed):] + "\n")
+    sys.stdout.write(("" if args.stream else "".join(pieces)) + "\n")
     if args.show_experts:
         legend = ", ".join(paint(f"[{i}] {n}", i, colour) for i, n in enumerate(model.expert_names))
         print(f"experts: {legend}")
@@ -85,17 +87,6 @@ _COLOURS = [31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96]
 
 def paint(text: str, expert: int, colour: bool) -> str:
     return f"\x1b[{_COLOURS[expert % len(_COLOURS)]}m{text}\x1b[0m" if colour else text
-
-
-def render(tokenizer, tokens: list[int], experts: list[int], names: list[str], show: bool, colour: bool) -> str:
-    """The completion; with `show`, each token coloured by (or followed by [i] for) its dominant expert."""
-    if not show:
-        return tokenizer.decode(tokens, skip_special_tokens=True)
-    pieces = []
-    for i, expert in enumerate(experts):
-        piece = tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)[len(tokenizer.decode(tokens[:i], skip_special_tokens=True)):]
-        pieces.append(paint(piece, expert, True) if colour else f"{piece}[{expert}]")
-    return "".join(pieces)
 
 
 def load_tokenizer(model_dir: str, base: str | None):

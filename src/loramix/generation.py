@@ -262,8 +262,7 @@ def _pick(logits: torch.Tensor, seqs: torch.Tensor, mask: torch.Tensor, params: 
     logits = logits.float().clone()  # (n, vocab)
     for i, p in enumerate(params):
         if p.repetition_penalty != 1.0:
-            seen = seqs[i, : mask.shape[1]][mask[i].bool()]
-            seen = torch.cat([seen, seqs[i, mask.shape[1]:]]).unique()
+            seen = seqs[i][mask[i].bool()].unique()  # prompt (minus padding) + generated; same width as mask
             scores = logits[i, seen]
             logits[i, seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
         if step < p.min_new_tokens and eos[0] >= 0:

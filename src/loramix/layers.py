@@ -103,12 +103,12 @@ class MixedLoraLayer(nn.Module):
             return None
         return weights[..., self.rank_offset: self.rank_offset + self.lora_A.shape[0]]
 
-    def expert_module(self, e: int, scale: float) -> ExpertModule | None:
+    def expert_module(self, e: int) -> ExpertModule | None:
         """Expert e's own A and B for this layer (views into the stacked weights), or None."""
         if self.rank_slices[e] is None:
             return None
         lo, hi = self.rank_slices[e]
-        return ExpertModule(lora_A=self.lora_A[lo:hi], lora_B=self.lora_B[:, lo:hi], scale=scale,
+        return ExpertModule(lora_A=self.lora_A[lo:hi], lora_B=self.lora_B[:, lo:hi], scale=float(self.scale_of_rank[lo]),
                             embedding=self.embedding_flags[e])
 
     def delta_weight(self, expert_weights: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,6 @@ class XLoraModel(nn.Module):
         self.expert_names = [e.name for e in experts]
         self._expert_configs = [e.config for e in experts]
         self._expert_dtypes = [e.dtype for e in experts]
-        self._expert_scales: list[dict[str, float]] = [{k: m.scale for k, m in e.modules.items()} for e in experts]
         self._state = MixingState()
         self.lora_layer_names = _swap_in_mixed_layers(base_model, experts, self._state, config)
         offset, flat_index, flat_scale = 0, [], []
@@ -185,7 +184,7 @@ class XLoraModel(nn.Module):
         for e, name in enumerate(self.expert_names):
             modules = {}
             for layer_name, layer in zip(self.lora_layer_names, self.mixed_layers()):
-                m = layer.expert_module(e, self._expert_scales[e].get(layer_name, 0.0))
+                m = layer.expert_module(e)
                 if m is not None:
                     modules[layer_name] = m
             target = os.path.join(folder, name)
