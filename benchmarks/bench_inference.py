@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from _report import DEFAULT, write_section
+
 SIZES = {
     "tiny": dict(hidden_size=256, layers=4, intermediate_size=688, heads=4, vocab_size=32000),
     "small": dict(hidden_size=1024, layers=8, intermediate_size=2752, heads=16, vocab_size=32000),
@@ -109,14 +111,14 @@ def report(results: dict, threads: int) -> str:
 
     import torch
 
-    lines = ["# Benchmarks", "",
+    lines = ["## Inference", "",
              f"Written by `benchmarks/bench_inference.py` on {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, "
              f"{threads} CPU threads, float32, {platform.processor() or platform.machine()}. "
              "8 LoRA experts of rank 8–16 on all linear modules, layerwise scalings, classifier depth 2. "
              "PEFT is `peft.XLoraModel` (no KV cache: it forbids it). Rerun the script to refresh this page.", ""]
     for size, by_system in results.items():
         cfg = SIZES[size]
-        lines += [f"## {size}: hidden {cfg['hidden_size']}, {cfg['layers']} layers", "",
+        lines += [f"### {size}: hidden {cfg['hidden_size']}, {cfg['layers']} layers", "",
                   "| system | prefill 256 (ms) | prefill 1024 (ms) | decode tokens/s | peak RSS (MB) |",
                   "|---|---|---|---|---|"]
         for system, r in by_system.items():
@@ -139,7 +141,7 @@ def report(results: dict, threads: int) -> str:
                   f"| frozen + folded decode / base decode | {fmt_ratio(frozen['decode_folded'] / base['decode'])} "
                   f"| ≥ 0.85× |", ""]
     ceiling = ", ".join(f"{size} {by['base']['decode'] / by['peft']['decode']:.1f}×" for size, by in results.items())
-    lines += ["## Reading the numbers", "",
+    lines += ["### Reading the numbers", "",
               f"- The base model with its KV cache decodes {ceiling} faster than PEFT's X-LoRA here. X-LoRA runs two "
               "passes per token, so no X-LoRA can beat the base model: a target of 14× PEFT needs a machine where "
               "the base model is more than 14× PEFT (as in the issue's measurement, 244 vs 6.8 tokens/s). loramix "
@@ -155,7 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"))
+    parser.add_argument("--out", default=DEFAULT)
     parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SIZE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -175,11 +177,7 @@ def main() -> None:
                 results[size][system] = json.loads(done.stdout.strip().splitlines()[-1])
                 print(size, system, results[size][system], flush=True)
     text = report(results, args.threads)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    write_section("inference", text, args.out)
     print(text)
 
 

@@ -106,3 +106,43 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_model(folder, arch: str = "llama", seed: int = 0, hidden_size: int = 32) -> str:
+    """A tiny random base model with the char-level tokenizer, saved as a Hugging Face folder."""
+    base = tiny_base(arch, seed)
+    if hidden_size != 32:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        cfg = base.config.to_dict()
+        cfg.update(hidden_size=hidden_size, intermediate_size=2 * hidden_size)
+        base = LlamaForCausalLM(LlamaConfig(**cfg))
+    base.save_pretrained(str(folder))
+    tiny_tokenizer().save_pretrained(str(folder))
+    return str(folder)
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def synthetic_task(name: str, n: int, seed: int) -> list[dict]:
+    """Two tasks a tiny model tells apart: 'rev' reverses lowercase words, 'sum' adds digit strings."""
+    import random
+
+    rnd = random.Random(f"{name}-{seed}")
+    rows = []
+    for _ in range(n):
+        if name == "rev":
+            word = "".join(rnd.choice("abcdefgh") for _ in range(rnd.randint(3, 6)))
+            rows.append({"prompt": f"r {word}=", "completion": word[::-1], "task": "rev"})
+        else:
+            a, b = rnd.randint(10, 99), rnd.randint(10, 99)
+            rows.append({"prompt": f"s {a}+{b}=", "completion": str(a + b), "task": "sum"})
+    return rows

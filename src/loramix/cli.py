@@ -103,9 +103,122 @@ def load_tokenizer(model_dir: str, base: str | None):
     raise SystemExit(f"loramix: no tokenizer in {model_dir!r} or the base model {base!r}; save one there")
 
 
+def _data_options(args: argparse.Namespace) -> dict:
+    options = dict(prompt_field=args.prompt_field, completion_field=args.completion_field, text_field=args.text_field,
+                   messages_field=args.messages_field, prompt_template=_unescape(args.prompt_template),
+                   completion_template=_unescape(args.completion_template), max_length=args.max_length,
+                   train_on_prompt=args.train_on_prompt, strict=args.strict)
+    options.update(max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                   warmup_steps=args.warmup_steps, lr_scheduler=args.lr_scheduler, weight_decay=args.weight_decay,
+                   max_grad_norm=args.max_grad_norm or None, seed=args.seed, logging_steps=args.logging_steps,
+                   eval_steps=args.eval_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+                   resume=args.resume, progress=not args.no_progress, device=args.device)
+    if args.lr is not None:
+        options["lr"] = args.lr
+    return options
+
+
+def _unescape(template: str | None) -> str | None:
+    """Shell users write \\n for a newline in --prompt-template; turn the two-character escapes into characters."""
+    return None if template is None else template.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return None if name is None else {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                      "float16": torch.float16}[name]
+
+
+def train_expert(args: argparse.Namespace) -> int:
+    """Train one LoRA expert on its domain's data; writes a PEFT adapter folder."""
+    from .training import train_expert as run
+
+    result = run(args.base, args.data, args.output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                 target_modules=args.target_modules, eval_data=args.eval_data, data_weights=args.data_weights,
+                 tokenizer=args.tokenizer, dtype=_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
+                 **_data_options(args))
+    print(json_line(result.metrics))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train the X-LoRA gate over frozen experts on a mixture of their data."""
+    from .training import train_xlora
+
+    adapters = {}
+    for item in args.adapters:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapters: {item!r} is not NAME=DIR")
+        if name in adapters:
+            raise ValueError(f"--adapters: expert name {name!r} given twice")
+        adapters[name] = path
+    xlora = dict(xlora_depth=args.xlora_depth, xlora_size=args.xlora_size, layerwise_scalings=args.layerwise_scalings,
+                 top_k_lora=args.top_k_lora, enable_softmax_topk=args.enable_softmax_topk,
+                 softmax_temperature=args.softmax_temperature, use_trainable_adapters=args.use_trainable_adapters,
+                 xlora_dropout_p=args.xlora_dropout, scaling_pass_value=args.scaling_pass_value,
+                 balance_weight=args.balance_loss_weight, entropy_weight=args.entropy_loss_weight,
+                 routing_weight=args.routing_loss_weight, expert_field=args.expert_field)
+    result = train_xlora(args.base, adapters, args.data, args.output, eval_data=args.eval_data,
+                         data_weights=args.data_weights, tokenizer=args.tokenizer, dtype=_dtype(args.dtype),
+                         trust_remote_code=args.trust_remote_code, **xlora, **_data_options(args))
+    print(json_line(result.metrics))
+    return 0
+
+
+def json_line(record: dict) -> str:
+    import json
+
+    return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base model folder or hub id")
+    p.add_argument("--data", required=True, action="append",
+                   help="JSONL/JSON/CSV/Parquet file, save_to_disk folder or hub dataset name[:split] (repeatable)")
+    p.add_argument("--data-weights", type=float, nargs="+", help="relative share of each --data source in the mix")
+    p.add_argument("--eval-data", action="append", help="held-out data for evaluation loss and perplexity")
+    p.add_argument("--output", required=True, help="output folder (checkpoints go to OUTPUT/checkpoint-<step>/)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the base model's)")
+    g = p.add_argument_group("data format")
+    g.add_argument("--prompt-field", default="prompt")
+    g.add_argument("--completion-field", default="completion")
+    g.add_argument("--text-field", help="train on plain text in this field")
+    g.add_argument("--messages-field", help="train on chats in this field (the tokenizer's chat template)")
+    g.add_argument("--prompt-template", help="e.g. 'Question: {question}\\nAnswer:'")
+    g.add_argument("--completion-template", help="e.g. ' {answer}'")
+    g.add_argument("--train-on-prompt", action="store_true", help="take the loss on prompt tokens too")
+    g.add_argument("--max-length", type=int, default=512, help="longer rows are reported and skipped")
+    g.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--lr", type=float, help="learning rate (default 2e-4 for experts, 1e-3 for the gate)")
+    g.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch and process")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant"], default="linear")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype to load the base model in")
+    g.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    g.add_argument("--trust-remote-code", action="store_true")
+    g = p.add_argument_group("run")
+    g.add_argument("--logging-steps", type=int, default=10)
+    g.add_argument("--eval-steps", type=int)
+    g.add_argument("--save-steps", type=int)
+    g.add_argument("--save-total-limit", type=int)
+    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 VERBS = {
     "quickstart": (quickstart, "build, run, save and reload a tiny X-LoRA offline"),
     "generate": (generate, "complete a prompt with a saved X-LoRA model"),
+    "train-expert": (train_expert, "train one LoRA expert (a PEFT adapter folder)"),
+    "train": (train, "train the X-LoRA gate over frozen experts"),
 }
 
 
@@ -129,6 +242,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--show-experts", action="store_true", help="mark each token with its dominant expert")
     p.add_argument("--no-colour", action="store_true", help="plain [i] marks even on a terminal")
+    p = sub.add_parser("train-expert", help=VERBS["train-expert"][1])
+    _add_training_flags(p)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--alpha", type=float, default=16)
+    g.add_argument("--dropout", type=float, default=0.05)
+    g.add_argument("--target-modules", help="comma-separated module names (default: all linear layers)")
+    p = sub.add_parser("train", help=VERBS["train"][1])
+    _add_training_flags(p)
+    p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR", help="the experts, in order")
+    g = p.add_argument_group("X-LoRA")
+    g.add_argument("--xlora-depth", type=int, default=1)
+    g.add_argument("--xlora-size", type=int, default=2048)
+    g.add_argument("--xlora-dropout", type=float, default=0.2)
+    g.add_argument("--layerwise-scalings", action="store_true")
+    g.add_argument("--top-k-lora", type=int)
+    g.add_argument("--enable-softmax-topk", action="store_true")
+    g.add_argument("--softmax-temperature", type=float, default=1.0)
+    g.add_argument("--scaling-pass-value", type=float, default=0.0)
+    g.add_argument("--use-trainable-adapters", action="store_true", help="train the experts too")
+    g.add_argument("--balance-loss-weight", type=float, default=0.0, help="load-balancing term over experts")
+    g.add_argument("--entropy-loss-weight", type=float, default=0.0,
+                   help="entropy of the scalings (positive sharpens the routing)")
+    g.add_argument("--expert-field", help="field naming each row's expert (for --routing-loss-weight)")
+    g.add_argument("--routing-loss-weight", type=float, default=0.0, help="supervised routing loss")
     return parser
 
 
@@ -136,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return VERBS[args.verb][0](args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError, OSError, NotImplementedError) as err:
         print(f"loramix {args.verb}: {err}", file=sys.stderr)
         return 2
 

@@ -36,23 +36,28 @@ class MixingState:
 
     `rank_weights` is None (layers add no LoRA at all: the base model) or (batch, tokens, total rank rows):
     for every rank row of every layer, w[b, t, layer, expert_of_row] * scale_of_row, gathered once per pass
-    by the model (`set`), so that each layer only takes its slice [rank_offset : rank_offset + R].
+    by the model (`set`) and split once into one view per layer (`layer_weights`, in rank_offset order). Splitting
+    rather than slicing in each layer matters for training: the backward of a split is one concatenation, while
+    each slice's backward would fill a zero tensor of the full (b, t, total R) size.
     """
 
     def __init__(self) -> None:
         self.rank_weights: torch.Tensor | None = None
         self.flat_index: torch.Tensor | None = None  # (total R,) index into the flattened (layer, expert) axis
         self.flat_scale: torch.Tensor | None = None  # (total R,)
+        self.layer_sizes: list[int] = []  # rank rows of each mixed layer, in rank_offset order
+        self.layer_weights: tuple[torch.Tensor, ...] = ()  # one (b, t, R_layer) view per layer
 
     def set(self, weights: torch.Tensor | None) -> None:
         """weights: mixing weights broadcastable to (b, t, n_lora_layers, n_experts), or None for no LoRA."""
         if weights is None:
-            self.rank_weights = None
+            self.rank_weights, self.layer_weights = None, ()
             return
         flat = weights.flatten(-2)  # (b, t, L*E)
         if self.flat_index.device != flat.device:  # follow the model across devices
             self.flat_index, self.flat_scale = self.flat_index.to(flat.device), self.flat_scale.to(flat.device)
         self.rank_weights = flat.index_select(-1, self.flat_index) * self.flat_scale.to(flat.dtype)  # (b, t, R)
+        self.layer_weights = self.rank_weights.split(self.layer_sizes, dim=-1)
 
 
 class MixedLoraLayer(nn.Module):
@@ -83,6 +88,7 @@ class MixedLoraLayer(nn.Module):
         self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)  # (R,)
         self.register_buffer("scale_of_rank", scale_of_rank.to(weight.device), persistent=False)  # (R,)
         self.rank_offset = 0  # where this layer's rows start in MixingState.rank_weights (set by the model)
+        self.split_position = 0  # this layer's view in MixingState.layer_weights (set by the model)
         self.dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
         self.folded_weight: torch.Tensor | None = None  # W0 + the frozen mix, in the base layer's layout
 
@@ -98,10 +104,9 @@ class MixedLoraLayer(nn.Module):
 
     def rank_weights(self) -> torch.Tensor | None:
         """This layer's per-rank-row weights w[..., expert_of_rank] * scale_of_rank (b, t, R), or None."""
-        weights = self._state.rank_weights
-        if weights is None:
+        if self._state.rank_weights is None:
             return None
-        return weights[..., self.rank_offset: self.rank_offset + self.lora_A.shape[0]]
+        return self._state.layer_weights[self.split_position]
 
     def expert_module(self, e: int) -> ExpertModule | None:
         """Expert e's own A and B for this layer (views into the stacked weights), or None."""

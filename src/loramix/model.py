@@ -65,8 +65,9 @@ class XLoraModel(nn.Module):
         self._state = MixingState()
         self.lora_layer_names = _swap_in_mixed_layers(base_model, experts, self._state, config)
         offset, flat_index, flat_scale = 0, [], []
-        for layer in self.mixed_layers():  # one gather per pass serves every layer (see MixingState)
-            layer.rank_offset = offset
+        for position, layer in enumerate(self.mixed_layers()):  # one gather per pass serves every layer
+            layer.rank_offset, layer.split_position = offset, position
+            self._state.layer_sizes.append(layer.lora_A.shape[0])
             offset += layer.lora_A.shape[0]
             flat_index.append(layer.layer_index * len(experts) + layer.expert_of_rank)
             flat_scale.append(layer.scale_of_rank)
@@ -334,11 +335,18 @@ class XLoraModel(nn.Module):
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, Hugging Face convention: labels are the inputs, -100 is ignored."""
-    shift_logits = logits[:, :-1, :].float()  # (b, t-1, vocab)
-    shift_labels = labels[:, 1:].to(shift_logits.device)  # (b, t-1)
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+    """Next-token cross-entropy, Hugging Face convention: labels are the inputs, -100 is ignored.
+
+    The labels are shifted (position t predicts labels[t + 1], the last position predicts nothing) rather than the
+    logits sliced: slicing the (b, t, vocab) logits would copy them, and its backward would fill a zero tensor of
+    their size."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), shift_labels(labels).to(logits.device).flatten(),
                            ignore_index=-100)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(b, t) labels -> (b, t) targets of each position: labels[:, 1:] and -100 for the last position."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
 def _swap_in_mixed_layers(base: nn.Module, experts: list[Expert], state: MixingState,

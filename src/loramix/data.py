@@ -1,0 +1,435 @@
+"""Training data: rows from files or Hugging Face datasets, rendered to text, tokenized with loss masks, batched.
+
+A row becomes one `Example`: token ids and labels, where labels are the ids on the tokens that carry loss and
+-100 elsewhere (the prompt, unless `train_on_prompt`; everything but the assistant turns of a chat). Rows that
+cannot become an example (missing field, empty text, longer than `max_length`) are `BadRow`s with their file and
+line; they are counted and reported, or fatal with `strict`. Problems that concern a whole file (unreadable, a
+field or template name that no row has) raise `DataError` before any training starts.
+
+Batches are planned from the global micro-batch index alone (`BatchPlan`), so every process of a data-parallel
+run, and a resumed run, sees the same batches without any state but the index.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import string
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """A data source or format that cannot be used at all; names the file and field."""
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """How a row becomes prompt and completion text. Exactly one way is used, in this order:
+    `messages_field` (chat, rendered with the tokenizer's chat template), `text_field` (plain text, all tokens
+    carry loss), `prompt_template`/`completion_template` (str.format over the row's fields), and otherwise
+    `prompt_field`/`completion_field`."""
+
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    text_field: str | None = None
+    messages_field: str | None = None
+    prompt_template: str | None = None
+    completion_template: str | None = None
+    expert_field: str | None = None  # rows may name the expert that should handle them (supervised routing)
+    max_length: int = 512
+    train_on_prompt: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"max_length: must be at least 2, got {self.max_length}")
+        if (self.prompt_template is None) != (self.completion_template is None):
+            raise ValueError("prompt_template and completion_template: give both or neither")
+
+    @property
+    def kind(self) -> str:
+        if self.messages_field:
+            return "messages"
+        if self.text_field:
+            return "text"
+        if self.prompt_template is not None:
+            return "template"
+        return "prompt_completion"
+
+    def needed_fields(self) -> list[str]:
+        if self.kind == "messages":
+            return [self.messages_field]
+        if self.kind == "text":
+            return [self.text_field]
+        if self.kind == "template":
+            return sorted(set(_template_fields(self.prompt_template) + _template_fields(self.completion_template)))
+        return [self.prompt_field, self.completion_field]
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is taken
+    expert: int = -1  # index of the expert this row names, -1 for none
+    source: str = ""  # "file:line"
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class BadRow:
+    source: str  # "file:line"
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """Tokenized examples from one or more sources, with each source's sampling weight."""
+
+    examples: list[Example]
+    source_of: list[int]  # examples[i] came from sources[source_of[i]]
+    sources: list[str]
+    weights: list[float] | None
+    bad_rows: list[BadRow] = field(default_factory=list)
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(sum(1 for x in e.labels if x != -100) for e in self.examples)
+
+
+# ---- reading rows -----------------------------------------------------------------------------------------------
+def read_rows(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("file:line", row) from a JSONL/JSON/CSV/Parquet file, a `save_to_disk` folder or a hub dataset.
+
+    A hub dataset is `name` or `name:split` (default split "train"). JSON numbers keep their text as written.
+    A JSONL line that is not a JSON object is yielded as the row {"__error__": reason}.
+    """
+    if os.path.isfile(source):
+        suffix = os.path.splitext(source)[1].lower()
+        if suffix not in DATA_SUFFIXES:
+            raise DataError(f"{source}: unknown data file type {suffix!r} (use {', '.join(DATA_SUFFIXES)})")
+        try:
+            yield from _READERS[suffix](source)
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{source}: cannot read: {e}") from e
+        return
+    if os.path.isdir(source):
+        yield from _read_saved_dataset(source)
+        return
+    if os.sep in source and not _looks_like_hub_name(source) or source.endswith(DATA_SUFFIXES):
+        raise DataError(f"{source}: no such data file")
+    yield from _read_hub_dataset(source)
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line, parse_float=_Number, parse_int=_Number)
+            except json.JSONDecodeError as e:
+                yield where, {"__error__": f"not valid JSON ({e.msg})"}
+                continue
+            yield where, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
+
+
+def _read_json(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f, parse_float=_Number, parse_int=_Number)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a JSON data file must hold a list of objects (or {{\"data\": [...]}})")
+    for i, row in enumerate(data):
+        yield f"{path}:item {i}", row if isinstance(row, dict) else {"__error__": "not a JSON object"}
+
+
+def _read_csv(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            raise DataError(f"{path}: empty CSV file (no header)")
+        for row in reader:
+            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+
+
+def _read_parquet(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises its own error types for corrupt files
+        raise DataError(f"{path}: cannot read as Parquet: {e}") from e
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}:row {i}", row
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def _read_saved_dataset(folder: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(folder)
+    except Exception as e:
+        raise DataError(f"{folder}: not a data file nor a dataset saved with save_to_disk: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{folder}: a DatasetDict without a 'train' split (splits: {list(ds)})")
+        ds = ds["train"]
+    for i, row in enumerate(ds):
+        yield f"{folder}:row {i}", row
+
+
+def _read_hub_dataset(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    repo, _, split = name.partition(":")
+    split = split or "train"
+    try:
+        ds = datasets.load_dataset(repo, split=split)
+    except Exception as e:
+        raise DataError(f"{name}: not a local file and could not be loaded as a Hugging Face dataset "
+                        f"(repo {repo!r}, split {split!r}): {e}") from e
+    for i, row in enumerate(ds):
+        yield f"{name}:row {i}", row
+
+
+def _looks_like_hub_name(source: str) -> bool:
+    repo = source.partition(":")[0]
+    return repo.count("/") == 1 and not repo.startswith((".", "/"))
+
+
+class _Number(str):
+    """A JSON number kept as the text it was written with, so templates print it unchanged."""
+
+
+# ---- rendering and tokenizing -------------------------------------------------------------------------------------
+def _template_fields(template: str) -> list[str]:
+    names = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            if name == "" or name.isdigit():
+                raise DataError(f"template {template!r}: use named fields like {{question}}, not {{}} or {{0}}")
+            names.append(name.split(".")[0].split("[")[0])
+    return names
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)  # JSON numbers arrive as _Number (their text); other floats print as Python's repr
+
+
+class _RowError(Exception):
+    pass
+
+
+def _field(row: dict[str, Any], name: str) -> Any:
+    value = row.get(name)
+    if value is None:
+        raise _RowError(f"missing field {name!r}")
+    return value
+
+
+def _render(row: dict[str, Any], fmt: DataFormat) -> tuple[str, str]:
+    """(prompt, completion) for a non-chat row."""
+    if fmt.kind == "text":
+        return "", _as_text(_field(row, fmt.text_field))
+    if fmt.kind == "template":
+        values = {name: _as_text(_field(row, name)) for name in fmt.needed_fields()}
+        return fmt.prompt_template.format(**values), fmt.completion_template.format(**values)
+    return _as_text(_field(row, fmt.prompt_field)), _as_text(_field(row, fmt.completion_field))
+
+
+def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: list[str] | None = None) -> Example:
+    """One row to one Example; raises _RowError with the reason for a bad row."""
+    if "__error__" in row:
+        raise _RowError(row["__error__"])
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt.kind == "messages":
+        pieces = _chat_pieces(_field(row, fmt.messages_field), tokenizer)
+    else:
+        prompt, completion = _render(row, fmt)
+        if not completion.strip():
+            raise _RowError("empty completion" if fmt.kind != "text" else "empty text")
+        pieces = [(prompt, False), (completion, True)] if prompt else [(completion, True)]
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, (text, trained) in enumerate(pieces):
+        piece = tokenizer(text, add_special_tokens=(i == 0 and fmt.kind != "messages"))["input_ids"]
+        ids += piece
+        labels += piece if trained or fmt.train_on_prompt else [-100] * len(piece)
+    if fmt.kind != "messages" and eos and (not ids or ids[-1] != eos[0]):
+        ids += eos
+        labels += eos
+    if all(x == -100 for x in labels):
+        raise _RowError("no tokens to train on")
+    if len(ids) > fmt.max_length:
+        raise _RowError(f"{len(ids)} tokens, over max_length {fmt.max_length}")
+    expert = -1
+    if fmt.expert_field:
+        name = _as_text(_field(row, fmt.expert_field))
+        if expert_names is None or name not in expert_names:
+            raise _RowError(f"{fmt.expert_field}={name!r} is not one of the experts {expert_names}")
+        expert = expert_names.index(name)
+    return Example(ids, labels, expert)
+
+
+def _chat_pieces(messages: Any, tokenizer) -> list[tuple[str, bool]]:
+    """Split a rendered chat into (text, is_assistant_turn) pieces using the template on growing prefixes."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise _RowError("messages must be a non-empty list of {role, content} objects")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _RowError("no assistant turn to train on")
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not before.startswith(done) or not upto.startswith(before):
+            raise DataError("the tokenizer's chat template does not render conversations incrementally, so the "
+                            "assistant turns cannot be located; use --train-on-prompt with --text-field instead")
+        pieces += [(before[len(done):], False), (upto[len(before):], True)]
+        done = upto
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if full[len(done):]:
+        pieces.append((full[len(done):], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def load_dataset(sources: list[str], tokenizer, fmt: DataFormat, weights: list[float] | None = None,
+                 expert_names: list[str] | None = None, log=print) -> Dataset:
+    """Read, check, render and tokenize every source. Raises DataError for unusable sources (before training),
+    and for the first bad row when `fmt.strict`; otherwise bad rows are skipped, counted and reported."""
+    if not sources:
+        raise DataError("no data given")
+    if weights is not None:
+        if len(weights) != len(sources):
+            raise DataError(f"data weights: {len(weights)} weights for {len(sources)} data sources")
+        if any(not math.isfinite(w) or w <= 0 for w in weights):
+            raise DataError(f"data weights: must be positive numbers, got {weights}")
+    if fmt.kind == "messages" and getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"messages field {fmt.messages_field!r}: the tokenizer has no chat template")
+    if fmt.expert_field and not expert_names:
+        raise DataError(f"expert field {fmt.expert_field!r}: only the X-LoRA gate can use expert labels")
+    examples, source_of, bad = [], [], []
+    for s, source in enumerate(sources):
+        rows = list(read_rows(source))
+        if not rows:
+            raise DataError(f"{source}: no rows")
+        present = set().union(*(row.keys() for _, row in rows))
+        needed = fmt.needed_fields() + ([fmt.expert_field] if fmt.expert_field else [])
+        missing = [name for name in needed if name not in present]
+        if missing:
+            hint = (" (set --prompt-field/--completion-field, --text-field, --messages-field or the templates)"
+                    if fmt.kind == "prompt_completion" else "")
+            raise DataError(f"{source}: no row has the field(s) {missing} needed by the {fmt.kind} format; "
+                            f"fields present: {sorted(k for k in present if k != '__error__')}{hint}")
+        kept = 0
+        for where, row in rows:
+            try:
+                example = tokenize_row(row, fmt, tokenizer, expert_names)
+            except _RowError as e:
+                if fmt.strict:
+                    raise DataError(f"{where}: {e} (strict mode stops at the first bad row)") from None
+                bad.append(BadRow(where, str(e)))
+                continue
+            example.source = where
+            examples.append(example)
+            source_of.append(s)
+            kept += 1
+        if kept == 0:
+            raise DataError(f"{source}: every row is bad, e.g. {bad[-1].source}: {bad[-1].reason}")
+    if bad:
+        log(f"skipped {len(bad)} bad row(s) (use --strict to stop instead):")
+        for b in bad[:10]:
+            log(f"  {b.source}: {b.reason}")
+        if len(bad) > 10:
+            log(f"  ... and {len(bad) - 10} more (all listed in skipped_rows.jsonl)")
+    return Dataset(examples, source_of, list(sources), weights, bad)
+
+
+# ---- batching ------------------------------------------------------------------------------------------------------
+class BatchPlan:
+    """Micro-batches of example indices, a pure function of (seed, epoch): length-grouped to limit padding.
+
+    One epoch draws each source in proportion to its weight (sampling with replacement only when a source must
+    be drawn more often than it has rows), shuffles, sorts chunks of `group_size` batches by length so each
+    micro-batch holds similar lengths, and shuffles the batches. Micro-batch k of the run is micro-batch
+    k mod n of epoch k // n.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, group_size: int = 64,
+                 shuffle: bool = True) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.group_size, self.shuffle = group_size, shuffle
+        self.lengths = [len(e) for e in dataset.examples]
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+        self.batches_per_epoch = len(self._epoch(0))
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch in self._epoch_cache:
+            return self._epoch_cache[epoch]
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        ds = self.dataset
+        if ds.weights is None:
+            order = list(range(len(ds.examples)))
+        else:
+            by_source = [[i for i, s in enumerate(ds.source_of) if s == k] for k in range(len(ds.sources))]
+            total, weight_sum = len(ds.examples), sum(ds.weights)
+            order = []
+            for members, w in zip(by_source, ds.weights):
+                n = max(1, round(total * w / weight_sum))
+                if n <= len(members):
+                    pick = torch.randperm(len(members), generator=g)[:n]
+                else:
+                    pick = torch.randint(len(members), (n,), generator=g)
+                order += [members[i] for i in pick.tolist()]
+        if self.shuffle:
+            order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+        chunk = self.batch_size * self.group_size
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start:start + chunk], key=lambda i: -self.lengths[i])
+            batches += [part[j:j + self.batch_size] for j in range(0, len(part), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        self._epoch_cache = {epoch: batches}  # keep one epoch
+        return batches
+
+    def micro_batch(self, index: int) -> list[int]:
+        epoch, position = divmod(index, self.batches_per_epoch)
+        return self._epoch(epoch)[position]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels (b, t); expert (b,)."""
+    longest = max(len(e) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e)
+        ids[r, :n] = torch.tensor(e.input_ids)
+        labels[r, :n] = torch.tensor(e.labels)
+        mask[r, :n] = 1
+    expert = torch.tensor([e.expert for e in examples], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "expert": expert}

@@ -1,0 +1,697 @@
+"""Training: LoRA experts (step 2 of the paper's pipeline) and the X-LoRA gate (step 3), one loop for both.
+
+The loop is plain PyTorch with three properties that make runs reproducible:
+
+* **The data position is the only state of the data.** Micro-batch k of the run is `BatchPlan.micro_batch(k)`;
+  optimizer step s uses micro-batches s*M .. s*M + M - 1 where M = grad_accum * world_size, and process r takes
+  every world_size-th of them. Before each micro-batch the RNG is reseeded from (seed, k), so dropout masks too
+  depend only on the position.
+* **The loss is normalised over the global batch.** Each micro-batch contributes sum(token CE) / N, N the number
+  of label tokens in all M micro-batches of the step (known from the plan, no communication), and process
+  gradients are summed. So 2 processes x 1 micro-batch give the gradient of 1 process x 2 micro-batches.
+* **Checkpoints are atomic and complete.** `checkpoint-<step>/` is written in a temporary folder and renamed;
+  it holds a loadable model, the trainable tensors, the optimizer state (safetensors + JSON, never pickles) and
+  the step. The learning-rate schedule is a function of the step. `--resume` therefore ends with the same weights
+  as an uninterrupted run.
+
+Data parallelism: under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) the process group is initialised
+(NCCL on GPUs, gloo on CPUs) and the trainable gradients are summed with one all-reduce per step. Only the
+trainable parameters travel (the gate is small), so no DDP bucket overlap is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import XLoraConfig
+from .model import shift_labels
+from .data import BatchPlan, DataError, DataFormat, Dataset, collate, load_dataset
+
+STATE_NAME = "trainer_state.json"
+TRAINABLE_NAME = "trainable.safetensors"
+OPTIMIZER_NAME = "optimizer.safetensors"
+METRICS_NAME = "metrics.jsonl"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainingArgs:
+    """Run settings shared by both verbs (the method's settings live in XLoraConfig / the LoRA fields)."""
+
+    output_dir: str
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    epochs: float | None = None  # default 1 when max_steps is not set
+    lr: float = 2e-4
+    batch_size: int = 8  # rows per micro-batch per process
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    lr_scheduler: str = "linear"  # linear | cosine | constant (after warm-up)
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int | None = None  # keep only the newest N checkpoints
+    resume: bool = False
+    progress: bool = True
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be at least 1, got {value}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs: must be positive, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr: must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.lr_scheduler not in ("linear", "cosine", "constant"):
+            raise ValueError(f"lr_scheduler: one of linear, cosine, constant, got {self.lr_scheduler!r}")
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoutingLosses:
+    """Optional terms on the gate's scalings, all off by default (the paper trains with cross-entropy only).
+
+    balance: E * sum_e mean_p[e]^2 - 1 per LoRA layer (0 when the mean routing is uniform), against collapse
+             onto one expert; entropy: mean per-token entropy of the scalings (a positive weight sharpens the
+             routing, a negative one spreads it); routing: cross-entropy of the scalings against the expert
+             named by the row's `expert_field`, to warm-start the gate."""
+
+    balance_weight: float = 0.0
+    entropy_weight: float = 0.0
+    routing_weight: float = 0.0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.balance_weight or self.entropy_weight or self.routing_weight)
+
+
+# ---- what is trained: an expert or the gate -------------------------------------------------------------------
+class _Task:
+    """The model being trained, with how to compute its loss and how to save it."""
+
+    model: nn.Module
+    model_device: torch.device
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def loss(self, batch: dict[str, torch.Tensor], n_tokens: int, n_micro: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def save(self, folder: str) -> None:
+        raise NotImplementedError
+
+
+def _token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over label tokens (labels -100 ignored); see model.causal_lm_loss."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), shift_labels(labels).flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+class _ExpertTask(_Task):
+    def __init__(self, peft_model: nn.Module) -> None:
+        self.model = peft_model
+
+    def loss(self, batch, n_tokens, n_micro):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce = _token_ce_sum(logits, batch["labels"])
+        return ce / n_tokens, {"ce_sum": ce.detach()}
+
+    def save(self, folder):
+        self.model.save_pretrained(folder)
+
+
+class _GateTask(_Task):
+    def __init__(self, xlora: nn.Module, routing: RoutingLosses) -> None:
+        self.model, self.routing = xlora, routing
+
+    def loss(self, batch, n_tokens, n_micro):
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ce = _token_ce_sum(out.logits, batch["labels"])
+        loss, stats = ce / n_tokens, {"ce_sum": ce.detach()}
+        if self.routing.any:
+            aux = routing_losses(out.scalings, batch["attention_mask"], batch["expert"],
+                                 self.model.config.enable_softmax)
+            for name, weight in (("balance", self.routing.balance_weight), ("entropy", self.routing.entropy_weight),
+                                 ("routing", self.routing.routing_weight)):
+                if weight and name in aux:
+                    loss = loss + weight * aux[name] / n_micro
+                    stats[f"{name}_loss"] = aux[name].detach() / n_micro
+        return loss, stats
+
+    def save(self, folder):
+        self.model.save_pretrained(folder)
+
+
+def routing_losses(scalings: torch.Tensor, attention_mask: torch.Tensor, expert: torch.Tensor,
+                   softmaxed: bool) -> dict[str, torch.Tensor]:
+    """The optional gate terms (see RoutingLosses) over the attended tokens. scalings: (b, t, L, E)."""
+    valid = attention_mask.bool()  # (b, t)
+    if softmaxed:
+        probs = scalings
+        log_probs = scalings.float().clamp_min(1e-9).log()
+    else:
+        log_probs = scalings.float().log_softmax(-1)
+        probs = log_probs.exp()
+    tokens = probs[valid].float()  # (n, L, E)
+    n_experts = scalings.shape[-1]
+    mean_p = tokens.mean(0)  # (L, E)
+    out = {"balance": n_experts * (mean_p ** 2).sum(-1).mean() - 1,
+           "entropy": -(tokens * log_probs[valid]).sum(-1).mean()}
+    labelled = valid & (expert >= 0)[:, None]  # (b, t)
+    if labelled.any():
+        target = expert[:, None].expand_as(labelled)[labelled]  # (n,)
+        picked = log_probs[labelled].gather(-1, target[:, None, None].expand(-1, scalings.shape[2], 1))
+        out["routing"] = -picked.mean()
+    return out
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+class _Distributed:
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.started_here = False
+        if self.world > 1:
+            for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+                if os.environ.get(var, "false").lower() == "true":
+                    raise NotImplementedError(f"{var}: loramix trains with data parallelism only (DDP-style "
+                                              f"gradient all-reduce); FSDP and DeepSpeed are not implemented")
+            if not torch.distributed.is_initialized():
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+                torch.distributed.init_process_group(backend)
+                self.started_here = True
+        self.rank = torch.distributed.get_rank() if self.world > 1 else 0
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str | None) -> torch.device:
+        if requested:
+            return torch.device(requested)
+        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.started_here:
+            torch.distributed.destroy_process_group()
+
+
+def _lr_factor(step: int, total: int, args: TrainingArgs) -> float:
+    """Learning-rate multiplier for optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    if args.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
+    if args.lr_scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, signature: dict[str, Any],
+                 eval_data: Dataset | None = None, tokenizer=None, dist: _Distributed | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train `task` on `train`; returns the final metrics. Checkpoints and metrics go to args.output_dir."""
+    dist = dist or _Distributed()
+    out = os.path.abspath(args.output_dir)
+    micro_per_step = args.grad_accum * dist.world
+    plan = BatchPlan(train, args.batch_size, args.seed)
+    label_counts = [sum(1 for x in e.labels if x != -100) for e in train.examples]
+    total_steps = args.max_steps or max(1, math.ceil((args.epochs or 1.0) * plan.batches_per_epoch / micro_per_step))
+    signature = {**signature, "batch_size": args.batch_size, "micro_batches_per_step": micro_per_step,
+                 "seed": args.seed, "total_steps": total_steps}
+    params = task.trainable()
+    if not params:
+        raise ValueError("nothing to train: the model has no trainable parameters")
+    decay = [p for n, p in params.items() if p.ndim >= 2]
+    no_decay = [p for n, p in params.items() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    step = 0
+    if dist.main:
+        os.makedirs(out, exist_ok=True)
+    dist.barrier()
+    if args.resume:
+        found = latest_checkpoint(out)
+        if found is not None:
+            step = _load_checkpoint(found, task, optimizer, signature)
+            if dist.main:
+                _truncate_metrics(os.path.join(out, METRICS_NAME), step)
+                log(f"resuming from {found} (step {step} of {total_steps})")
+        elif dist.main:
+            log(f"--resume: no complete checkpoint in {out}; starting from the beginning")
+    elif dist.main and os.path.exists(os.path.join(out, METRICS_NAME)):
+        os.remove(os.path.join(out, METRICS_NAME))  # a fresh run starts a fresh log
+    if dist.main and train.bad_rows:
+        _write_jsonl(os.path.join(out, "skipped_rows.jsonl"), [dataclasses.asdict(b) for b in train.bad_rows])
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (dist.main and args.progress), unit="step",
+               dynamic_ncols=True)
+    task.model.train()
+    window: dict[str, float] = {"loss": 0.0, "tokens": 0, "label_tokens": 0, "seconds": 0.0, "steps": 0}
+    last: dict[str, Any] = {}
+    run_start = time.perf_counter()
+    while step < total_steps:
+        started = time.perf_counter()
+        lr = args.lr * _lr_factor(step, total_steps, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        first = step * micro_per_step
+        batches = [plan.micro_batch(k) for k in range(first, first + micro_per_step)]
+        n_tokens = max(1, sum(label_counts[i] for b in batches for i in b))
+        n_input_tokens = sum(len(train.examples[i]) for b in batches for i in b)
+        ce_sum = torch.zeros((), dtype=torch.float64)
+        extra: dict[str, float] = {}
+        for k in range(dist.rank, micro_per_step, dist.world):
+            torch.manual_seed(args.seed * 1_000_003 + first + k)  # dropout depends on the position only
+            batch = {key: v.to(task.model_device) for key, v in
+                     collate([train.examples[i] for i in batches[k]], pad_id).items()}
+            loss, stats = task.loss(batch, n_tokens, micro_per_step)
+            loss.backward()
+            ce_sum += stats.pop("ce_sum").double().cpu()
+            for key, value in stats.items():
+                extra[key] = extra.get(key, 0.0) + float(value)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+        if dist.world > 1:
+            flat = dist.sum_(torch.cat([g.reshape(-1).float() for g in grads]))
+            offset = 0
+            for p, g in zip(params.values(), grads):
+                p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+                offset += g.numel()
+            ce_sum = dist.sum_(ce_sum.to(task.model_device)).cpu()
+        grad_norm = None
+        if args.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = float(ce_sum) / n_tokens
+        seconds = time.perf_counter() - started
+        window["loss"] += loss_value
+        window["tokens"] += n_input_tokens
+        window["seconds"] += seconds
+        window["steps"] += 1
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_input_tokens / seconds:.0f}",
+                        refresh=False)
+        bar.update(1)
+        if step % args.logging_steps == 0 or step == total_steps:
+            record = {"step": step, "epoch": round(step * micro_per_step / plan.batches_per_epoch, 4),
+                      "loss": window["loss"] / window["steps"], "lr": lr,
+                      "tokens_per_s": window["tokens"] / window["seconds"], "grad_norm": grad_norm,
+                      **{k: v for k, v in extra.items()}}
+            last.update(record)
+            if dist.main:
+                _append_jsonl(os.path.join(out, METRICS_NAME), record)
+            window = {"loss": 0.0, "tokens": 0, "label_tokens": 0, "seconds": 0.0, "steps": 0}
+        if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0 or step == total_steps):
+            record = {"step": step, **evaluate(task, eval_data, args.batch_size, pad_id, dist)}
+            last.update(record)
+            task.model.train()
+            if dist.main:
+                _append_jsonl(os.path.join(out, METRICS_NAME), record)
+                bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}, perplexity "
+                          f"{record['eval_perplexity']:.2f}")
+        if args.save_steps and step % args.save_steps == 0 and step < total_steps:
+            if dist.main:
+                save_checkpoint(out, step, task, optimizer, signature, tokenizer)
+                _prune_checkpoints(out, args.save_total_limit)
+            dist.barrier()
+    bar.close()
+    task.model.eval()
+    if eval_data is not None and "eval_loss" not in last:
+        last.update(evaluate(task, eval_data, args.batch_size, pad_id, dist))
+    last.update({"steps": step, "seconds": time.perf_counter() - run_start, "skipped_rows": len(train.bad_rows),
+                 "examples": len(train.examples)})
+    return last
+
+
+@torch.no_grad()
+def evaluate(task: _Task, data: Dataset, batch_size: int, pad_id: int,
+             dist: _Distributed | None = None) -> dict[str, float]:
+    """Token-mean cross-entropy over `data` (label tokens only) and its perplexity."""
+    dist = dist or _Distributed()
+    task.model.eval()
+    order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    totals = torch.zeros(2, dtype=torch.float64)  # (sum of CE, label tokens)
+    for b in batches[dist.rank::dist.world]:
+        batch = {k: v.to(task.model_device) for k, v in collate([data.examples[i] for i in b], pad_id).items()}
+        _, stats = task.loss(batch, 1, 1)
+        totals += torch.tensor([float(stats["ce_sum"]), float((batch["labels"][:, 1:] != -100).sum())],
+                               dtype=torch.float64)
+    if dist.world > 1:
+        totals = dist.sum_(totals.to(task.model_device)).cpu()
+    loss = float(totals[0] / totals[1].clamp_min(1))
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+def latest_checkpoint(folder: str) -> str | None:
+    """The newest complete `checkpoint-<step>` in folder (complete: renamed into place with its state file)."""
+    if not os.path.isdir(folder):
+        return None
+    found = [(int(m[1]), name) for name in os.listdir(folder) if (m := _CHECKPOINT.match(name))
+             and os.path.isfile(os.path.join(folder, name, STATE_NAME))]
+    return os.path.join(folder, max(found)[1]) if found else None
+
+
+def save_checkpoint(folder: str, step: int, task: _Task, optimizer: torch.optim.Optimizer,
+                    signature: dict[str, Any], tokenizer=None) -> str:
+    """Write checkpoint-<step> atomically: everything goes into a temporary folder that is renamed last."""
+    target = os.path.join(folder, f"checkpoint-{step}")
+    tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=folder)
+    try:
+        task.save(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file({n: p.detach().contiguous().cpu() for n, p in task.trainable().items()},
+                  os.path.join(tmp, TRAINABLE_NAME))
+        tensors, meta = _flatten_optimizer(optimizer)
+        save_file(tensors, os.path.join(tmp, OPTIMIZER_NAME))
+        with open(os.path.join(tmp, STATE_NAME), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "optimizer": meta, "signature": signature}, f, indent=2)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_checkpoint(folder: str, task: _Task, optimizer: torch.optim.Optimizer,
+                     signature: dict[str, Any]) -> int:
+    with open(os.path.join(folder, STATE_NAME), encoding="utf-8") as f:
+        state = json.load(f)
+    saved = state.get("signature", {})
+    for key, value in signature.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(f"--resume: {folder} was made with {key}={saved[key]!r}, this run has {value!r}; "
+                             f"resume with the same settings or start a new output folder")
+    params = task.trainable()
+    tensors = load_file(os.path.join(folder, TRAINABLE_NAME))
+    if set(tensors) != set(params):
+        raise ValueError(f"--resume: {folder}/{TRAINABLE_NAME} holds other parameters than this model trains")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(os.path.join(folder, OPTIMIZER_NAME)),
+                                                   state["optimizer"]))
+    return int(state["step"])
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as safetensors-ready tensors plus JSON metadata (no pickles)."""
+    sd = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for pid, entries in sd["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                plain.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "plain": plain}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, _, name = key.partition(".")
+        state.setdefault(int(pid), {})[name] = value
+    for pid, entries in meta.get("plain", {}).items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _prune_checkpoints(folder: str, keep: int | None) -> None:
+    if not keep:
+        return
+    found = sorted((int(m[1]), name) for name in os.listdir(folder) if (m := _CHECKPOINT.match(name)))
+    for _, name in found[:-keep]:
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (the resumed run writes them again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    _write_jsonl(path, [r for r in records if r.get("step", 0) <= step])
+
+
+def _move_into(tmp: str, folder: str) -> None:
+    """Move every file of the finished temporary folder `tmp` into `folder` (each by an atomic rename)."""
+    for name in os.listdir(tmp):
+        src, dst = os.path.join(tmp, name), os.path.join(folder, name)
+        if os.path.isdir(src):
+            if os.path.isdir(dst):
+                shutil.rmtree(dst)
+        os.replace(src, dst)
+
+
+# ---- public entry points ----------------------------------------------------------------------------------------
+_DATA_FIELDS = {f.name for f in dataclasses.fields(DataFormat)}
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainingArgs)} - {"output_dir"}
+_XLORA_FIELDS = {f.name for f in dataclasses.fields(XLoraConfig)} - {"adapters", "hidden_size"}
+_ROUTING_FIELDS = {f.name for f in dataclasses.fields(RoutingLosses)}
+
+
+def _split_options(options: dict[str, Any], groups: dict[str, set[str]]) -> dict[str, dict[str, Any]]:
+    split: dict[str, dict[str, Any]] = {g: {} for g in groups}
+    for key, value in options.items():
+        owner = next((g for g, names in groups.items() if key in names), None)
+        if owner is None:
+            known = sorted(set().union(*groups.values()))
+            raise TypeError(f"unknown option {key!r}; known options: {', '.join(known)}")
+        split[owner][key] = value
+    return split
+
+
+def _load_base(base: str | nn.Module, dtype: torch.dtype | None, trust_remote_code: bool) -> nn.Module:
+    if isinstance(base, nn.Module):
+        return base
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def _load_tokenizer(base: str | nn.Module, tokenizer):
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        return tokenizer
+    source = tokenizer or (base if isinstance(base, str) else getattr(getattr(base, "config", None),
+                                                                        "_name_or_path", None))
+    if not source:
+        raise ValueError("tokenizer: the base model was passed as a module; pass tokenizer= as well")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer: cannot load one from {source!r}: {e}") from e
+
+
+def _as_list(data: str | list[str] | None) -> list[str]:
+    if data is None:
+        return []
+    return [data] if isinstance(data, str) else list(data)
+
+
+def _prepare_data(data, eval_data, data_weights, tokenizer, fmt: DataFormat, expert_names, dist: _Distributed,
+                  log) -> tuple[Dataset, Dataset | None]:
+    quiet = log if dist.main else (lambda *_: None)
+    train = load_dataset(_as_list(data), tokenizer, fmt, data_weights, expert_names, log=quiet)
+    evaluation = None
+    if eval_data:
+        evaluation = load_dataset(_as_list(eval_data), tokenizer, dataclasses.replace(fmt, strict=fmt.strict),
+                                  None, expert_names, log=quiet)
+    return train, evaluation
+
+
+def _finish(task: _Task, out: str, tokenizer, args: TrainingArgs, dist: _Distributed, record: dict,
+            metrics: dict, log) -> TrainResult:
+    if dist.main:
+        tmp = tempfile.mkdtemp(prefix=".final.", dir=out)
+        try:
+            task.save(tmp)
+            tokenizer.save_pretrained(tmp)
+            _move_into(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _write_jsonl(os.path.join(out, "final_metrics.jsonl"), [metrics])
+        log(f"saved to {out}: loss {metrics.get('loss', float('nan')):.4f}"
+            + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
+            + f" ({metrics['steps']} steps, {metrics['seconds']:.1f}s)")
+    dist.barrier()
+    return TrainResult(out, metrics)
+
+
+def _write_run_config(out: str, record: dict, dist: _Distributed) -> None:
+    if dist.main:
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "training_args.json")
+        fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=out)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, default=str)
+        os.replace(tmp, path)
+
+
+def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, *, rank: int = 8,
+                 alpha: float = 16, dropout: float = 0.05, target_modules: list[str] | str | None = None,
+                 eval_data: str | list[str] | None = None, data_weights: list[float] | None = None,
+                 tokenizer=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                 log: Callable[[str], None] = print, **options) -> TrainResult:
+    """Train one LoRA expert with PEFT and save it as a standard PEFT adapter folder in `output_dir`.
+
+    `options` are TrainingArgs fields (max_steps, epochs, lr, batch_size, grad_accum, warmup_steps, save_steps,
+    eval_steps, resume, seed, ...) and DataFormat fields (prompt_field, completion_field, text_field,
+    messages_field, prompt_template, completion_template, max_length, train_on_prompt, strict).
+    Returns the output folder and the final metrics."""
+    from peft import LoraConfig, get_peft_model
+
+    groups = _split_options(options, {"train": _TRAIN_FIELDS, "data": _DATA_FIELDS})
+    args = TrainingArgs(output_dir=output_dir, **groups["train"])
+    fmt = DataFormat(**groups["data"])
+    if rank < 1:
+        raise ValueError(f"rank: must be at least 1, got {rank}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
+    dist = _Distributed()
+    try:
+        tok = _load_tokenizer(base, tokenizer)
+        train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, None, dist, log)
+        torch.manual_seed(args.seed)
+        model = _load_base(base, dtype, trust_remote_code)
+        targets = target_modules or "all-linear"
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
+        try:
+            peft_model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise ValueError(f"target_modules {targets}: {e}") from e
+        peft_model.to(dist.device(args.device))
+        task = _ExpertTask(peft_model)
+        task.model_device = dist.device(args.device)
+        record = {"verb": "train-expert", "base": base if isinstance(base, str) else type(base).__name__,
+                  "data": _as_list(data), "data_weights": data_weights, "eval_data": _as_list(eval_data),
+                  "rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": targets,
+                  "training": dataclasses.asdict(args), "format": dataclasses.asdict(fmt), "world_size": dist.world}
+        _write_run_config(args.output_dir, record, dist)
+        signature = {"data": _as_list(data), "rank": rank, "alpha": alpha, "target_modules": targets}
+        metrics = run_training(task, train, args, _pad_id(tok), signature, evaluation, tok, dist, log)
+        return _finish(task, os.path.abspath(args.output_dir), tok, args, dist, record, metrics, log)
+    finally:
+        dist.close()
+
+
+def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | list[str], output_dir: str, *,
+                eval_data: str | list[str] | None = None, data_weights: list[float] | None = None,
+                tokenizer=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                log: Callable[[str], None] = print, **options) -> TrainResult:
+    """Train the X-LoRA gate (and the experts with use_trainable_adapters) on a data mixture.
+
+    `options` are XLoraConfig fields (xlora_depth, xlora_size, layerwise_scalings, top_k_lora,
+    softmax_temperature, use_trainable_adapters, ...), RoutingLosses fields (balance_weight, entropy_weight,
+    routing_weight; routing needs expert_field), TrainingArgs and DataFormat fields as in `train_expert`.
+    The final model is saved to `output_dir` in the engine's layout (XLoraModel.from_pretrained(output_dir))."""
+    from .model import XLoraModel
+
+    groups = _split_options(options, {"train": _TRAIN_FIELDS, "data": _DATA_FIELDS, "xlora": _XLORA_FIELDS,
+                                      "routing": _ROUTING_FIELDS})
+    groups["train"].setdefault("lr", 1e-3)
+    args = TrainingArgs(output_dir=output_dir, **groups["train"])
+    fmt = DataFormat(**groups["data"])
+    routing = RoutingLosses(**groups["routing"])
+    if routing.routing_weight and not fmt.expert_field:
+        raise ValueError("routing_weight: the supervised routing loss needs expert_field (rows naming an expert)")
+    config = XLoraConfig(adapters=dict(adapters), **groups["xlora"])
+    dist = _Distributed()
+    try:
+        tok = _load_tokenizer(base, tokenizer)
+        train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, config.expert_names, dist, log)
+        torch.manual_seed(args.seed)
+        device = dist.device(args.device)
+        model = XLoraModel.from_base(_load_base(base, dtype, trust_remote_code), config, device=device)
+        if isinstance(base, str):
+            model.base_model_id = base
+        task = _GateTask(model, routing)
+        task.model_device = device
+        trainable, total = model.get_nb_trainable_parameters()
+        if dist.main:
+            log(f"X-LoRA: {model.n_experts} experts on {model.n_lora_layers} LoRA layers; training {trainable:,} "
+                f"of {total:,} parameters on {len(train.examples)} examples x {dist.world} process(es)")
+        record = {"verb": "train", "base": base if isinstance(base, str) else type(base).__name__,
+                  "adapters": dict(adapters), "data": _as_list(data), "data_weights": data_weights,
+                  "eval_data": _as_list(eval_data), "xlora": config.to_dict(), "routing": dataclasses.asdict(routing),
+                  "training": dataclasses.asdict(args), "format": dataclasses.asdict(fmt), "world_size": dist.world}
+        _write_run_config(args.output_dir, record, dist)
+        signature = {"data": _as_list(data), "experts": config.expert_names}
+        metrics = run_training(task, train, args, _pad_id(tok), signature, evaluation, tok, dist, log)
+        return _finish(task, os.path.abspath(args.output_dir), tok, args, dist, record, metrics, log)
+    finally:
+        dist.close()
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+__all__ = ["TrainingArgs", "TrainResult", "RoutingLosses", "train_expert", "train_xlora", "evaluate",
+           "latest_checkpoint", "save_checkpoint", "routing_losses", "DataError"]

@@ -1,0 +1,181 @@
+"""Training data: every file type and format, loss masks, bad rows with file and line, mixing and batching."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import tiny_tokenizer, write_jsonl
+
+from loramix.data import BatchPlan, DataError, DataFormat, collate, load_dataset, read_rows
+
+
+def _quiet(*_):
+    pass
+
+
+def _load(paths, fmt=None, **kw):
+    return load_dataset([str(p) for p in paths], tiny_tokenizer(), fmt or DataFormat(), log=_quiet, **kw)
+
+
+def _trained_text(example) -> str:
+    tok = tiny_tokenizer()
+    return tok.decode([i for i, lab in zip(example.input_ids, example.labels) if lab != -100],
+                      skip_special_tokens=False)
+
+
+def test_prompt_completion_masks_the_prompt(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 2+2?", "completion": " 4"}])
+    (example,) = _load([path]).examples
+    tok = tiny_tokenizer()
+    assert tok.decode(example.input_ids) == "Q: 2+2? 4</s>"
+    assert _trained_text(example) == " 4</s>"
+    (full,) = _load([path], DataFormat(train_on_prompt=True)).examples
+    assert full.labels == full.input_ids
+
+
+def test_every_file_type_gives_the_same_examples(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["prompt", "completion"])
+        w.writeheader()
+        w.writerows(rows)
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    reference = [e.input_ids for e in _load([jsonl]).examples]
+    for other in ("d.json", "d.csv", "d.parquet", "saved"):
+        assert [e.input_ids for e in _load([tmp_path / other]).examples] == reference, other
+
+
+def test_templates_keep_numbers_as_written(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [])
+    with open(path, "w") as f:
+        f.write('{"question": "force of AAG", "answer": 1.50, "n": 7.250}\n')
+    fmt = DataFormat(prompt_template="Question: {question} | Answer:", completion_template=" {answer} ({n})")
+    (example,) = _load([path], fmt).examples
+    assert tiny_tokenizer().decode(example.input_ids) == "Question: force of AAG | Answer: 1.50 (7.250)</s>"
+    assert _trained_text(example) == " 1.50 (7.250)</s>"
+
+
+def test_plain_text_trains_on_every_token(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"body": "hello world"}])
+    (example,) = _load([path], DataFormat(text_field="body")).examples
+    assert example.labels == example.input_ids and tiny_tokenizer().decode(example.input_ids) == "<s>hello world</s>" \
+        or tiny_tokenizer().decode(example.input_ids) == "hello world</s>"
+
+
+def test_chat_trains_on_assistant_turns_only(tmp_path):
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}|{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": chat}])
+    (example,) = load_dataset([path], tok, DataFormat(messages_field="messages"), log=_quiet).examples
+    assert tok.decode(example.input_ids) == "<user>hi|<assistant>hello|<user>bye|<assistant>ciao|"
+    trained = [i if lab != -100 else None for i, lab in zip(example.input_ids, example.labels)]
+    runs, current = [], []
+    for t in trained + [None]:
+        if t is None and current:
+            runs.append(tok.decode(current))
+            current = []
+        elif t is not None:
+            current.append(t)
+    assert runs == ["hello|", "ciao|"]
+    with pytest.raises(DataError, match="no chat template"):
+        load_dataset([path], tiny_tokenizer(), DataFormat(messages_field="messages"), log=_quiet)
+
+
+def test_bad_rows_are_reported_with_file_and_line(tmp_path):
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "a"}, {"prompt": "a", "completion": ""},
+            {"prompt": "a", "completion": "x" * 100}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    messages = []
+    ds = load_dataset([path], tiny_tokenizer(), DataFormat(max_length=50), log=messages.append)
+    assert len(ds.examples) == 1
+    assert [(b.source, b.reason.split(" (")[0]) for b in ds.bad_rows] == [
+        (f"{path}:2", "missing field 'completion'"), (f"{path}:3", "empty completion"),
+        (f"{path}:4", "102 tokens, over max_length 50"), (f"{path}:5", "not valid JSON")]
+    assert messages[0].startswith("skipped 4 bad row(s)") and f"{path}:2" in messages[1]
+    with pytest.raises(DataError, match=f"{path}:2: missing field 'completion'"):
+        load_dataset([path], tiny_tokenizer(), DataFormat(max_length=50, strict=True), log=_quiet)
+
+
+def test_unusable_sources_fail_before_training(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"no row has the field\(s\) \['prompt', 'completion'\].*question"):
+        _load([path])
+    with pytest.raises(DataError, match=r"\['colour'\]"):
+        _load([path], DataFormat(prompt_template="{question} {colour}", completion_template="{answer}"))
+    with pytest.raises(DataError, match="no such data file"):
+        _load([tmp_path / "missing.jsonl"])
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="bad.parquet: cannot read as Parquet"):
+        _load([tmp_path / "bad.parquet"])
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match="unknown data file type"):
+        _load([tmp_path / "d.txt"])
+    with pytest.raises(DataError, match="2 weights for 1 data sources"):
+        _load([path], DataFormat(prompt_field="question", completion_field="answer"), weights=[1, 2])
+
+
+def test_hub_dataset_names_go_to_datasets(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(repo, split):
+        calls.append((repo, split))
+        if repo == "someone/offline":
+            raise ConnectionError("no network")
+        return [{"prompt": "p", "completion": "c"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert list(read_rows("someone/some-data")) == [("someone/some-data:row 0", {"prompt": "p", "completion": "c"})]
+    with pytest.raises(DataError, match="someone/offline:test.*split 'test'.*no network"):
+        list(read_rows("someone/offline:test"))
+    assert calls == [("someone/some-data", "train"), ("someone/offline", "test")]
+
+
+def test_mixing_weights_set_each_sources_share(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "completion": str(i)} for i in range(100)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "b", "completion": str(i)} for i in range(20)])
+    ds = _load([a, b], weights=[1.0, 3.0])
+    plan = BatchPlan(ds, batch_size=4, seed=0)
+    drawn = [ds.source_of[i] for k in range(plan.batches_per_epoch) for i in plan.micro_batch(k)]
+    assert len(drawn) == 120 and drawn.count(1) == 90  # 3/4 of the epoch from the 20-row source
+
+
+def test_length_grouping_cuts_padding_and_is_deterministic(tmp_path):
+    import random
+
+    rnd = random.Random(0)
+    rows = [{"prompt": "p", "completion": "x" * rnd.randint(1, 60)} for _ in range(256)]
+    ds = _load([write_jsonl(tmp_path / "d.jsonl", rows)], DataFormat(max_length=128))
+
+    def pad_fraction(batches):
+        padded = sum(max(len(ds.examples[i]) for i in b) * len(b) for b in batches)
+        return 1 - sum(len(e) for e in ds.examples) / padded
+
+    grouped = BatchPlan(ds, batch_size=8, seed=1)
+    batches = [grouped.micro_batch(k) for k in range(grouped.batches_per_epoch)]
+    g = torch.Generator().manual_seed(1)
+    order = torch.randperm(256, generator=g).tolist()
+    unsorted = [order[i:i + 8] for i in range(0, 256, 8)]
+    assert sorted(i for b in batches for i in b) == list(range(256))
+    assert pad_fraction(batches) < 0.05 < 0.3 < pad_fraction(unsorted)
+    assert BatchPlan(ds, batch_size=8, seed=1).micro_batch(37) == grouped.micro_batch(37)
+    assert grouped.micro_batch(grouped.batches_per_epoch) != grouped.micro_batch(0)  # epoch 2 reshuffles
+    batch = collate([ds.examples[i] for i in batches[0]], pad_id=0)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert int(batch["attention_mask"].sum()) == sum(len(ds.examples[i]) for i in batches[0])
