@@ -214,7 +214,59 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def demo(args: argparse.Namespace) -> int:
+    """The paper's experiment, offline: tokenizer, tiny base, five experts, the gate, scores, figures, report."""
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, fresh=args.fresh, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+def analyze(args: argparse.Namespace) -> int:
+    """Figures of a model's scalings for a prompt (heatmap + bars, token history), or of a saved scalings log."""
+    from .analysis import ScalingsLog, analyze as run
+
+    if args.scalings:
+        if args.model or args.prompt:
+            raise ValueError("--scalings draws a saved log; do not give --model or --prompt with it")
+        summary = run(args.out, log=ScalingsLog.load(args.scalings))
+    else:
+        if not args.model or args.prompt is None:
+            raise ValueError("give --model and --prompt (or --scalings FILE)")
+        from . import XLoraModel
+
+        model = XLoraModel.from_pretrained(args.model, base=args.base)
+        tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
+        summary = run(args.out, model=model, tokenizer=tokenizer, prompt=args.prompt,
+                      max_new_tokens=args.max_new_tokens)
+    print(f"{summary['tokens']} tokens: {summary['text']!r}")
+    for name, value in summary["mean_scaling"].items():
+        print(f"  mean scaling of {name:<20} {value:.3f}")
+    print(f"wrote {summary['heatmap']} and {summary['history']}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """An OpenAI-compatible HTTP server for an X-LoRA checkpoint."""
+    import uvicorn
+
+    from .server import create_app, load_state
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"loramix serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    state = load_state(args.model, base=args.base, name=args.served_model_name,
+                       trust_remote_code=args.trust_remote_code, chat_template_file=args.chat_template,
+                       max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap)
+    print(f"serving {state.model_name} ({state.model.n_experts} experts) on http://{args.host}:{args.port}/v1")
+    uvicorn.run(create_app(state, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    state.engine.shutdown()
+    return 0
+
+
 VERBS = {
+    "serve": (serve, "an OpenAI-compatible HTTP server for an X-LoRA model"),
+    "demo": (demo, "the paper's experiment end to end, offline, with its figures"),
+    "analyze": (analyze, "figures of the scalings for a prompt or a saved scalings log"),
     "quickstart": (quickstart, "build, run, save and reload a tiny X-LoRA offline"),
     "generate": (generate, "complete a prompt with a saved X-LoRA model"),
     "train-expert": (train_expert, "train one LoRA expert (a PEFT adapter folder)"),
@@ -225,6 +277,32 @@ VERBS = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loramix", description="X-LoRA: a mixture of LoRA experts.")
     sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("serve", help=VERBS["serve"][1])
+    p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
+    p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
+    p.add_argument("--chat-template", help="a Jinja chat template file, for tokenizers without one")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code (off)")
+    p.add_argument("--log-level", default="info")
+    p = sub.add_parser("demo", help=VERBS["demo"][1])
+    p.add_argument("--quick", action="store_true", help="smaller run (about 2 minutes; used in CI)")
+    p.add_argument("--out", default="loramix-demo", help="output folder (reused stages are skipped)")
+    p.add_argument("--fresh", action="store_true", help="redo every stage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = sub.add_parser("analyze", help=VERBS["analyze"][1])
+    p.add_argument("--model", help="X-LoRA checkpoint folder or hub id")
+    p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
+    p.add_argument("--prompt")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="also generate and show these tokens")
+    p.add_argument("--scalings", help="a saved scalings log (.safetensors) instead of a model")
+    p.add_argument("--out", required=True, help="folder for heatmap.png, history.png, scalings.safetensors")
     p = sub.add_parser("quickstart", help=VERBS["quickstart"][1])
     p.add_argument("--out", default="loramix-quickstart", help="folder for the tiny base, experts and X-LoRA")
     p.add_argument("--seed", type=int, default=0)

@@ -210,14 +210,9 @@ class XLoraModel(nn.Module):
                       position_ids=position_ids, use_cache=use_cache)
         try:
             if scalings is None:
-                # Pass 1: the base model with constant expert weights; no gradient, as in PEFT.
-                self._state.set(self._scaling_pass_weights())
-                with torch.no_grad():
-                    hidden, scaling_past_key_values = self._last_hidden_state(
-                        past_key_values=scaling_past_key_values, **inputs)
-                scalings = self.classifier(hidden, enable_softmax=self.config.enable_softmax,
-                                           temperature=self.config.softmax_temperature)  # (b, t, L, E)
-                self._record(scalings)
+                # Pass 1: the base model with constant expert weights, then the classifier.
+                scalings, scaling_past_key_values = self.compute_scalings(
+                    scaling_past_key_values=scaling_past_key_values, **inputs)  # (b, t, L, E)
             # Pass 2: every adapted layer mixes its experts with per-token weights.
             self._state.set(self._mixing_weights(scalings))
             extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
@@ -228,6 +223,26 @@ class XLoraModel(nn.Module):
         return XLoraOutput(loss=loss, logits=out.logits, scalings=scalings,
                            past_key_values=out.past_key_values if use_cache else None,
                            scaling_past_key_values=scaling_past_key_values if use_cache else None)
+
+    def compute_scalings(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                         position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                         scaling_past_key_values: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+        """The scaling pass alone: (scalings (b, t, L, E), its KV cache). The base model runs with every expert
+        weighted `scaling_pass_value` and without gradient (as in PEFT); the classifier reads its last hidden
+        state. `forward` calls this; a caller that wants to change some rows' scalings (the server's frozen rows)
+        calls it, edits the result and passes it to `forward(scalings=...)`."""
+        try:
+            self._state.set(self._scaling_pass_weights())
+            with torch.no_grad():
+                hidden, cache = self._last_hidden_state(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                                        attention_mask=attention_mask, position_ids=position_ids,
+                                                        past_key_values=scaling_past_key_values, use_cache=use_cache)
+        finally:
+            self._state.set(None)
+        scalings = self.classifier(hidden, enable_softmax=self.config.enable_softmax,
+                                   temperature=self.config.softmax_temperature)  # (b, t, L, E)
+        self._record(scalings)
+        return scalings, cache
 
     def _scaling_pass_weights(self) -> torch.Tensor | None:
         value = self.config.resolved_scaling_pass_value()

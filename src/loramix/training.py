@@ -149,6 +149,23 @@ class _ExpertTask(_Task):
         self.model.save_pretrained(folder)
 
 
+class _LanguageModelTask(_Task):
+    """Every parameter of a causal LM (pre-training a base model, as the demo does)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def loss(self, batch, n_tokens, n_micro):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce = _token_ce_sum(logits, batch["labels"])
+        return ce / n_tokens, {"ce_sum": ce.detach()}
+
+    def save(self, folder):
+        self.model.save_pretrained(folder)
+
+
 class _GateTask(_Task):
     def __init__(self, xlora: nn.Module, routing: RoutingLosses) -> None:
         self.model, self.routing = xlora, routing
@@ -638,6 +655,30 @@ def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, 
         dist.close()
 
 
+def train_base(model: nn.Module, tokenizer, data: str | list[str], output_dir: str, *,
+               eval_data: str | list[str] | None = None, log: Callable[[str], None] = print,
+               **options) -> TrainResult:
+    """Train every weight of a causal LM (e.g. a small one built from a config) on data; save it and the tokenizer.
+
+    `options` are TrainingArgs and DataFormat fields, as in `train_expert`."""
+    groups = _split_options(options, {"train": _TRAIN_FIELDS, "data": _DATA_FIELDS})
+    args = TrainingArgs(output_dir=output_dir, **groups["train"])
+    fmt = DataFormat(**groups["data"])
+    dist = _Distributed()
+    try:
+        train, evaluation = _prepare_data(data, eval_data, None, tokenizer, fmt, None, dist, log)
+        task = _LanguageModelTask(model.to(dist.device(args.device)))
+        task.model_device = dist.device(args.device)
+        record = {"verb": "train-base", "data": _as_list(data), "training": dataclasses.asdict(args),
+                  "format": dataclasses.asdict(fmt), "world_size": dist.world}
+        _write_run_config(args.output_dir, record, dist)
+        metrics = run_training(task, train, args, _pad_id(tokenizer), {"data": _as_list(data)}, evaluation,
+                               tokenizer, dist, log)
+        return _finish(task, os.path.abspath(args.output_dir), tokenizer, args, dist, record, metrics, log)
+    finally:
+        dist.close()
+
+
 def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | list[str], output_dir: str, *,
                 eval_data: str | list[str] | None = None, data_weights: list[float] | None = None,
                 tokenizer=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
@@ -693,5 +734,5 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-__all__ = ["TrainingArgs", "TrainResult", "RoutingLosses", "train_expert", "train_xlora", "evaluate",
+__all__ = ["TrainingArgs", "TrainResult", "RoutingLosses", "train_base", "train_expert", "train_xlora", "evaluate",
            "latest_checkpoint", "save_checkpoint", "routing_losses", "DataError"]

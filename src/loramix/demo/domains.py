@@ -1,0 +1,198 @@
+"""The demo's five synthetic domains, echoing the paper's experts, and the generic text the base model learns.
+
+Everything is generated from a seed, so a run is reproducible, and everything is invented, so no model can know
+it beforehand. Each domain gives (prompt, reference) pairs and a scorer mapping a generated answer to [0, 1].
+
+Protein mechanics uses one fixed rule for the unfolding force of a sequence over ten residues:
+
+    force(seq) = sum_i w(seq[i]) + 3 * #{i : seq[i] and seq[i+1] both hydrophobic}      (pN)
+    w: G 1, A 2, S 2, T 3, P 3, V 4, L 5, I 5, F 6, W 7;   hydrophobic: V L I F W
+
+* protein_forward: "fold <seq> =" -> the force; score 1 - |error| / 20 clipped to [0, 1] (0 if not a number).
+* protein_inverse: "design <force> =" -> a sequence; score 1 if it uses only the ten residues, has 3-10 of them
+  and its force by the same rule is within 5 pN of the target (the paper's cycle-consistency check), else 0.
+* arithmetic: "sum <a>+<b> =" -> a + b, a in 10..89, b in 1..9 (a carry in about half the cases); exact match.
+* logic: two rules and a fact about invented cells and proteins ("zel makes bor . kip makes dun . the cell
+  vam has kip . vam makes") -> the protein the fact's rule gives; exact match.
+* recall: "recall <material> <property> =" -> the value in a fixed table of invented materials; exact match.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+RESIDUE_WEIGHT = {"G": 1, "A": 2, "S": 2, "T": 3, "P": 3, "V": 4, "L": 5, "I": 5, "F": 6, "W": 7}
+HYDROPHOBIC = set("VLIFW")
+RESIDUES = "".join(RESIDUE_WEIGHT)
+FORCE_TOLERANCE = 5
+FORCE_SCALE = 20.0
+
+_SYLLABLES = ["ka", "zo", "mi", "ru", "te", "vo", "lu", "ne", "pa", "di", "xo", "be", "fi", "go", "sa", "qu"]
+_PROPERTIES = {"stiffness": "number", "colour": "word", "origin": "word"}
+_COLOURS = ["red", "blue", "green", "amber", "grey", "white", "black", "violet"]
+_ORIGINS = ["moon", "reef", "forest", "desert", "glacier", "volcano", "marsh", "canyon"]
+
+
+def unfolding_force(sequence: str) -> int:
+    """The demo's rule (see the module docstring); raises KeyError on a residue outside the ten."""
+    force = sum(RESIDUE_WEIGHT[r] for r in sequence)
+    return force + 3 * sum(1 for a, b in zip(sequence, sequence[1:]) if a in HYDROPHOBIC and b in HYDROPHOBIC)
+
+
+def _first_token(answer: str) -> str:
+    parts = answer.strip().split()
+    return parts[0] if parts else ""
+
+
+def _number(answer: str) -> int | None:
+    m = re.match(r"-?\d+", answer.strip())
+    return int(m.group()) if m else None
+
+
+def score_forward(answer: str, reference: str) -> float:
+    value = _number(answer)
+    return 0.0 if value is None else max(0.0, 1.0 - abs(value - int(reference)) / FORCE_SCALE)
+
+
+def score_inverse(answer: str, reference: str) -> float:
+    sequence = _first_token(answer)
+    if not 3 <= len(sequence) <= 10 or any(r not in RESIDUE_WEIGHT for r in sequence):
+        return 0.0
+    return float(abs(unfolding_force(sequence) - int(reference)) <= FORCE_TOLERANCE)
+
+
+def score_exact(answer: str, reference: str) -> float:
+    return float(_first_token(answer) == reference)
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    description: str
+    examples: Callable[[random.Random], tuple[str, str, str]]  # one (prompt, completion, reference)
+    score: Callable[[str, str], float]  # (generated answer, reference) -> [0, 1]
+    max_new_tokens: int
+
+
+def _sequence(rnd: random.Random) -> str:
+    return "".join(rnd.choice(RESIDUES) for _ in range(rnd.randint(3, 8)))
+
+
+def _forward(rnd: random.Random) -> tuple[str, str]:
+    seq = _sequence(rnd)
+    force = str(unfolding_force(seq))
+    return f"fold {seq} =", force, force
+
+
+def _inverse(rnd: random.Random) -> tuple[str, str]:
+    seq = _sequence(rnd)
+    force = str(unfolding_force(seq))
+    return f"design {force} =", seq, force  # scored against the target force, not this one sequence
+
+
+def _arithmetic(rnd: random.Random) -> tuple[str, str]:
+    a, b = rnd.randint(10, 89), rnd.randint(1, 9)
+    return f"sum {a}+{b} =", str(a + b), str(a + b)
+
+
+def _word(rnd: random.Random, n: int = 2) -> str:
+    return "".join(rnd.choice(_SYLLABLES) for _ in range(n))
+
+
+def _logic(rnd: random.Random) -> tuple[str, str]:
+    names = set()
+    while len(names) < 5:
+        names.add(_word(rnd))
+    signal1, protein1, signal2, protein2, cell = sorted(names, key=lambda _: rnd.random())
+    which = rnd.random() < 0.5
+    signal, protein = (signal1, protein1) if which else (signal2, protein2)
+    prompt = f"logic {signal1} makes {protein1} . {signal2} makes {protein2} . {cell} has {signal} . {cell} makes"
+    return prompt, protein, protein
+
+
+def material_table(seed: int, n: int = 16) -> dict[str, dict[str, str]]:
+    """The invented materials and their properties (fixed by the seed)."""
+    rnd = random.Random(f"materials-{seed}")
+    names: list[str] = []
+    while len(names) < n:
+        name = _word(rnd, 3) + "ite"
+        if name not in names:
+            names.append(name)
+    return {name: {"stiffness": str(rnd.randint(10, 99)), "colour": rnd.choice(_COLOURS),
+                   "origin": rnd.choice(_ORIGINS)} for name in names}
+
+
+def make_domains(seed: int) -> list[Domain]:
+    table = material_table(seed)
+    facts = [(m, p) for m in table for p in _PROPERTIES]
+
+    def recall(rnd: random.Random) -> tuple[str, str]:
+        material, prop = rnd.choice(facts)
+        value = table[material][prop]
+        return f"recall {material} {prop} =", value, value
+
+    return [
+        Domain("protein_forward", "sequence -> unfolding force (pN), by the rule above", _forward, score_forward, 4),
+        Domain("protein_inverse", "target force -> a sequence with that force (cycle-consistency)", _inverse,
+               score_inverse, 10),
+        Domain("arithmetic", "two-number addition, exact match", _arithmetic, score_exact, 4),
+        Domain("logic", "pick the rule that the fact triggers, exact match", _logic, score_exact, 4),
+        Domain("recall", "properties of invented materials, exact match", recall, score_exact, 4),
+    ]
+
+
+def domain_rows(domain: Domain, n: int, seed: int, split: str, exclude: set[str] = frozenset()) -> list[dict]:
+    """n prompt/completion/reference rows of a domain. Held-out ("test") rows have distinct prompts; training
+    rows may repeat a prompt but never use one in `exclude` (the held-out prompts).
+
+    Two domains differ by nature: recall is memorisation (its held-out prompts ask about the table the expert
+    was taught; there is no unseen fact to recall), and protein_inverse asks for *a* sequence with a target force
+    (about 80 targets exist, each with many answers), so its held-out targets may also occur in training, with
+    other sequences; what is held out is the answer, checked by the force rule."""
+    rnd = random.Random(f"{domain.name}-{split}-{seed}")
+    shared = domain.name in ("recall", "protein_inverse")
+    rows, seen = [], set()
+    attempts = 0
+    while len(rows) < n and attempts < 1000 * n:
+        attempts += 1
+        prompt, completion, reference = domain.examples(rnd)
+        if (prompt in exclude and not shared) or (split == "test" and prompt in seen):
+            continue
+        seen.add(prompt)
+        rows.append({"prompt": prompt, "completion": " " + completion, "reference": reference,
+                     "domain": domain.name})
+    return rows
+
+
+_GENERIC = [
+    "the {material} is {colour} and was found near the {origin} .",
+    "a protein like {seq} can fold in water within {n} seconds .",
+    "we counted {n} cells and {m} proteins in the sample .",
+    "the cell {word} has many proteins and some {word2} .",
+    "{word} and {word2} are names of new materials .",
+    "in {n} years the {origin} will change its colour to {colour} .",
+    "some sequences such as {seq} or {seq2} are long .",
+    "the force on the fibre was measured {n} times .",
+    "material {material} feels {colour} in the {origin} light .",
+    "{n} and {m} are numbers written in a report .",
+    "say {word} {word2} {word3} , then say {word} {word2} {word3} again .",
+    "the list {word} , {word2} , {word3} starts with {word} and ends with {word3} .",
+    "{seq} is read as {seq} by the machine .",
+]
+
+
+def generic_text(n: int, seed: int) -> list[dict]:
+    """Sentences over the domains' vocabulary (words, numbers, sequences) that teach none of the tasks."""
+    rnd = random.Random(f"generic-{seed}")
+    materials = list(material_table(seed + 1000))  # other invented names than the recall table's
+    rows = []
+    for _ in range(n):
+        a, b = rnd.sample(_GENERIC, 2)
+        fill = dict(material=rnd.choice(materials), colour=rnd.choice(_COLOURS), origin=rnd.choice(_ORIGINS),
+                    seq=_sequence(rnd), seq2=_sequence(rnd), n=rnd.randint(0, 99), m=rnd.randint(0, 99),
+                    word=_word(rnd), word2=_word(rnd), word3=_word(rnd))
+        rows.append({"text": f"{a.format(**fill)} {b.format(**fill)}"})
+    return rows

@@ -1,0 +1,132 @@
+"""The demo: its domains and scorers, the static merge it compares against, and a quick run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from loramix.demo.domains import (domain_rows, make_domains, material_table, score_exact, score_forward,
+                                  score_inverse, unfolding_force)
+
+
+def test_the_force_rule_by_hand():
+    # G A V L W: 1 + 2 + 4 + 5 + 7 = 19, hydrophobic neighbours V-L and L-W: + 2 * 3
+    assert unfolding_force("GAVLW") == 25
+    assert unfolding_force("GSG") == 4
+    assert score_forward(" 25", "25") == 1.0 and score_forward("35", "25") == 0.5 and score_forward("x", "25") == 0
+    assert score_inverse("GAVLW", "28") == 1.0 and score_inverse("GAVLW", "31") == 0.0
+    assert score_inverse("GAXLW", "25") == 0.0 and score_inverse("GA", "3") == 0.0
+    assert score_exact(" 42 ", "42") == 1.0 and score_exact("421", "42") == 0.0
+
+
+def test_domains_are_deterministic_and_held_out():
+    for domain in make_domains(3):
+        test = domain_rows(domain, 20, 3, "test")
+        assert test == domain_rows(domain, 20, 3, "test")
+        train = domain_rows(domain, 200, 3, "train", exclude={r["prompt"] for r in test})
+        if domain.name not in ("recall", "protein_inverse"):  # see domain_rows: those two share prompts by nature
+            assert not {r["prompt"] for r in test} & {r["prompt"] for r in train}
+        assert len({r["prompt"] for r in test}) == len(test)
+        for row in test:  # the reference answer scores 1 with the domain's own scorer
+            answer = row["completion"].strip()
+            assert domain.score(answer, row["reference"]) == 1.0, (domain.name, row)
+    assert material_table(3) == material_table(3) != material_table(4)
+
+
+def test_static_merge_is_xlora_with_constant_scalings(tmp_path):
+    """PEFT's add_weighted_adapter(cat, uniform weights) is what the demo calls the static merge."""
+    from conftest import make_experts, tiny_base
+    from peft import PeftModel
+
+    from loramix import XLoraConfig, XLoraModel
+
+    base = tiny_base("llama")
+    adapters = make_experts(base, "llama", tmp_path)
+    names = list(adapters)
+    import copy
+
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(adapters[name], adapter_name=name)
+    peft_model.add_weighted_adapter(names, [1 / 3] * 3, "merge", combination_type="cat")
+    peft_model.set_adapter("merge")
+    model = XLoraModel.from_base(base, XLoraConfig(adapters=adapters))
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    constant = torch.full((1, 1, model.n_lora_layers, 3), 1 / 3)
+    with torch.no_grad():
+        ours = model(input_ids=ids, scalings=constant).logits
+        theirs = peft_model(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+    assert (ours - plain).abs().max() > 0.05  # the experts do move the logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    from loramix.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    results = run_demo(str(out), quick=True, seed=0, progress=False, log=lambda *_: None)
+    return out, results
+
+
+def test_quick_demo_writes_every_file_with_the_documented_schema(quick_demo):
+    out, results = quick_demo
+    assert json.loads((out / "results.json").read_text()) == results
+    names = [d.name for d in make_domains(0)]
+    assert set(results) == {"domains", "routing", "seconds", "quick"} and results["quick"] is True
+    for domain in names:
+        row = results["domains"][domain]
+        assert set(row) == {"base", "experts", "static_merge", "xlora"}
+        assert all(name.startswith(expert_domain) for name, expert_domain in zip(row["experts"], names))
+        assert all(0 <= v <= 1 for v in [row["base"], row["static_merge"], row["xlora"], *row["experts"].values()])
+        assert sum(results["routing"][domain].values()) == pytest.approx(1.0, abs=1e-3)
+    report = (out / "report.md").read_text()
+    for domain in names:
+        figure = out / "figures" / f"scalings_{domain}.png"
+        assert figure.read_bytes()[:4] == b"\x89PNG" and f"figures/scalings_{domain}.png" in report
+    assert (out / "figures" / "history.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| **mean** |" in report and "How this compares to the paper" in report
+
+
+def test_quick_demo_xlora_beats_the_static_merge_and_routes_by_domain(quick_demo):
+    _, results = quick_demo
+    rows = results["domains"].values()
+    xlora = sum(r["xlora"] for r in rows) / len(rows)
+    merge = sum(r["static_merge"] for r in rows) / len(rows)
+    base = sum(r["base"] for r in rows) / len(rows)
+    assert xlora >= merge and xlora > base + 0.1, (xlora, merge, base)
+    own_top = [d for d, r in results["routing"].items() if max(r, key=r.get) == d]
+    assert len(own_top) >= 4, results["routing"]
+
+
+def test_demo_models_work_with_generate_and_analyze_afterwards(quick_demo, capsys):
+    from loramix import XLoraModel
+    from loramix.analysis import ScalingsLog
+    from loramix.cli import main
+
+    out, _ = quick_demo
+    model = XLoraModel.from_pretrained(str(out / "xlora"))
+    assert model.expert_names == [d.name for d in make_domains(0)]
+    assert main(["generate", "--model", str(out / "xlora"), "--prompt", "sum 41+7 =", "--max-new-tokens", "4"]) == 0
+    assert main(["analyze", "--scalings", str(out / "figures" / "history_scalings.safetensors"), "--out",
+                 str(out / "again")]) == 0
+    log = ScalingsLog.load(str(out / "figures" / "history_scalings.safetensors"))
+    assert [label for _, _, label in log.segments] == ["recall", "arithmetic", "protein_forward", "logic",
+                                                       "protein_inverse"]
+
+
+def test_rerun_reuses_finished_stages(quick_demo):
+    from loramix.demo import run_demo
+
+    out, results = quick_demo
+    stamp = os.path.getmtime(out / "xlora" / "xlora_classifier.safetensors")
+    messages = []
+    again = run_demo(str(out), quick=True, seed=0, progress=False, log=messages.append)
+    assert [m for m in messages if m.startswith("[")] == [f"[{s}] reusing {out / s}" for s in
+                                                            ("data", "base", "experts", "xlora")]
+    assert os.path.getmtime(out / "xlora" / "xlora_classifier.safetensors") == stamp
+    assert again["domains"] == results["domains"] and again["routing"] == results["routing"]

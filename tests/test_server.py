@@ -1,0 +1,333 @@
+"""The OpenAI-compatible server on an ephemeral loopback port: the official client, the X-LoRA extension,
+batched decoding equal to one-at-a-time generation, bad input, keys, disconnects and load."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from conftest import make_experts, tiny_base, tiny_tokenizer
+
+from loramix import XLoraConfig, XLoraModel
+from loramix.serving import wait_idle
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}|{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+class LiveServer:
+    """uvicorn in a thread on 127.0.0.1, port chosen by the OS."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    base = tiny_base("llama")
+    base.save_pretrained(str(root / "base"))
+    adapters = make_experts(base, "llama", root)
+    model = XLoraModel.from_base(str(root / "base"), XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=16,
+                                                               layerwise_scalings=True))
+    model.save_pretrained(str(root / "tiny-xlora"))
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(root / "tiny-xlora"))
+    return root / "tiny-xlora"
+
+
+def _start(checkpoint, **options):
+    from loramix.server import create_app, load_state
+
+    api_key = options.pop("api_key", None)
+    state = load_state(str(checkpoint), **options)
+    return state, LiveServer(create_app(state, api_key=api_key))
+
+
+@pytest.fixture(scope="module")
+def live(checkpoint):
+    state, server = _start(checkpoint, max_batch=8, max_queue=64, max_tokens_cap=64)
+    yield state, server
+    server.stop()
+    state.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """An independent copy of the served model, for one-at-a-time references."""
+    return XLoraModel.from_pretrained(str(checkpoint)), tiny_tokenizer()
+
+
+def _greedy(reference, prompt_ids, n, **gate):
+    model, tok = reference
+    if gate.get("top_k"):
+        model.set_topk_lora(gate["top_k"])
+    try:
+        result = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, eos_token_id=tok.eos_token_id,
+                                return_scalings=True)
+    finally:
+        model.set_topk_lora(None)
+    new = result.sequences[0, len(prompt_ids):len(prompt_ids) + result.n_new_tokens[0]].tolist()
+    scalings = result.scalings[0, :result.n_new_tokens[0]].sum(1)  # (new, E), summed over layers
+    return tok.decode(new, skip_special_tokens=True), scalings, result.finish_reasons[0]
+
+
+def _client(server, **kw):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+
+def test_models_and_health(live):
+    state, server = live
+    client = _client(server)
+    assert [m.id for m in client.models.list().data] == ["tiny-xlora"]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny-xlora"
+
+
+def test_completion_equals_generate(live, reference):
+    _, server = live
+    prompts = ["hello wor", "X-LoRA mixes experts", "a"]
+    for prompt in prompts:
+        ids = tiny_tokenizer()(prompt)["input_ids"]
+        text, _, reason = _greedy(reference, ids, 12)
+        out = _client(server).completions.create(model="tiny-xlora", prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == text
+        assert out.choices[0].finish_reason == ("stop" if reason == "stop" else "length")
+        assert out.usage.prompt_tokens == len(ids)
+        assert out.usage.completion_tokens == out.usage.total_tokens - len(ids) > 0
+
+
+def test_chat_uses_the_template_and_streams_the_same_text(live, reference):
+    _, server = live
+    messages = [{"role": "user", "content": "hi there"}]
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False)["input_ids"]
+    text, _, _ = _greedy(reference, ids, 10)
+    client = _client(server)
+    out = client.chat.completions.create(model="tiny-xlora", messages=messages, max_tokens=10, temperature=0)
+    assert out.choices[0].message.content == text and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model="tiny-xlora", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    streamed = list(client.completions.create(model="tiny-xlora", prompt="hello wor", max_tokens=12, temperature=0,
+                                              stream=True))
+    whole = client.completions.create(model="tiny-xlora", prompt="hello wor", max_tokens=12, temperature=0)
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+
+
+def test_xlora_extension_returns_the_generation_scalings_and_sets_top_k(live, reference):
+    _, server = live
+    client = _client(server)
+    ids = tiny_tokenizer()("abcdef")["input_ids"]
+    for gate in ({"return_scalings": True}, {"return_scalings": True, "top_k": 1}):
+        text, scalings, _ = _greedy(reference, ids, 8, **gate)
+        out = client.completions.create(model="tiny-xlora", prompt="abcdef", max_tokens=8, temperature=0,
+                                        extra_body={"xlora": gate})
+        extra = out.model_extra["xlora"]
+        assert out.choices[0].text == text
+        assert extra["experts"] == reference[0].expert_names
+        assert torch.allclose(torch.tensor(extra["scalings"]), scalings, atol=1e-5)
+        streamed = list(client.completions.create(model="tiny-xlora", prompt="abcdef", max_tokens=8, temperature=0,
+                                                  stream=True, extra_body={"xlora": gate}))
+        per_chunk = [s for c in streamed for s in (c.model_extra.get("xlora") or {}).get("scalings", [])]
+        assert torch.allclose(torch.tensor(per_chunk), scalings, atol=1e-5)
+    # top-1 in the gate changes what is generated or the weights; a request without options is unaffected
+    plain = client.completions.create(model="tiny-xlora", prompt="abcdef", max_tokens=8, temperature=0)
+    assert plain.choices[0].text == _greedy(reference, ids, 8)[0]
+
+
+def test_frozen_scalings_match_generate(live, reference):
+    _, server = live
+    model, tok = reference
+    ids = tok("frozen gate")["input_ids"]
+    for after in (0, 3):
+        result = model.generate(torch.tensor([ids]), max_new_tokens=10, eos_token_id=tok.eos_token_id,
+                                freeze_scalings_after=after, return_scalings=True)
+        n = result.n_new_tokens[0]
+        text = tok.decode(result.sequences[0, len(ids):len(ids) + n].tolist(), skip_special_tokens=True)
+        out = _client(server).completions.create(model="tiny-xlora", prompt="frozen gate", max_tokens=10,
+                                                 temperature=0, extra_body={"xlora": {"freeze_scalings_after": after,
+                                                                                      "return_scalings": True}})
+        assert out.choices[0].text == text
+        assert torch.allclose(torch.tensor(out.model_extra["xlora"]["scalings"]), result.scalings[0, :n].sum(1),
+                              atol=1e-5)
+
+
+def test_concurrent_requests_are_batched_and_each_equals_its_own_generation(live, reference):
+    state, server = live
+    prompts = ["a", "hello", "mixture of experts", "xyz xyz", "0123456789", "qq", "the gate", "lora lora lora"]
+    expected = [_greedy(reference, tiny_tokenizer()(p)["input_ids"], 6 + i)[0] for i, p in enumerate(prompts)]
+    before = state.engine.stats["max_rows_in_step"]
+    state.engine.stats["max_rows_in_step"] = 0
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(lambda ip: _client(server).completions.create(
+            model="tiny-xlora", prompt=ip[1], max_tokens=6 + ip[0], temperature=0).choices[0].text,
+            enumerate(prompts)))
+    assert answers == expected
+    assert state.engine.stats["max_rows_in_step"] > 1  # decoded together, not one after another
+    state.engine.stats["max_rows_in_step"] = max(before, state.engine.stats["max_rows_in_step"])
+
+
+def test_seeded_sampling_is_reproducible(live):
+    _, server = live
+    client = _client(server)
+    runs = [client.completions.create(model="tiny-xlora", prompt="sample", max_tokens=12, temperature=1.0,
+                                      seed=5).choices[0].text for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def _post(server, path, body, **kw):
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"},
+                      timeout=30, **kw)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b'{"model": "tiny-xlora", "prompt": "a", "temperature": NaN}', 400, None),
+    (b"[1, 2]", 400, None),
+    ({"model": "other", "prompt": "a"}, 404, "model"),
+    ({"prompt": "a"}, 400, "model"),
+    ({"model": "tiny-xlora", "prompt": 5}, 400, "prompt"),
+    ({"model": "tiny-xlora", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny-xlora", "prompt": "a", "max_tokens": 65}, 400, "max_tokens"),
+    ({"model": "tiny-xlora", "prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
+    ({"model": "tiny-xlora", "prompt": "a", "temperature": -0.5}, 400, "temperature"),
+    ({"model": "tiny-xlora", "prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ({"model": "tiny-xlora", "prompt": "a", "n": 2}, 400, "n"),
+    ({"model": "tiny-xlora", "prompt": "a", "stop": [""]}, 400, "stop"),
+    ({"model": "tiny-xlora", "prompt": "a", "stream": "yes"}, 400, "stream"),
+    ({"model": "tiny-xlora", "prompt": "a" * 200}, 400, "prompt"),
+    ({"model": "tiny-xlora", "prompt": [1000]}, 400, "prompt"),
+    ({"model": "tiny-xlora", "prompt": "a", "xlora": {"top_k": 9}}, 400, "xlora.top_k"),
+    ({"model": "tiny-xlora", "prompt": "a", "xlora": {"colour": 1}}, 400, "xlora"),
+    ({"model": "tiny-xlora", "prompt": "a", "xlora": {"softmax_temperature": 0}}, 400, "softmax_temperature"),
+])
+def test_bad_completions_get_openai_errors(live, body, status, param):
+    _, server = live
+    response = _post(server, "/v1/completions", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if param:
+        assert error["param"] == param
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_bad_chats_get_openai_errors(live):
+    _, server = live
+    for messages in (None, [], [{"role": "user"}], [{"role": "user", "content": 3}], "hi"):
+        response = _post(server, "/v1/chat/completions", {"model": "tiny-xlora", "messages": messages})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+
+
+def test_chat_without_a_template_is_a_clear_400(checkpoint, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (folder / extra).unlink(missing_ok=True)
+    state, server = _start(folder)
+    try:
+        response = _post(server, "/v1/chat/completions", {"model": "no-template",
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 400 and "no chat template" in response.json()["error"]["message"]
+    finally:
+        server.stop()
+        state.engine.shutdown()
+
+
+def test_api_key_guards_every_route_but_health(checkpoint):
+    state, server = _start(checkpoint, api_key="s3cret")
+    try:
+        assert httpx.get(server.url + "/health").status_code == 200
+        for path in ("/v1/models",):
+            assert httpx.get(server.url + path).status_code == 401
+            assert httpx.get(server.url + path, headers={"Authorization": "Bearer nope"}).status_code == 401
+        response = _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        out = _client(server, api_key="s3cret").completions.create(model="tiny-xlora", prompt="a", max_tokens=3)
+        assert out.usage.completion_tokens >= 1
+    finally:
+        server.stop()
+        state.engine.shutdown()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
+    state, server = live
+    body = {"model": "tiny-xlora", "prompt": "long story", "max_tokens": 64, "temperature": 0, "stream": True,
+            "stop": ["never-appears-here"]}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then hang up
+    assert wait_idle(state.engine, timeout=10)
+
+
+def test_queue_overflow_gets_429_and_the_server_recovers(checkpoint, monkeypatch):
+    state, server = _start(checkpoint, max_batch=1, max_queue=1, max_tokens_cap=64)
+    step = state.engine._step
+
+    def slow_step(group):  # a slow model: each request holds its slot for about 0.7 s
+        time.sleep(0.02)
+        step(group)
+
+    monkeypatch.setattr(state.engine, "_step", slow_step)
+    try:
+        body = {"model": "tiny-xlora", "prompt": "busy", "max_tokens": 32, "temperature": 0,
+                "stop": ["never-appears-here"]}
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: _post(server, "/v1/completions", body).status_code, range(8)))
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        assert wait_idle(state.engine)
+        assert _post(server, "/v1/completions", body).status_code == 200
+    finally:
+        server.stop()
+        state.engine.shutdown()
+
+
+def test_load_64_concurrent_requests_no_server_errors(live):
+    state, server = live
+
+    def one(i):
+        body = {"model": "tiny-xlora", "prompt": f"request {i}", "max_tokens": 4 + i % 8,
+                "temperature": 0 if i % 2 else 0.8, "seed": i, "stream": i % 3 == 0}
+        response = _post(server, "/v1/completions", body)
+        return response.status_code, response.text
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(one, range(64)))
+    assert all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
+    assert all("[DONE]" in text for i, (_, text) in enumerate(results) if i % 3 == 0)
+    assert wait_idle(state.engine)
