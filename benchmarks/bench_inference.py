@@ -153,8 +153,28 @@ def report(results: dict, threads: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_systems(script: str, sizes: list[str], systems: list[str], threads: int) -> dict:
+    """Prepare each size's weights once, then run `script --worker SYSTEM SIZE FOLDER` per system, each in its
+    own process; returns {size: {system: the worker's JSON}}."""
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for size in sizes:
+            os.makedirs(os.path.join(folder, size))
+            prepare(size, os.path.join(folder, size))
+            results[size] = {}
+            for system in systems:
+                done = subprocess.run([sys.executable, script, "--threads", str(threads), "--worker", system, size,
+                                       os.path.join(folder, size)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{system} on {size} failed:\n{done.stderr[-3000:]}")
+                results[size][system] = json.loads(done.stdout.strip().splitlines()[-1])
+                print(size, system, results[size][system], flush=True)
+    return results
+
+
+def bench_main(script: str, doc: str, systems: list[str], worker, report, section: str) -> None:
+    """The command line shared by the benchmarks that run one process per system and size."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=DEFAULT)
@@ -163,22 +183,13 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(*args.worker, threads=args.threads)))
         return
-    results = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for size in args.sizes:
-            os.makedirs(os.path.join(folder, size))
-            prepare(size, os.path.join(folder, size))
-            results[size] = {}
-            for system in SYSTEMS:
-                done = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker", system,
-                                       size, os.path.join(folder, size)], capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise SystemExit(f"{system} on {size} failed:\n{done.stderr[-3000:]}")
-                results[size][system] = json.loads(done.stdout.strip().splitlines()[-1])
-                print(size, system, results[size][system], flush=True)
-    text = report(results, args.threads)
-    write_section("inference", text, args.out)
+    text = report(run_systems(script, args.sizes, systems, args.threads), args.threads)
+    write_section(section, text, args.out)
     print(text)
+
+
+def main() -> None:
+    bench_main(__file__, __doc__, SYSTEMS, worker, report, "inference")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,6 @@ def test_quickstart_builds_saves_and_reloads(tmp_path, capsys):
 
 
 def test_generate_prints_the_greedy_completion(tmp_path, capsys):
-
-
-    import torch
     from conftest import make_experts, tiny_base, tiny_tokenizer
 
     from loramix import XLoraConfig, XLoraModel

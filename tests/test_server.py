@@ -79,13 +79,14 @@ def reference(checkpoint):
 
 def _greedy(reference, prompt_ids, n, **gate):
     model, tok = reference
-    if gate.get("top_k"):
-        model.set_topk_lora(gate["top_k"])
+    model.set_topk_lora(gate.get("top_k"))
+    model.set_softmax_temperature(gate.get("softmax_temperature", 1.0))
     try:
         result = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, eos_token_id=tok.eos_token_id,
                                 return_scalings=True)
     finally:
         model.set_topk_lora(None)
+        model.set_softmax_temperature(1.0)
     new = result.sequences[0, len(prompt_ids):len(prompt_ids) + result.n_new_tokens[0]].tolist()
     scalings = result.scalings[0, :result.n_new_tokens[0]].sum(1)  # (new, E), summed over layers
     return tok.decode(new, skip_special_tokens=True), scalings, result.finish_reasons[0]
@@ -145,7 +146,8 @@ def test_xlora_extension_returns_the_generation_scalings_and_sets_top_k(live, re
     _, server = live
     client = _client(server)
     ids = tiny_tokenizer()("abcdef")["input_ids"]
-    for gate in ({"return_scalings": True}, {"return_scalings": True, "top_k": 1}):
+    for gate in ({"return_scalings": True}, {"return_scalings": True, "top_k": 1},
+                 {"return_scalings": True, "softmax_temperature": 0.25}):
         text, scalings, _ = _greedy(reference, ids, 8, **gate)
         out = client.completions.create(model="tiny-xlora", prompt="abcdef", max_tokens=8, temperature=0,
                                         extra_body={"xlora": gate})
@@ -181,14 +183,18 @@ def test_frozen_scalings_match_generate(live, reference):
 
 def test_concurrent_requests_are_batched_and_each_equals_its_own_generation(live, reference):
     state, server = live
-    prompts = ["a", "hello", "mixture of experts", "xyz xyz", "0123456789", "qq", "the gate", "lora lora lora"]
-    expected = [_greedy(reference, tiny_tokenizer()(p)["input_ids"], 6 + i)[0] for i, p in enumerate(prompts)]
+    prompts = ["a", "hello", "mixture of experts", "xyz xyz", "0123456789", "qq", "the gate", "lora lora lora",
+               "b", "hello again", "top one", "temperature"]
+    gates = [{}, {}, {}, {}, {}, {}, {}, {}, {"top_k": 1}, {"top_k": 1}, {"softmax_temperature": 0.25},
+             {"top_k": 2, "softmax_temperature": 3.0}]  # options must not leak between rows decoded together
+    expected = [_greedy(reference, tiny_tokenizer()(p)["input_ids"], 6 + i, **g)[0]
+                for i, (p, g) in enumerate(zip(prompts, gates))]
     before = state.engine.stats["max_rows_in_step"]
     state.engine.stats["max_rows_in_step"] = 0
     with ThreadPoolExecutor(len(prompts)) as pool:
-        answers = list(pool.map(lambda ip: _client(server).completions.create(
-            model="tiny-xlora", prompt=ip[1], max_tokens=6 + ip[0], temperature=0).choices[0].text,
-            enumerate(prompts)))
+        answers = list(pool.map(lambda i: _client(server).completions.create(
+            model="tiny-xlora", prompt=prompts[i], max_tokens=6 + i, temperature=0,
+            extra_body={"xlora": gates[i]} if gates[i] else None).choices[0].text, range(len(prompts))))
     assert answers == expected
     assert state.engine.stats["max_rows_in_step"] > 1  # decoded together, not one after another
     state.engine.stats["max_rows_in_step"] = max(before, state.engine.stats["max_rows_in_step"])

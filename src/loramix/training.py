@@ -149,21 +149,13 @@ class _ExpertTask(_Task):
         self.model.save_pretrained(folder)
 
 
-class _LanguageModelTask(_Task):
-    """Every parameter of a causal LM (pre-training a base model, as the demo does)."""
+class _LanguageModelTask(_ExpertTask):
+    """Every parameter of a causal LM (pre-training a base model, as the demo does); same loss and saving."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        super().__init__(model)
         for p in model.parameters():
             p.requires_grad_(True)
-
-    def loss(self, batch, n_tokens, n_micro):
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce = _token_ce_sum(logits, batch["labels"])
-        return ce / n_tokens, {"ce_sum": ce.detach()}
-
-    def save(self, folder):
-        self.model.save_pretrained(folder)
 
 
 class _GateTask(_Task):
