@@ -137,9 +137,10 @@ def test_chat_uses_the_template_and_streams_the_same_text(live, reference):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     streamed = list(client.completions.create(model="tiny-xlora", prompt="hello wor", max_tokens=12, temperature=0,
-                                              stream=True))
+                                              stream=True, stream_options={"include_usage": True}))
     whole = client.completions.create(model="tiny-xlora", prompt="hello wor", max_tokens=12, temperature=0)
-    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
+    assert streamed[-1].choices == [] and streamed[-1].usage == whole.usage
 
 
 def test_xlora_extension_returns_the_generation_scalings_and_sets_top_k(live, reference):
@@ -227,6 +228,7 @@ def _post(server, path, body, **kw):
     ({"model": "tiny-xlora", "prompt": "a", "temperature": -0.5}, 400, "temperature"),
     ({"model": "tiny-xlora", "prompt": "a", "top_p": 1.5}, 400, "top_p"),
     ({"model": "tiny-xlora", "prompt": "a", "n": 2}, 400, "n"),
+    ({"model": "tiny-xlora", "prompt": "a", "logprobs": 2}, 400, "logprobs"),
     ({"model": "tiny-xlora", "prompt": "a", "stop": [""]}, 400, "stop"),
     ({"model": "tiny-xlora", "prompt": "a", "stream": "yes"}, 400, "stream"),
     ({"model": "tiny-xlora", "prompt": "a" * 200}, 400, "prompt"),
@@ -337,3 +339,36 @@ def test_load_64_concurrent_requests_no_server_errors(live):
     assert all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
     assert all("[DONE]" in text for i, (_, text) in enumerate(results) if i % 3 == 0)
     assert wait_idle(state.engine)
+
+
+def test_the_serve_verb_starts_a_guarded_server(checkpoint):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free loopback port for the child process
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loramix.cli", "serve", "--model", str(checkpoint), "--port",
+                             str(port), "--api-key", "k", "--max-tokens-cap", "8", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        headers = {"Authorization": "Bearer k"}
+        assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == "tiny-xlora"
+        body = {"model": "tiny-xlora", "prompt": "abc", "max_tokens": 9}
+        assert httpx.post(url + "/v1/completions", json=body, headers=headers).status_code == 400  # over the cap
+        body["max_tokens"] = 8
+        assert httpx.post(url + "/v1/completions", json=body, headers=headers).json()["usage"]["prompt_tokens"] == 3
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert f"serving tiny-xlora (3 experts) on http://127.0.0.1:{port}/v1" in output

@@ -81,9 +81,11 @@ def _integer(value: Any, name: str, low: int | None = None, high: int | None = N
 
 def sampling_from(body: dict, max_tokens_cap: int) -> SamplingParams:
     """OpenAI fields -> SamplingParams; 400 naming the field for anything out of range."""
-    for unsupported in ("logprobs", "top_logprobs", "best_of", "suffix", "tools", "functions", "logit_bias"):
-        if body.get(unsupported) not in (None, False, 0, 1 if unsupported == "best_of" else None):
+    for unsupported in ("logprobs", "top_logprobs", "suffix", "tools", "functions", "logit_bias"):
+        if body.get(unsupported) not in (None, False, 0, {}, []):
             raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
+    if body.get("best_of") not in (None, 1):
+        raise ApiError(400, "best_of must be 1", param="best_of")
     if body.get("echo"):
         raise ApiError(400, "echo is not supported by this server", param="echo")
     n = body.get("n", 1)
@@ -275,8 +277,8 @@ def create_app(state: ServerState, api_key: str | None = None):
         answer = "".join(text)
         choice = {"index": 0, "finish_reason": reason, "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": answer}} if chat else {"text": answer})
-        response = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                    "model": state.model_name, "choices": [choice],
+        response = {"id": ident, "object": "chat.completion" if chat else "text_completion",
+                    "created": int(time.time()), "model": state.model_name, "choices": [choice],
                     "usage": {"prompt_tokens": len(ids), "completion_tokens": job.n_generated,
                               "total_tokens": len(ids) + job.n_generated}}
         if gate.return_scalings:
@@ -320,7 +322,9 @@ def create_app(state: ServerState, api_key: str | None = None):
             if include_usage:
                 usage = {"prompt_tokens": n_prompt, "completion_tokens": job.n_generated,
                          "total_tokens": n_prompt + job.n_generated}
-                yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': state.model_name, 'choices': [], 'usage': usage})}\n\n"
+                last = {"id": ident, "object": kind, "created": created, "model": state.model_name, "choices": [],
+                        "usage": usage}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             if not finished:  # the client disconnected mid-stream: free the slot

@@ -421,8 +421,8 @@ def write_report(out: str, results: dict, figures: dict, domains: list[Domain], 
         f"{settings['train_rows']} examples of its domain), and the X-LoRA gate (depth {GATE['xlora_depth']}, "
         f"layerwise scalings, {settings['gate_steps']} steps on the mix of all domains, experts frozen).", "",
         "## Scores on held-out prompts", "",
-        f"{settings['test_prompts']} held-out prompts per domain, greedy decoding, scores in [0, 1] (see the domains "
-        "below). *Static merge* is PEFT's `add_weighted_adapter` of all experts with uniform weights and "
+        f"{settings['test_prompts']} held-out prompts per domain (recall: at most the {_n_facts(settings['seed'])} "
+        "questions its table allows), greedy decoding, scores in [0, 1] (see the domains below). *Static merge* is PEFT's `add_weighted_adapter` of all experts with uniform weights and "
         "`combination_type=\"cat\"`, that is X-LoRA with constant scalings 1/5.", "",
         summary_table(results), "",
         "## Routing", "",
@@ -441,8 +441,8 @@ def write_report(out: str, results: dict, figures: dict, domains: list[Domain], 
     ]
     for domain in names:
         ex = examples[domain]
-        lines += [f"### {domain}", "", f"Prompt `{ex['prompt']}`, reference `{ex['reference']}`, X-LoRA answered "
-                  f"`{ex['xlora']}` (base: `{ex['base']}`).", "", f"![{domain}]({figures['scalings'][domain]})", ""]
+        lines += [f"### {domain}", "", f"Prompt `{ex['prompt']}`, reference (or target) `{ex['reference']}`, "
+                  f"X-LoRA answered `{ex['xlora']}` (base: `{ex['base']}`).", "", f"![{domain}]({figures['scalings'][domain]})", ""]
     lines += [
         "### Token-by-token history", "",
         "The scalings summed over layers for every token of a multi-turn exchange that moves through the domains "
@@ -470,6 +470,12 @@ def write_report(out: str, results: dict, figures: dict, domains: list[Domain], 
     path = os.path.join(out, "report.md")
     _write_text(path, "\n".join(lines))
     return path
+
+
+def _n_facts(seed: int) -> int:
+    from .domains import _PROPERTIES, material_table
+
+    return len(material_table(seed)) * len(_PROPERTIES)
 
 
 def _ablation_lines(results: dict, ablation: dict | None) -> list[str]:
