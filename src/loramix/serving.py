@@ -63,6 +63,7 @@ class Request:
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     n_generated: int = 0
+    released: bool = False  # counted out of the engine's in-flight requests
 
 
 class _Row:
@@ -105,6 +106,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.lock = threading.Condition()
         self.stats = {"steps": 0, "max_rows_in_step": 0, "requests": 0, "tokens": 0}
+        self.in_flight = 0  # accepted and not yet ended: waiting, being admitted, or running
         self._closed = False
         self.sliding = False  # caches that cannot be padded: no joining, one request per group
         self.thread = threading.Thread(target=self._loop, name="loramix-engine", daemon=True)
@@ -112,11 +114,14 @@ class Engine:
 
     # ---- API ---------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
+        """Queue a request; QueueFull when max_batch requests run and max_queue more already wait."""
         with self.lock:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
-            if len(self.waiting) >= self.max_queue and self.active_rows() >= self.max_batch:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
+            if self.in_flight >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.in_flight} requests are running or waiting (max_batch {self.max_batch} + "
+                                f"max_queue {self.max_queue})")
+            self.in_flight += 1
             self.waiting.append(request)
             self.stats["requests"] += 1
             self.lock.notify()
@@ -125,6 +130,13 @@ class Engine:
         request.cancelled = True
         with self.lock:
             self.lock.notify()
+
+    def _release(self, request: Request) -> None:
+        """A request has ended (finished, failed or abandoned): its place is free."""
+        with self.lock:
+            if not request.released:
+                request.released = True
+                self.in_flight -= 1
 
     def active_rows(self) -> int:
         return sum(len(g.rows) for g in self.groups)
@@ -162,6 +174,7 @@ class Engine:
         except Exception as err:  # noqa: BLE001 - reported to the clients, the engine goes on
             for request in requests:
                 request.emit(Event(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+                self._release(request)
             if group is not None and group in self.groups:
                 self.groups.remove(group)
 
@@ -185,6 +198,7 @@ class Engine:
 
     def _admit(self, request: Request) -> None:
         if request.cancelled:
+            self._release(request)
             return
         from transformers import DynamicCache
 
@@ -214,6 +228,8 @@ class Engine:
 
     def _step(self, group: _Group) -> None:
         gone = [i for i, row in enumerate(group.rows) if row.request.cancelled]
+        for i in gone:
+            self._release(group.rows[i].request)
         if gone:
             self._drop(group, gone)
         if not group.rows:
@@ -284,6 +300,7 @@ class Engine:
         self.stats["tokens"] += 1
         per_expert = [scalings.float().sum(0).tolist()] if request.gate.return_scalings else None
         if token in self.eos and request.n_generated > params.min_new_tokens:
+            self._release(request)
             request.emit(Event(text=self._flush(row, final=True), scalings=per_expert, finish_reason="stop"))
             return True
         row.tokens.append(token)
@@ -291,6 +308,7 @@ class Engine:
         for stop in params.stop:
             at = text.find(stop)
             if at >= 0:
+                self._release(request)
                 request.emit(Event(text=text[len(row.sent):at] if at > len(row.sent) else "", token_ids=[token],
                                    scalings=per_expert, finish_reason="stop"))
                 return True
@@ -298,6 +316,7 @@ class Engine:
         if self.context_length is not None:
             limit = min(limit, self.context_length - len(request.prompt_ids))
         if request.n_generated >= limit:
+            self._release(request)
             request.emit(Event(text=text[len(row.sent):], token_ids=[token], scalings=per_expert,
                                finish_reason="length"))
             return True
