@@ -108,7 +108,6 @@ class Engine:
         self.stats = {"steps": 0, "max_rows_in_step": 0, "requests": 0, "tokens": 0}
         self.in_flight = 0  # accepted and not yet ended: waiting, being admitted, or running
         self._closed = False
-        self.sliding = False  # caches that cannot be padded: no joining, one request per group
         self.thread = threading.Thread(target=self._loop, name="loramix-engine", daemon=True)
         self.thread.start()
 
@@ -219,12 +218,11 @@ class Engine:
         after = request.gate.freeze_scalings_after
         if after is not None and row.n_generated >= after:
             row.frozen = scalings
-        group = next((g for g in self.groups if g.key == key and g.accepting and not self.sliding), None)
+        group = next((g for g in self.groups if g.key == key and g.accepting), None)
         if group is None:
             group = _Group(key)
             self.groups.append(group)
         _join(group, row, scaling_cache, mixed_cache, ids.shape[1])
-        self.sliding = self.sliding or _has_sliding_layers(mixed_cache)
 
     def _step(self, group: _Group) -> None:
         gone = [i for i, row in enumerate(group.rows) if row.request.cancelled]
@@ -355,12 +353,11 @@ class Engine:
 
 
 # ---- cache surgery: joining a row to a group ---------------------------------------------------------------------
-def _has_sliding_layers(cache) -> bool:
-    return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", []))
-
-
 def _join(group: _Group, row: _Row, scaling_cache, mixed_cache, length: int) -> None:
-    """Add a prefilled row (caches of `length` positions) to the group, left-padding whichever is shorter."""
+    """Add a prefilled row (caches of `length` positions) to the group, left-padding whichever is shorter.
+
+    The caches are plain DynamicCaches (built without the model config), which keep every position even for
+    sliding-window models; the window is applied by the attention mask, so padding and joining stay exact."""
     mask = torch.ones((1, length), dtype=torch.long, device=row_device(mixed_cache))
     if not group.rows:
         group.rows, group.scaling_cache, group.mixed_cache, group.mask = [row], scaling_cache, mixed_cache, mask
