@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -34,18 +33,15 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import XLoraConfig
-from .model import shift_labels
+from .checkpoints import (append_jsonl, latest_checkpoint, load_checkpoint, move_into, prune_checkpoints,
+                          save_checkpoint, truncate_metrics, write_jsonl)
 from .data import BatchPlan, DataError, DataFormat, Dataset, collate, load_dataset
+from .model import shift_labels
 
-STATE_NAME = "trainer_state.json"
-TRAINABLE_NAME = "trainable.safetensors"
-OPTIMIZER_NAME = "optimizer.safetensors"
 METRICS_NAME = "metrics.jsonl"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -281,16 +277,16 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
     if args.resume:
         found = latest_checkpoint(out)
         if found is not None:
-            step = _load_checkpoint(found, task, optimizer, signature)
+            step = load_checkpoint(found, task, optimizer, signature)
             if dist.main:
-                _truncate_metrics(os.path.join(out, METRICS_NAME), step)
+                truncate_metrics(os.path.join(out, METRICS_NAME), step)
                 log(f"resuming from {found} (step {step} of {total_steps})")
         elif dist.main:
             log(f"--resume: no complete checkpoint in {out}; starting from the beginning")
     elif dist.main and os.path.exists(os.path.join(out, METRICS_NAME)):
         os.remove(os.path.join(out, METRICS_NAME))  # a fresh run starts a fresh log
     if dist.main and train.bad_rows:
-        _write_jsonl(os.path.join(out, "skipped_rows.jsonl"), [dataclasses.asdict(b) for b in train.bad_rows])
+        write_jsonl(os.path.join(out, "skipped_rows.jsonl"), [dataclasses.asdict(b) for b in train.bad_rows])
 
     from tqdm.auto import tqdm
 
@@ -350,20 +346,20 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
                       **{k: v for k, v in extra.items()}}
             last.update(record)
             if dist.main:
-                _append_jsonl(os.path.join(out, METRICS_NAME), record)
+                append_jsonl(os.path.join(out, METRICS_NAME), record)
             window = {"loss": 0.0, "tokens": 0, "label_tokens": 0, "seconds": 0.0, "steps": 0}
         if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0 or step == total_steps):
             record = {"step": step, **evaluate(task, eval_data, args.batch_size, pad_id, dist)}
             last.update(record)
             task.model.train()
             if dist.main:
-                _append_jsonl(os.path.join(out, METRICS_NAME), record)
+                append_jsonl(os.path.join(out, METRICS_NAME), record)
                 bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}, perplexity "
                           f"{record['eval_perplexity']:.2f}")
         if args.save_steps and step % args.save_steps == 0 and step < total_steps:
             if dist.main:
                 save_checkpoint(out, step, task, optimizer, signature, tokenizer)
-                _prune_checkpoints(out, args.save_total_limit)
+                prune_checkpoints(out, args.save_total_limit)
             dist.barrier()
     bar.close()
     task.model.eval()
@@ -392,122 +388,6 @@ def evaluate(task: _Task, data: Dataset, batch_size: int, pad_id: int,
         totals = dist.sum_(totals.to(task.model_device)).cpu()
     loss = float(totals[0] / totals[1].clamp_min(1))
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
-
-
-# ---- checkpoints ------------------------------------------------------------------------------------------------
-def latest_checkpoint(folder: str) -> str | None:
-    """The newest complete `checkpoint-<step>` in folder (complete: renamed into place with its state file)."""
-    if not os.path.isdir(folder):
-        return None
-    found = [(int(m[1]), name) for name in os.listdir(folder) if (m := _CHECKPOINT.match(name))
-             and os.path.isfile(os.path.join(folder, name, STATE_NAME))]
-    return os.path.join(folder, max(found)[1]) if found else None
-
-
-def save_checkpoint(folder: str, step: int, task: _Task, optimizer: torch.optim.Optimizer,
-                    signature: dict[str, Any], tokenizer=None) -> str:
-    """Write checkpoint-<step> atomically: everything goes into a temporary folder that is renamed last."""
-    target = os.path.join(folder, f"checkpoint-{step}")
-    tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=folder)
-    try:
-        task.save(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file({n: p.detach().contiguous().cpu() for n, p in task.trainable().items()},
-                  os.path.join(tmp, TRAINABLE_NAME))
-        tensors, meta = _flatten_optimizer(optimizer)
-        save_file(tensors, os.path.join(tmp, OPTIMIZER_NAME))
-        with open(os.path.join(tmp, STATE_NAME), "w", encoding="utf-8") as f:
-            json.dump({"step": step, "optimizer": meta, "signature": signature}, f, indent=2)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _load_checkpoint(folder: str, task: _Task, optimizer: torch.optim.Optimizer,
-                     signature: dict[str, Any]) -> int:
-    with open(os.path.join(folder, STATE_NAME), encoding="utf-8") as f:
-        state = json.load(f)
-    saved = state.get("signature", {})
-    for key, value in signature.items():
-        if key in saved and saved[key] != value:
-            raise ValueError(f"--resume: {folder} was made with {key}={saved[key]!r}, this run has {value!r}; "
-                             f"resume with the same settings or start a new output folder")
-    params = task.trainable()
-    tensors = load_file(os.path.join(folder, TRAINABLE_NAME))
-    if set(tensors) != set(params):
-        raise ValueError(f"--resume: {folder}/{TRAINABLE_NAME} holds other parameters than this model trains")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(os.path.join(folder, OPTIMIZER_NAME)),
-                                                   state["optimizer"]))
-    return int(state["step"])
-
-
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as safetensors-ready tensors plus JSON metadata (no pickles)."""
-    sd = optimizer.state_dict()
-    tensors, plain = {}, {}
-    for pid, entries in sd["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                plain.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "plain": plain}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        pid, _, name = key.partition(".")
-        state.setdefault(int(pid), {})[name] = value
-    for pid, entries in meta.get("plain", {}).items():
-        state.setdefault(int(pid), {}).update(entries)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _prune_checkpoints(folder: str, keep: int | None) -> None:
-    if not keep:
-        return
-    found = sorted((int(m[1]), name) for name in os.listdir(folder) if (m := _CHECKPOINT.match(name)))
-    for _, name in found[:-keep]:
-        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-
-
-def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _write_jsonl(path: str, records: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (the resumed run writes them again)."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    _write_jsonl(path, [r for r in records if r.get("step", 0) <= step])
-
-
-def _move_into(tmp: str, folder: str) -> None:
-    """Move every file of the finished temporary folder `tmp` into `folder` (each by an atomic rename)."""
-    for name in os.listdir(tmp):
-        src, dst = os.path.join(tmp, name), os.path.join(folder, name)
-        if os.path.isdir(src):
-            if os.path.isdir(dst):
-                shutil.rmtree(dst)
-        os.replace(src, dst)
 
 
 # ---- public entry points ----------------------------------------------------------------------------------------
@@ -576,10 +456,10 @@ def _finish(task: _Task, out: str, tokenizer, args: TrainingArgs, dist: _Distrib
         try:
             task.save(tmp)
             tokenizer.save_pretrained(tmp)
-            _move_into(tmp, out)
+            move_into(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        _write_jsonl(os.path.join(out, "final_metrics.jsonl"), [metrics])
+        write_jsonl(os.path.join(out, "final_metrics.jsonl"), [metrics])
         log(f"saved to {out}: loss {metrics.get('loss', float('nan')):.4f}"
             + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
             + f" ({metrics['steps']} steps, {metrics['seconds']:.1f}s)")
