@@ -337,24 +337,32 @@ def make_figures(out: str, base: str, xlora: str, domains: list[Domain], example
     # a multi-turn exchange that moves between domains, each turn answered by X-LoRA
     by_name = {d.name: d for d in domains}
     ids = torch.zeros((1, 0), dtype=torch.long)
-    segments = []
+    segments, prompt_spans = [], []
     separator = tokenizer(" |", add_special_tokens=False, return_tensors="pt")["input_ids"]
     for name in HISTORY_ORDER:
         start = ids.shape[1]
         prompt = tokenizer(examples[name]["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = torch.cat([ids, separator, prompt] if start else [prompt], dim=1)
+        prompt_span = (ids.shape[1] - prompt.shape[1], ids.shape[1])
         new = model.generate(ids, max_new_tokens=by_name[name].max_new_tokens,
                              eos_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:]
         new = new[:, :(new[0] == tokenizer.eos_token_id).nonzero()[0, 0]] if (new[0] == tokenizer.eos_token_id).any() \
             else new
         ids = torch.cat([ids, new], dim=1)
         segments.append((start, ids.shape[1], name))
+        prompt_spans.append(prompt_span)
     history = scalings_of_ids(model, tokenizer, ids)
     history = ScalingsLog(history.scalings, history.tokens, history.layer_names, history.expert_names, segments)
     history.save(os.path.join(folder, "history_scalings.safetensors"))
     path = os.path.join(folder, "history.png")
     plot_history(history, path, title="X-LoRA scalings token by token over a multi-turn exchange")
     figures["history"] = os.path.relpath(path, out)
+    per_expert = history.per_expert()  # (t, E)
+    def top(start: int, end: int) -> str:
+        return history.expert_names[int(per_expert[start:end].mean(0).argmax())]
+
+    figures["history_dominant"] = [(name, top(*span), top(start, end))
+                                   for (start, end, name), span in zip(segments, prompt_spans)]
     figures["history_text"] = tokenizer.decode(ids[0])
     return figures
 
@@ -447,8 +455,15 @@ def write_report(out: str, results: dict, figures: dict, domains: list[Domain], 
         "### Token-by-token history", "",
         "The scalings summed over layers for every token of a multi-turn exchange that moves through the domains "
         f"({' → '.join(HISTORY_ORDER)}), each turn answered by X-LoRA (the paper's Fig. 4). Shaded bands mark the "
-        "turns. The dominant expert switches as the text changes domain, within a token or two of the new prompt "
-        "(the gate reads the hidden state of each token, so it follows the context).", "",
+        "turns. The gate reads the hidden state of each token, so it follows the context. Expert with the largest "
+        "mean weight over each turn's prompt tokens: "
+        + ", ".join(f"{p} for {turn}" for turn, p, _ in figures["history_dominant"])
+        + f" ({sum(turn == p for turn, p, _ in figures['history_dominant'])} of {len(figures['history_dominant'])} "
+        "on their own expert); over the whole turn, answer included: "
+        + ", ".join(f"{w} for {turn}" for turn, _, w in figures["history_dominant"])
+        + ". Tokens shared by several domains (digits, residue letters) pull towards the expert that produces "
+        "them, and the experts were trained on single-turn prompts, so the answers in this multi-turn context "
+        "are not always right.", "",
         f"Text: `{figures['history_text']}`", "", f"![history]({figures['history']})", "",
         "## How this compares to the paper", "",
         "The paper mixes nine Zephyr-7B experts (bio-inspired materials, reasoning, chemistry, math, physics, "
