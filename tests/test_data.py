@@ -179,3 +179,17 @@ def test_length_grouping_cuts_padding_and_is_deterministic(tmp_path):
     batch = collate([ds.examples[i] for i in batches[0]], pad_id=0)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert int(batch["attention_mask"].sum()) == sum(len(ds.examples[i]) for i in batches[0])
+
+
+def test_expert_labels_are_optional_per_row_but_must_exist(tmp_path):
+    rows = [{"prompt": "a", "completion": "b", "task": "math"}, {"prompt": "c", "completion": "d"},
+            {"prompt": "e", "completion": "f", "task": ""}, {"prompt": "g", "completion": "h", "task": "bio"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    ds = _load([path], DataFormat(expert_field="task"), expert_names=["bio", "math"])
+    assert [e.expert for e in ds.examples] == [1, -1, -1, 0]  # unlabelled rows train with cross-entropy only
+    unlabelled = write_jsonl(tmp_path / "u.jsonl", rows[1:3])
+    with pytest.raises(DataError, match="expert field 'task': no row .* names an expert"):
+        _load([unlabelled], DataFormat(expert_field="task"), expert_names=["bio", "math"])
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "a", "completion": "b", "task": "chem"}] + rows[:1])
+    assert [b.reason for b in _load([bad], DataFormat(expert_field="task"), expert_names=["bio", "math"]).bad_rows] \
+        == ["task='chem' is not one of the experts ['bio', 'math']"]

@@ -42,7 +42,8 @@ class DataFormat:
     messages_field: str | None = None
     prompt_template: str | None = None
     completion_template: str | None = None
-    expert_field: str | None = None  # rows may name the expert that should handle them (supervised routing)
+    expert_field: str | None = None  # rows may name the expert that should handle them (supervised routing);
+    # a row whose field is missing, null or "" is unlabelled: it trains with cross-entropy only
     max_length: int = 512
     train_on_prompt: bool = False
     strict: bool = False
@@ -282,8 +283,8 @@ def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: 
     if len(ids) > fmt.max_length:
         raise _RowError(f"{len(ids)} tokens, over max_length {fmt.max_length}")
     expert = -1
-    if fmt.expert_field:
-        name = _as_text(_field(row, fmt.expert_field))
+    if fmt.expert_field and row.get(fmt.expert_field) not in (None, ""):  # unlabelled rows take no routing loss
+        name = _as_text(row[fmt.expert_field])
         if expert_names is None or name not in expert_names:
             raise _RowError(f"{fmt.expert_field}={name!r} is not one of the experts {expert_names}")
         expert = expert_names.index(name)
@@ -336,7 +337,7 @@ def load_dataset(sources: list[str], tokenizer, fmt: DataFormat, weights: list[f
         if not rows:
             raise DataError(f"{source}: no rows")
         present = set().union(*(row.keys() for _, row in rows))
-        needed = fmt.needed_fields() + ([fmt.expert_field] if fmt.expert_field else [])
+        needed = fmt.needed_fields()  # the expert field is optional per row (unlabelled rows)
         missing = [name for name in needed if name not in present]
         if missing:
             hint = (" (set --prompt-field/--completion-field, --text-field, --messages-field or the templates)"
@@ -358,6 +359,8 @@ def load_dataset(sources: list[str], tokenizer, fmt: DataFormat, weights: list[f
             kept += 1
         if kept == 0:
             raise DataError(f"{source}: every row is bad, e.g. {bad[-1].source}: {bad[-1].reason}")
+    if fmt.expert_field and all(e.expert < 0 for e in examples):
+        raise DataError(f"expert field {fmt.expert_field!r}: no row of {list(sources)} names an expert")
     if bad:
         log(f"skipped {len(bad)} bad row(s) (use --strict to stop instead):")
         for b in bad[:10]:
