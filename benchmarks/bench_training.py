@@ -25,6 +25,8 @@ SHAPES = {"tiny": [(8, 128, 8), (1, 64, 12)], "small": [(4, 128, 5), (1, 64, 8)]
 def worker(system: str, size: str, folder: str, threads: int) -> dict:
     import torch
 
+    from loramix.model import causal_lm_loss
+
     torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM
 
@@ -55,10 +57,7 @@ def worker(system: str, size: str, folder: str, threads: int) -> dict:
         for step in range(steps + 2):
             ids = torch.randint(3, base.config.vocab_size, (batch, tokens), generator=g)
             start = time.perf_counter()
-            logits = model(input_ids=ids).logits
-            targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)  # labels shifted, logits left whole
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-            loss.backward()
+            causal_lm_loss(model(input_ids=ids).logits, ids).backward()  # the same loss for both systems
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step >= 2:
@@ -73,6 +72,8 @@ def _floor(base) -> dict:
     forward and backward through the whole base model (the gate's gradient reaches every layer), no LoRA."""
     import torch
 
+    from loramix.model import causal_lm_loss
+
     for p in base.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
@@ -85,9 +86,7 @@ def _floor(base) -> dict:
             with torch.no_grad():
                 base.model(input_ids=ids)
             embeds = base.model.embed_tokens(ids).detach().requires_grad_(True)
-            logits = base(inputs_embeds=embeds).logits
-            targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100).backward()
+            causal_lm_loss(base(inputs_embeds=embeds).logits, ids).backward()
             if step >= 2:
                 times.append(time.perf_counter() - start)
         seconds = statistics.median(times)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .files import atomic_write
 
 
 @dataclass
@@ -40,14 +41,8 @@ class ScalingsLog:
     def save(self, path: str) -> None:
         meta = {"tokens": json.dumps(self.tokens), "layer_names": json.dumps(self.layer_names),
                 "expert_names": json.dumps(self.expert_names), "segments": json.dumps(self.segments or [])}
-        fd, tmp = tempfile.mkstemp(prefix=".scalings.", dir=os.path.dirname(os.path.abspath(path)))
-        os.close(fd)
-        try:
-            save_file({"scalings": self.scalings.detach().float().contiguous().cpu()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        tensors = {"scalings": self.scalings.detach().float().contiguous().cpu()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str) -> "ScalingsLog":
@@ -142,16 +137,8 @@ def plot_history(log: ScalingsLog, path: str, title: str = "") -> str:
 
 
 def _save(fig, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".figure.", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
 
 
 def analyze(out: str, model=None, tokenizer=None, prompt: str | None = None, max_new_tokens: int = 0,

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_write_text
+
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -114,10 +116,7 @@ def append_jsonl(path: str, record: dict) -> None:
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def truncate_metrics(path: str, step: int) -> None:

@@ -103,7 +103,7 @@ def load_tokenizer(model_dir: str, base: str | None):
     raise SystemExit(f"loramix: no tokenizer in {model_dir!r} or the base model {base!r}; save one there")
 
 
-def _data_options(args: argparse.Namespace) -> dict:
+def _training_options(args: argparse.Namespace) -> dict:
     options = dict(prompt_field=args.prompt_field, completion_field=args.completion_field, text_field=args.text_field,
                    messages_field=args.messages_field, prompt_template=_unescape(args.prompt_template),
                    completion_template=_unescape(args.completion_template), max_length=args.max_length,
@@ -137,7 +137,7 @@ def train_expert(args: argparse.Namespace) -> int:
     result = run(args.base, args.data, args.output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                  target_modules=args.target_modules, eval_data=args.eval_data, data_weights=args.data_weights,
                  tokenizer=args.tokenizer, dtype=_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
-                 **_data_options(args))
+                 **_training_options(args))
     print(json_line(result.metrics))
     return 0
 
@@ -162,7 +162,7 @@ def train(args: argparse.Namespace) -> int:
                  routing_weight=args.routing_loss_weight, expert_field=args.expert_field)
     result = train_xlora(args.base, adapters, args.data, args.output, eval_data=args.eval_data,
                          data_weights=args.data_weights, tokenizer=args.tokenizer, dtype=_dtype(args.dtype),
-                         trust_remote_code=args.trust_remote_code, **xlora, **_data_options(args))
+                         trust_remote_code=args.trust_remote_code, **xlora, **_training_options(args))
     print(json_line(result.metrics))
     return 0
 

@@ -101,10 +101,6 @@ class Dataset:
     weights: list[float] | None
     bad_rows: list[BadRow] = field(default_factory=list)
 
-    @property
-    def n_label_tokens(self) -> int:
-        return sum(sum(1 for x in e.labels if x != -100) for e in self.examples)
-
 
 # ---- reading rows -----------------------------------------------------------------------------------------------
 def read_rows(source: str) -> Iterator[tuple[str, dict[str, Any]]]:

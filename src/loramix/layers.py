@@ -36,7 +36,7 @@ class MixingState:
 
     `rank_weights` is None (layers add no LoRA at all: the base model) or (batch, tokens, total rank rows):
     for every rank row of every layer, w[b, t, layer, expert_of_row] * scale_of_row, gathered once per pass
-    by the model (`set`) and split once into one view per layer (`layer_weights`, in rank_offset order). Splitting
+    by the model (`set`) and split once into one view per layer (`layer_weights`, in mixed-layer order). Splitting
     rather than slicing in each layer matters for training: the backward of a split is one concatenation, while
     each slice's backward would fill a zero tensor of the full (b, t, total R) size.
     """
@@ -45,7 +45,7 @@ class MixingState:
         self.rank_weights: torch.Tensor | None = None
         self.flat_index: torch.Tensor | None = None  # (total R,) index into the flattened (layer, expert) axis
         self.flat_scale: torch.Tensor | None = None  # (total R,)
-        self.layer_sizes: list[int] = []  # rank rows of each mixed layer, in rank_offset order
+        self.layer_sizes: list[int] = []  # rank rows of each mixed layer, in mixed-layer order
         self.layer_weights: tuple[torch.Tensor, ...] = ()  # one (b, t, R_layer) view per layer
 
     def set(self, weights: torch.Tensor | None) -> None:
@@ -87,7 +87,6 @@ class MixedLoraLayer(nn.Module):
         scale_of_rank = torch.cat([torch.full((m.rank,), m.scale, dtype=torch.float32) for _, m in present])
         self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)  # (R,)
         self.register_buffer("scale_of_rank", scale_of_rank.to(weight.device), persistent=False)  # (R,)
-        self.rank_offset = 0  # where this layer's rows start in MixingState.rank_weights (set by the model)
         self.split_position = 0  # this layer's view in MixingState.layer_weights (set by the model)
         self.dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
         self.folded_weight: torch.Tensor | None = None  # W0 + the frozen mix, in the base layer's layout

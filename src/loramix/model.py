@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 from .classifier import XLoraClassifier, mixing_weights
 from .config import CONFIG_NAME, XLoraConfig
 from .experts import ADAPTER_CONFIG, Expert, load_expert, save_expert, supported_module
+from .files import atomic_write, atomic_write_text
 from .hub import resolve_file
 from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
 
@@ -64,11 +65,10 @@ class XLoraModel(nn.Module):
         self._expert_dtypes = [e.dtype for e in experts]
         self._state = MixingState()
         self.lora_layer_names = _swap_in_mixed_layers(base_model, experts, self._state, config)
-        offset, flat_index, flat_scale = 0, [], []
+        flat_index, flat_scale = [], []
         for position, layer in enumerate(self.mixed_layers()):  # one gather per pass serves every layer
-            layer.rank_offset, layer.split_position = offset, position
+            layer.split_position = position
             self._state.layer_sizes.append(layer.lora_A.shape[0])
-            offset += layer.lora_A.shape[0]
             flat_index.append(layer.layer_index * len(experts) + layer.expert_of_rank)
             flat_scale.append(layer.scale_of_rank)
         self._state.flat_index, self._state.flat_scale = torch.cat(flat_index), torch.cat(flat_scale)
@@ -178,10 +178,9 @@ class XLoraModel(nn.Module):
         from . import __version__
 
         config["loramix_version"] = __version__
-        _atomic_write(os.path.join(folder, CONFIG_NAME),
-                      lambda p: open(p, "w", encoding="utf-8").write(json.dumps(config, indent=2) + "\n"))
+        atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2) + "\n")
         classifier_state = {k: v.detach().contiguous().cpu() for k, v in self.classifier.state_dict().items()}
-        _atomic_write(os.path.join(folder, CLASSIFIER_NAME), lambda p: save_file(classifier_state, p))
+        atomic_write(os.path.join(folder, CLASSIFIER_NAME), lambda p: save_file(classifier_state, p))
         for e, name in enumerate(self.expert_names):
             modules = {}
             for layer_name, layer in zip(self.lora_layer_names, self.mixed_layers()):
@@ -349,14 +348,15 @@ class XLoraModel(nn.Module):
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, Hugging Face convention: labels are the inputs, -100 is ignored.
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy, Hugging Face convention: labels are the inputs, -100 is ignored. `reduction`
+    "mean" averages over label tokens; "sum" lets a trainer normalise over a larger (global) batch itself.
 
     The labels are shifted (position t predicts labels[t + 1], the last position predicts nothing) rather than the
     logits sliced: slicing the (b, t, vocab) logits would copy them, and its backward would fill a zero tensor of
     their size."""
     return F.cross_entropy(logits.flatten(0, 1).float(), shift_labels(labels).to(logits.device).flatten(),
-                           ignore_index=-100)
+                           ignore_index=-100, reduction=reduction)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -399,19 +399,6 @@ def _param(module: nn.Module) -> torch.Tensor:
 
 def _join(source: str, name: str) -> str:
     return os.path.join(source, name) if os.path.isdir(source) else f"{source.rstrip('/')}/{name}"
-
-
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _replace_dir(new: str, target: str) -> None:

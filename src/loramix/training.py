@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import XLoraConfig
 from .checkpoints import (append_jsonl, latest_checkpoint, load_checkpoint, move_into, prune_checkpoints,
                           save_checkpoint, truncate_metrics, write_jsonl)
 from .data import BatchPlan, DataError, DataFormat, Dataset, collate, load_dataset
-from .model import shift_labels
+from .files import atomic_write_text
+from .model import causal_lm_loss
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -126,19 +126,13 @@ class _Task:
         raise NotImplementedError
 
 
-def _token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label tokens (labels -100 ignored); see model.causal_lm_loss."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), shift_labels(labels).flatten(), ignore_index=-100,
-                           reduction="sum")
-
-
 class _ExpertTask(_Task):
     def __init__(self, peft_model: nn.Module) -> None:
         self.model = peft_model
 
     def loss(self, batch, n_tokens, n_micro):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce = _token_ce_sum(logits, batch["labels"])
+        ce = causal_lm_loss(logits, batch["labels"], reduction="sum")
         return ce / n_tokens, {"ce_sum": ce.detach()}
 
     def save(self, folder):
@@ -160,7 +154,7 @@ class _GateTask(_Task):
 
     def loss(self, batch, n_tokens, n_micro):
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        ce = _token_ce_sum(out.logits, batch["labels"])
+        ce = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
         loss, stats = ce / n_tokens, {"ce_sum": ce.detach()}
         if self.routing.any:
             aux = routing_losses(out.scalings, batch["attention_mask"], batch["expert"],
@@ -293,7 +287,7 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
     bar = tqdm(total=total_steps, initial=step, disable=not (dist.main and args.progress), unit="step",
                dynamic_ncols=True)
     task.model.train()
-    window: dict[str, float] = {"loss": 0.0, "tokens": 0, "label_tokens": 0, "seconds": 0.0, "steps": 0}
+    window: dict[str, float] = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
     last: dict[str, Any] = {}
     run_start = time.perf_counter()
     while step < total_steps:
@@ -343,11 +337,11 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
             record = {"step": step, "epoch": round(step * micro_per_step / plan.batches_per_epoch, 4),
                       "loss": window["loss"] / window["steps"], "lr": lr,
                       "tokens_per_s": window["tokens"] / window["seconds"], "grad_norm": grad_norm,
-                      **{k: v for k, v in extra.items()}}
+                      **extra}
             last.update(record)
             if dist.main:
                 append_jsonl(os.path.join(out, METRICS_NAME), record)
-            window = {"loss": 0.0, "tokens": 0, "label_tokens": 0, "seconds": 0.0, "steps": 0}
+            window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
         if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0 or step == total_steps):
             record = {"step": step, **evaluate(task, eval_data, args.batch_size, pad_id, dist)}
             last.update(record)
@@ -444,13 +438,19 @@ def _prepare_data(data, eval_data, data_weights, tokenizer, fmt: DataFormat, exp
     train = load_dataset(_as_list(data), tokenizer, fmt, data_weights, expert_names, log=quiet)
     evaluation = None
     if eval_data:
-        evaluation = load_dataset(_as_list(eval_data), tokenizer, dataclasses.replace(fmt, strict=fmt.strict),
-                                  None, expert_names, log=quiet)
+        evaluation = load_dataset(_as_list(eval_data), tokenizer, fmt, None, expert_names, log=quiet)
     return train, evaluation
 
 
-def _finish(task: _Task, out: str, tokenizer, args: TrainingArgs, dist: _Distributed, record: dict,
-            metrics: dict, log) -> TrainResult:
+def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, args: TrainingArgs, tokenizer,
+                    dist: _Distributed, record: dict, signature: dict, log) -> TrainResult:
+    """What every entry point does once its task and data are ready: record the run's settings, train, and move
+    the final model and tokenizer into the output folder (written aside first, each file renamed in)."""
+    out = os.path.abspath(args.output_dir)
+    if dist.main:
+        os.makedirs(out, exist_ok=True)
+        atomic_write_text(os.path.join(out, "training_args.json"), json.dumps(record, indent=2, default=str))
+    metrics = run_training(task, train, args, _pad_id(tokenizer), signature, evaluation, tokenizer, dist, log)
     if dist.main:
         tmp = tempfile.mkdtemp(prefix=".final.", dir=out)
         try:
@@ -465,16 +465,6 @@ def _finish(task: _Task, out: str, tokenizer, args: TrainingArgs, dist: _Distrib
             + f" ({metrics['steps']} steps, {metrics['seconds']:.1f}s)")
     dist.barrier()
     return TrainResult(out, metrics)
-
-
-def _write_run_config(out: str, record: dict, dist: _Distributed) -> None:
-    if dist.main:
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, "training_args.json")
-        fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=out)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, default=str)
-        os.replace(tmp, path)
 
 
 def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, *, rank: int = 8,
@@ -519,10 +509,8 @@ def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, 
                   "data": _as_list(data), "data_weights": data_weights, "eval_data": _as_list(eval_data),
                   "rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": targets,
                   "training": dataclasses.asdict(args), "format": dataclasses.asdict(fmt), "world_size": dist.world}
-        _write_run_config(args.output_dir, record, dist)
         signature = {"data": _as_list(data), "rank": rank, "alpha": alpha, "target_modules": targets}
-        metrics = run_training(task, train, args, _pad_id(tok), signature, evaluation, tok, dist, log)
-        return _finish(task, os.path.abspath(args.output_dir), tok, args, dist, record, metrics, log)
+        return _train_and_save(task, train, evaluation, args, tok, dist, record, signature, log)
     finally:
         dist.close()
 
@@ -543,10 +531,7 @@ def train_base(model: nn.Module, tokenizer, data: str | list[str], output_dir: s
         task.model_device = dist.device(args.device)
         record = {"verb": "train-base", "data": _as_list(data), "training": dataclasses.asdict(args),
                   "format": dataclasses.asdict(fmt), "world_size": dist.world}
-        _write_run_config(args.output_dir, record, dist)
-        metrics = run_training(task, train, args, _pad_id(tokenizer), {"data": _as_list(data)}, evaluation,
-                               tokenizer, dist, log)
-        return _finish(task, os.path.abspath(args.output_dir), tokenizer, args, dist, record, metrics, log)
+        return _train_and_save(task, train, evaluation, args, tokenizer, dist, record, {"data": _as_list(data)}, log)
     finally:
         dist.close()
 
@@ -591,10 +576,8 @@ def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | lis
                   "adapters": dict(adapters), "data": _as_list(data), "data_weights": data_weights,
                   "eval_data": _as_list(eval_data), "xlora": config.to_dict(), "routing": dataclasses.asdict(routing),
                   "training": dataclasses.asdict(args), "format": dataclasses.asdict(fmt), "world_size": dist.world}
-        _write_run_config(args.output_dir, record, dist)
         signature = {"data": _as_list(data), "experts": config.expert_names}
-        metrics = run_training(task, train, args, _pad_id(tok), signature, evaluation, tok, dist, log)
-        return _finish(task, os.path.abspath(args.output_dir), tok, args, dist, record, metrics, log)
+        return _train_and_save(task, train, evaluation, args, tok, dist, record, signature, log)
     finally:
         dist.close()
 
