@@ -235,7 +235,7 @@ def _post(server, path, body, **kw):
     ({"model": "tiny-xlora", "prompt": [1000]}, 400, "prompt"),
     ({"model": "tiny-xlora", "prompt": "a", "xlora": {"top_k": 9}}, 400, "xlora.top_k"),
     ({"model": "tiny-xlora", "prompt": "a", "xlora": {"colour": 1}}, 400, "xlora"),
-    ({"model": "tiny-xlora", "prompt": "a", "xlora": {"softmax_temperature": 0}}, 400, "softmax_temperature"),
+    ({"model": "tiny-xlora", "prompt": "a", "xlora": {"softmax_temperature": 0}}, 400, "xlora.softmax_temperature"),
 ])
 def test_bad_completions_get_openai_errors(live, body, status, param):
     _, server = live

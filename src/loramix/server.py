@@ -58,10 +58,12 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+def _number(body: dict, name: str, default: float, low: float, high: float, prefix: str = "") -> float:
+    """body[name] as a finite float in [low, high]; `prefix` names the enclosing object in errors ("xlora.")."""
     value = body.get(name, default)
     if value is None:
         return default
+    name = prefix + name
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ApiError(400, f"{name} must be a finite number, got {value!r}", param=name)
     if not low <= value <= high:
@@ -130,7 +132,7 @@ def gate_from(body: dict, n_experts: int) -> GateOptions:
         top_k = _integer(top_k, "xlora.top_k", 1, n_experts)
     temperature = spec.get("softmax_temperature")
     if temperature is not None:
-        temperature = _number(spec, "softmax_temperature", 1.0, 1e-3, 100.0)
+        temperature = _number(spec, "softmax_temperature", 1.0, 1e-3, 100.0, prefix="xlora.")
     freeze = spec.get("freeze_scalings_after")
     if freeze is not None:
         freeze = _integer(freeze, "xlora.freeze_scalings_after", 0)

@@ -69,16 +69,20 @@ class Request:
 class _Row:
     """One request inside a group: its sampling state and the text it has emitted so far."""
 
-    def __init__(self, request: Request, first_token: int, device) -> None:
+    def __init__(self, request: Request, device) -> None:
         self.request = request
         self.generator = _generator(request.params.seed, device)
-        self.tokens: list[int] = []  # generated so far (excluding stop text cut later)
-        self.last_token = first_token
+        self.tokens: list[int] = []  # generated so far, the end-of-sequence token excluded
+        self.last_token = -1  # chosen, not yet fed through the model
         self.next_position = len(request.prompt_ids)
         self.frozen: torch.Tensor | None = None  # (L, E) once its scalings are frozen
         self.sent = ""  # text already emitted
-        self.n_generated = 0
-        self.history = torch.tensor([request.prompt_ids], dtype=torch.long)
+
+    def freeze_if_due(self, scalings: torch.Tensor) -> None:
+        """Keep the scalings (L, E) that produced the latest token once freeze_scalings_after tokens exist."""
+        after = self.request.gate.freeze_scalings_after
+        if self.frozen is None and after is not None and self.request.n_generated >= after:
+            self.frozen = scalings
 
 
 class _Group:
@@ -182,7 +186,7 @@ class Engine:
         config = self.model.config
         changes = {}
         if top_k is not None:
-            changes["top_k_lora"] = top_k if top_k > 0 else None
+            changes["top_k_lora"] = top_k
         if temperature is not None:
             changes["softmax_temperature"] = temperature
         return config, (dataclasses.replace(config, **changes) if changes else config)
@@ -208,16 +212,13 @@ class Engine:
         out = self._run(key, lambda: self.model(input_ids=ids, past_key_values=mixed_cache,
                                                 scaling_past_key_values=scaling_cache, use_cache=True,
                                                 logits_to_keep=1))
-        row = _Row(request, -1, device)
-        token = int(_pick(out.logits[:, -1], row.history.to(device), torch.ones_like(ids), [request.params],
-                          [row.generator], 0, self._eos_tensor(device))[0])
+        row = _Row(request, device)
+        token = self._pick(row, out.logits[:, -1])
         row.last_token = token
         scalings = out.scalings[0, -1]  # (L, E)
         if self._finish_or_emit(row, token, scalings):
             return
-        after = request.gate.freeze_scalings_after
-        if after is not None and row.n_generated >= after:
-            row.frozen = scalings
+        row.freeze_if_due(scalings)
         group = next((g for g in self.groups if g.key == key and g.accepting), None)
         if group is None:
             group = _Group(key)
@@ -257,44 +258,33 @@ class Engine:
         out, scalings = self._run(group.key, step)
         self.stats["steps"] += 1
         self.stats["max_rows_in_step"] = max(self.stats["max_rows_in_step"], len(group.rows))
-        for row in group.rows:
-            row.history = torch.cat([row.history, torch.tensor([[row.last_token]])], dim=1)
-            row.next_position += 1
-        picked = self._pick_rows(out.logits[:, -1], group)
         finished = []
         for i, row in enumerate(group.rows):
-            token = int(picked[i])
+            row.next_position += 1
+            token = self._pick(row, out.logits[i:i + 1, -1])
             row.last_token = token
             if self._finish_or_emit(row, token, scalings[i, -1]):
                 finished.append(i)
             else:
-                after = row.request.gate.freeze_scalings_after
-                if row.frozen is None and after is not None and row.n_generated >= after:
-                    row.frozen = scalings[i, -1]
+                row.freeze_if_due(scalings[i, -1])
         if finished:
             self._drop(group, finished)
         if not group.rows:
             self.groups.remove(group)
 
-    def _pick_rows(self, logits: torch.Tensor, group: _Group) -> torch.Tensor:
-        """Each row's next token, with its own parameters, generator and step count (min_new_tokens)."""
+    def _pick(self, row: _Row, logits: torch.Tensor) -> int:
+        """The row's next token from its logits (1, vocab), with its own parameters, generator and step count;
+        the history (prompt + generated) is what the repetition penalty reads."""
         device = logits.device
-        out = torch.empty(len(group.rows), dtype=torch.long, device=device)
-        eos = self._eos_tensor(device)
-        for i, row in enumerate(group.rows):
-            history = row.history.to(device)
-            out[i] = _pick(logits[i:i + 1], history, torch.ones_like(history), [row.request.params],
-                           [row.generator], row.n_generated, eos)[0]
-        return out
-
-    def _eos_tensor(self, device) -> torch.Tensor:
-        return torch.tensor(self.eos or [-1], device=device)
+        history = torch.tensor([row.request.prompt_ids + row.tokens], device=device)
+        eos = torch.tensor(self.eos or [-1], device=device)
+        return int(_pick(logits, history, torch.ones_like(history), [row.request.params], [row.generator],
+                         row.request.n_generated, eos)[0])
 
     def _finish_or_emit(self, row: _Row, token: int, scalings: torch.Tensor) -> bool:
         """Account for the token just chosen; emit its text; return True when the row is done."""
         request, params = row.request, row.request.params
         request.n_generated += 1
-        row.n_generated = request.n_generated
         self.stats["tokens"] += 1
         per_expert = [scalings.float().sum(0).tolist()] if request.gate.return_scalings else None
         if token in self.eos and request.n_generated > params.min_new_tokens:
