@@ -130,3 +130,13 @@ def test_rerun_reuses_finished_stages(quick_demo):
                                                             ("data", "base", "experts", "xlora")]
     assert os.path.getmtime(out / "xlora" / "xlora_classifier.safetensors") == stamp
     assert again["domains"] == results["domains"] and again["routing"] == results["routing"]
+
+
+def test_demo_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
+    from loramix.cli import main
+
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(target)]) == 2
+    assert f"--out {target}: exists and is not a folder" in capsys.readouterr().err
+    assert target.read_text() == "keep me"

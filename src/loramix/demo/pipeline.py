@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 import string
-import tempfile
 import time
 from typing import Callable
 
 import torch
 
+from ..checkpoints import write_jsonl
+from ..files import atomic_write_text
 from .domains import Domain, domain_rows, generic_text, make_domains
 
 # sizes: "full" is the README's main job (<= 10 minutes on 2 cores), "quick" the CI run (<= 2 minutes)
@@ -53,6 +54,8 @@ def run_demo(out: str = "loramix-demo", quick: bool = False, fresh: bool = False
     start = time.perf_counter()
     out = os.path.abspath(out)
     scale = SCALES["quick" if quick else "full"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: exists and is not a folder")
     if fresh:
         for name in _OUTPUTS:
             path = os.path.join(out, name)
@@ -117,9 +120,9 @@ def _make_data(folder: str, domains: list[Domain], scale: dict, seed: int) -> No
         test = domain_rows(domain, scale["test_prompts"], seed, "test")
         held_out = {r["prompt"] for r in test}
         train = domain_rows(domain, scale["train_rows"], seed, "train", exclude=held_out)
-        _write_jsonl(os.path.join(folder, f"{domain.name}_train.jsonl"), train)
-        _write_jsonl(os.path.join(folder, f"{domain.name}_test.jsonl"), test)
-    _write_jsonl(os.path.join(folder, "generic.jsonl"), generic_text(scale["generic_rows"], seed))
+        write_jsonl(os.path.join(folder, f"{domain.name}_train.jsonl"), train)
+        write_jsonl(os.path.join(folder, f"{domain.name}_test.jsonl"), test)
+    write_jsonl(os.path.join(folder, "generic.jsonl"), generic_text(scale["generic_rows"], seed))
 
 
 def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
@@ -252,28 +255,31 @@ def evaluate(base: str, experts: str, xlora: str, data: str, domains: list[Domai
     examples: dict = {}
     for domain in domains:
         test = _read_jsonl(os.path.join(data, f"{domain.name}_test.jsonl"))
-        prompts, references = [r["prompt"] for r in test], [r["reference"] for r in test]
+        prompts = [r["prompt"] for r in test]
 
-        def score(answers: list[str]) -> float:
-            return round(sum(domain.score(a, r) for a, r in zip(answers, references)) / len(references), 4)
+        def peft_answers() -> list[str]:  # with whichever adapter is active
+            return _answers(_hf_generate(peft_model, tokenizer), tokenizer, prompts, domain.max_new_tokens)
 
         with peft_model.disable_adapter():
-            base_answers = _answers(_hf_generate(peft_model, tokenizer), tokenizer, prompts, domain.max_new_tokens)
-        row = {"base": score(base_answers), "experts": {}}
+            base_answers = peft_answers()
+        row = {"base": _score(domain, base_answers, test), "experts": {}}
         for name in names:
             peft_model.set_adapter(name)
-            row["experts"][name] = score(_answers(_hf_generate(peft_model, tokenizer), tokenizer, prompts,
-                                                  domain.max_new_tokens))
+            row["experts"][name] = _score(domain, peft_answers(), test)
         peft_model.set_adapter("static_merge")
-        row["static_merge"] = score(_answers(_hf_generate(peft_model, tokenizer), tokenizer, prompts,
-                                             domain.max_new_tokens))
+        row["static_merge"] = _score(domain, peft_answers(), test)
         row["xlora"] = xlora_scores[domain.name]
         results["domains"][domain.name] = row
-        examples[domain.name] = {"prompt": prompts[0], "reference": references[0],
+        examples[domain.name] = {"prompt": prompts[0], "reference": test[0]["reference"],
                                  "xlora": xlora_answers[domain.name][0], "base": base_answers[0]}
         log(f"  {domain.name:<16} base {row['base']:.2f}  own expert {row['experts'][domain.name]:.2f}  "
             f"static merge {row['static_merge']:.2f}  X-LoRA {row['xlora']:.2f}")
     return results, examples
+
+
+def _score(domain: Domain, answers: list[str], test: list[dict]) -> float:
+    """The domain's mean score of the answers against the held-out rows' references."""
+    return round(sum(domain.score(a, row["reference"]) for a, row in zip(answers, test)) / len(test), 4)
 
 
 def _evaluate_xlora(base: str, xlora: str, data: str, domains: list[Domain]) -> tuple[dict, dict, dict]:
@@ -296,8 +302,7 @@ def _evaluate_xlora(base: str, xlora: str, data: str, domains: list[Domain]) -> 
         test = _read_jsonl(os.path.join(data, f"{domain.name}_test.jsonl"))
         prompts = [r["prompt"] for r in test]
         answers[domain.name] = _answers(generate, tokenizer, prompts, domain.max_new_tokens)
-        scores[domain.name] = round(sum(domain.score(a, r["reference"]) for a, r in zip(answers[domain.name], test))
-                                    / len(test), 4)
+        scores[domain.name] = _score(domain, answers[domain.name], test)
         tokenizer.padding_side = "left"
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
         with torch.no_grad():
@@ -483,7 +488,7 @@ def write_report(out: str, results: dict, figures: dict, domains: list[Domain], 
         f"{os.path.join(out, 'xlora')} --prompt 'sum 12+30 =' --show-experts`).", "",
     ]
     path = os.path.join(out, "report.md")
-    _write_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -525,16 +530,5 @@ def _ablation_lines(results: dict, ablation: dict | None) -> list[str]:
     return lines
 
 
-def _write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_json(path: str, value) -> None:
-    _write_text(path, json.dumps(value, indent=2) + "\n")
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    _write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
