@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compat import with_cache
+
 
 @dataclass
 class SamplingParams:
@@ -161,7 +163,8 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                 inputs = dict(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position,
                               past_key_values=mixed_cache, use_cache=True)
                 if folded:  # experts are inside the weights: the base model alone, one pass
-                    out = model.base(**inputs, return_dict=True)
+                    base_inputs = {k: v for k, v in inputs.items() if k != "past_key_values"}
+                    out = model.base(**with_cache(model.base, mixed_cache), **base_inputs, return_dict=True)
                     out.scalings = None
                 else:
                     out = model(scaling_past_key_values=scaling_cache, scalings=frozen, **inputs)

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.utils import ModelOutput
 
 from .classifier import XLoraClassifier, mixing_weights
+from .compat import output_cache, with_cache
 from .config import CONFIG_NAME, XLoraConfig
 from .experts import ADAPTER_CONFIG, Expert, load_expert, save_expert, supported_module
 from .files import atomic_write, atomic_write_text
@@ -38,12 +38,27 @@ _PICKLED_CLASSIFIERS = ("xlora_classifier.pt", "xlora_classifier.bin", "xlora_cl
 
 
 @dataclass
-class XLoraOutput(ModelOutput):
+class XLoraOutput:
+    """What `XLoraModel.forward` returns. A plain dataclass of loramix's own, not a transformers `ModelOutput`, so
+    that no transformers release can rename its fields; `out["logits"]` and `out.to_tuple()` work as on a
+    ModelOutput (the tuple skips fields that are None)."""
+
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (b, t, vocab)
     scalings: torch.Tensor | None = None  # (b, t, n_lora_layers, n_experts), the classifier's output
     past_key_values: Any = None  # KV cache of the mixed pass
     scaling_past_key_values: Any = None  # KV cache of the scaling pass
+
+    def __getitem__(self, key: str | int):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
 
 
 class XLoraModel(nn.Module):
@@ -215,12 +230,12 @@ class XLoraModel(nn.Module):
             # Pass 2: every adapted layer mixes its experts with per-token weights.
             self._state.set(self._mixing_weights(scalings))
             extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-            out = self.base(past_key_values=past_key_values, return_dict=True, **inputs, **extra)
+            out = self.base(**with_cache(self.base, past_key_values), return_dict=True, **inputs, **extra)
         finally:
             self._state.set(None)
         loss = causal_lm_loss(out.logits, labels) if labels is not None else None
         return XLoraOutput(loss=loss, logits=out.logits, scalings=scalings,
-                           past_key_values=out.past_key_values if use_cache else None,
+                           past_key_values=output_cache(out) if use_cache else None,
                            scaling_past_key_values=scaling_past_key_values if use_cache else None)
 
     def compute_scalings(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -235,7 +250,7 @@ class XLoraModel(nn.Module):
             with torch.no_grad():
                 hidden, cache = self._last_hidden_state(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                                         attention_mask=attention_mask, position_ids=position_ids,
-                                                        past_key_values=scaling_past_key_values, use_cache=use_cache)
+                                                        cache=scaling_past_key_values, use_cache=use_cache)
         finally:
             self._state.set(None)
         scalings = self.classifier(hidden, enable_softmax=self.config.enable_softmax,
@@ -257,14 +272,14 @@ class XLoraModel(nn.Module):
         return mixing_weights(scalings, top_k=c.top_k_lora, softmax_topk=c.enable_softmax_topk,
                               global_weight=c.global_scaling_weight)
 
-    def _last_hidden_state(self, **inputs) -> tuple[torch.Tensor, Any]:
+    def _last_hidden_state(self, cache: Any = None, **inputs) -> tuple[torch.Tensor, Any]:
         """The base's final hidden state (after its last norm), without computing the LM head."""
         backbone = getattr(self.base, "base_model", self.base)
         if backbone is not self.base:
-            out = backbone(return_dict=True, **inputs)
-            return out.last_hidden_state, out.past_key_values
-        out = self.base(output_hidden_states=True, return_dict=True, **inputs)
-        return out.hidden_states[-1], out.past_key_values
+            out = backbone(return_dict=True, **with_cache(backbone, cache), **inputs)
+            return out.last_hidden_state, output_cache(out)
+        out = self.base(output_hidden_states=True, return_dict=True, **with_cache(self.base, cache), **inputs)
+        return out.hidden_states[-1], output_cache(out)
 
     def _record(self, scalings: torch.Tensor) -> None:
         self._latest_scalings = scalings.detach()
