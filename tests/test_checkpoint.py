@@ -125,10 +125,18 @@ def test_peft_saved_xlora_loads(tmp_path, ids):
         assert torch.equal(from_subfolders(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
+# PEFT's save of an X-LoRA drops or mangles the experts; how depends on its release (with transformers 4.x their
+# ranks come out wrong). Each way is refused with an error naming the expert and what to do or what is wrong.
+MANGLED_EXPERTS = r"missing.*adapters=|expert '0' .*module '.*': weights have rank \d+ but adapter_config"
+
+
 def test_incomplete_peft_save_is_a_clear_error(tmp_path):
     base, adapters, reference, folder = save_peft_xlora(tmp_path, depth=2)
     reference.save_pretrained(str(folder))  # PEFT's own (mangled) experts and classifier
-    with pytest.raises(ValueError, match=r"(adapter_model.safetensors.*xlora_depth=2|missing.*adapters=)"):
+    # how PEFT mangles the save depends on its release (with transformers 4.x the experts' ranks come out wrong):
+    # each way is refused with an error naming the file, or the expert and module, at fault
+    with pytest.raises(ValueError, match=r"(adapter_model.safetensors.*xlora_depth=2|missing.*adapters="
+                                         r"|expert '0' .*module '.*': weights have rank \d+ but adapter_config)"):
         XLoraModel.from_pretrained(str(folder), base=copy.deepcopy(base))
     state = load_file(folder / "adapter_model.safetensors")
     state = {k: v for k, v in state.items() if ".layers.0." not in k}
@@ -138,7 +146,7 @@ def test_incomplete_peft_save_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: holds 1 classifier Linear.*xlora_depth=2"):
         XLoraModel.from_pretrained(str(folder), base=copy.deepcopy(base),
                                    adapters=dict(zip(["0", "1", "2"], adapters.values())))
-    with pytest.raises(ValueError, match="missing.*adapters="):
+    with pytest.raises(ValueError, match=MANGLED_EXPERTS):
         XLoraModel.from_pretrained(str(folder), base=copy.deepcopy(base))
 
 
