@@ -133,10 +133,7 @@ MANGLED_EXPERTS = r"missing.*adapters=|expert '0' .*module '.*': weights have ra
 def test_incomplete_peft_save_is_a_clear_error(tmp_path):
     base, adapters, reference, folder = save_peft_xlora(tmp_path, depth=2)
     reference.save_pretrained(str(folder))  # PEFT's own (mangled) experts and classifier
-    # how PEFT mangles the save depends on its release (with transformers 4.x the experts' ranks come out wrong):
-    # each way is refused with an error naming the file, or the expert and module, at fault
-    with pytest.raises(ValueError, match=r"(adapter_model.safetensors.*xlora_depth=2|missing.*adapters="
-                                         r"|expert '0' .*module '.*': weights have rank \d+ but adapter_config)"):
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors.*xlora_depth=2|" + MANGLED_EXPERTS):
         XLoraModel.from_pretrained(str(folder), base=copy.deepcopy(base))
     state = load_file(folder / "adapter_model.safetensors")
     state = {k: v for k, v in state.items() if ".layers.0." not in k}
