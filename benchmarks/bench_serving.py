@@ -18,8 +18,7 @@ import tempfile
 import threading
 import time
 
-from _report import DEFAULT, write_section
-from bench_inference import SIZES, prepare
+from common import DEFAULT, SIZES, prepare, write_section
 
 
 def word_tokenizer(vocab_size: int):

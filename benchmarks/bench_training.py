@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 
-from bench_inference import RANKS, SIZES, bench_main
+from common import RANKS, SIZES, bench_main
 
 SYSTEMS = ["floor", "peft", "loramix"]  # floor: the base model's own passes, no LoRA and no classifier
 # (batch, tokens, timed steps) per size: a throughput-sized batch, and one short row, where per-call overhead counts
