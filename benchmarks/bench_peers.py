@@ -1,0 +1,308 @@
+"""Decode speed against the other engines: loramix, mistral.rs (Rust), PEFT and the base model, side by side.
+
+Two sizes: the issue's "tiny" Llama (hidden 64, 2 layers, vocabulary 128, two rank-4 experts on q_proj, v_proj and
+down_proj) and "small" (hidden 1024, 8 layers, vocabulary 32000, eight rank-16 experts on all linear modules), both
+random, with a layerwise gate. Each engine decodes greedily after a one-token prompt (mistral.rs 0.9.5's CPU X-LoRA
+fails on longer prompts) at its own defaults, granular (scalings per token) and frozen (scalings kept after the
+first new token; mistral.rs's "non-granular" mode, `tgt_non_granular_index`). All engines run in one process per
+size, in interleaved rounds (each round runs every system once), and the page reports each system's median
+tokens/s over the rounds: the machine is noisy, so only same-round ratios mean much. The tokens of loramix and
+mistral.rs are compared.
+
+mistral.rs runs offline from a folder in its X-LoRA layout written here (flat `<expert>.adapter_*` files, an
+ordering file, the base with `rope_theta`, a tokenizer with a pass-through chat template; its EOS sits outside the
+model's vocabulary so that no engine stops early). When `import mistralrs` fails, the script installs
+mistralrs==0.9.5 from PyPI into its own virtual environment (--venv) and runs the measuring process there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import DEFAULT, write_section
+
+MISTRALRS_VERSION = "0.9.5"
+PEER_SIZES = {
+    "tiny": dict(hidden_size=64, layers=2, intermediate_size=128, heads=4, vocab_size=128, ranks=[4, 4],
+                 targets=["q_proj", "v_proj", "down_proj"], tokens=900, peft_tokens=100),
+    "small": dict(hidden_size=1024, layers=8, intermediate_size=2752, heads=16, vocab_size=32000, ranks=[16] * 8,
+                  targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  tokens=64, peft_tokens=16),
+}
+SYSTEMS = ["base", "peft", "loramix", "mistralrs", "loramix-frozen", "mistralrs-frozen", "loramix-folded"]
+PASS_THROUGH = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+PROMPT = "a"  # one token
+
+
+# ---- the models, in both layouts ------------------------------------------------------------------------------
+def build(size: str, folder: str) -> None:
+    """Base + PEFT experts (loramix reads these) and the same X-LoRA in mistral.rs's layout under folder/mistralrs."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loramix import XLoraConfig, XLoraModel
+    from loramix.tiny import random_experts
+
+    cfg = PEER_SIZES[size]
+    vocab = cfg["vocab_size"]
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["layers"],
+        intermediate_size=cfg["intermediate_size"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
+        max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=vocab)).eval()  # EOS never made
+    base.generation_config.eos_token_id = vocab
+    base.save_pretrained(os.path.join(folder, "base"))
+    tokenizer(vocab).save_pretrained(os.path.join(folder, "base"))
+    adapters = random_experts(base, os.path.join(folder, "experts"), cfg["ranks"], targets=cfg["targets"],
+                              magnitude=3.0)
+    model = XLoraModel.from_base(base, XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=64,
+                                                   layerwise_scalings=True))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a gate that moves with the text, so that granular and frozen differ
+        for p in model.classifier.parameters():
+            p.normal_(0, 0.5)
+    model.save_pretrained(os.path.join(folder, "loramix"))
+    write_mistralrs_layout(model, os.path.join(folder, "base"), os.path.join(folder, "mistralrs"))
+
+
+def tokenizer(vocab_size: int):
+    """A tokenizer mistral.rs can read: byte-level characters (one byte each) then pairs of them, up to the
+    vocabulary; `</s>` at id `vocab_size`, outside what the model can produce."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    pieces = alphabet + [a + b for a in alphabet for b in alphabet]
+    vocab = {"<pad>": 0, "<s>": 1, **{p: i + 2 for i, p in enumerate(pieces[: vocab_size - 2])}, "</s>": vocab_size}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.ByteLevel()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    out.chat_template = PASS_THROUGH
+    return out
+
+
+def write_mistralrs_layout(model, base_dir: str, folder: str) -> None:
+    """mistral.rs 0.9.5's X-LoRA folder for experts of one rank and one set of target modules (what this benchmark
+    makes; `loramix export --to mistralrs` handles the general case)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder)
+    with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
+        base_config = json.load(f)
+    base_config.setdefault("rope_theta", (base_config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    with open(os.path.join(base_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(base_config, f, indent=2)
+    base_id = os.path.abspath(base_dir)
+    names = model.expert_names
+
+    def dump(name: str, data: dict) -> None:
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+
+    dump("ordering.json", {"order": names, "layers": {n: i for i, n in enumerate(model.lora_layer_names)},
+                           "base_model_id": base_id})
+    config = model.config.to_dict()
+    config.update(adapters=names, base_model_id=base_id, xlora_dropout_p=0.0,
+                  scaling_pass_value=model.config.resolved_scaling_pass_value())
+    dump("xlora_config.json", config)
+    classifier = {}
+    for j, linear in enumerate(model.classifier.hidden_linears()):  # mistral.rs numbers the Linear layers only
+        classifier.update({f"inner.{j}.{k}": v for k, v in linear.state_dict().items()})
+    classifier.update({f"last.{k}": v for k, v in model.classifier.last.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in classifier.items()}, os.path.join(folder, "xlora_classifier.safetensors"))
+    for e, name in enumerate(names):
+        tensors, rank, alpha = {}, None, None
+        for layer_name, layer in zip(model.lora_layer_names, model.mixed_layers()):
+            m = layer.expert_module(e)  # every expert adapts every layer here
+            rank = m.rank
+            alpha = m.scale * m.rank
+            tensors[f"base_model.model.{layer_name}.lora_A.weight"] = m.lora_A.detach().contiguous()
+            tensors[f"base_model.model.{layer_name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+        save_file(tensors, os.path.join(folder, f"{name}.adapter_model.safetensors"))
+        dump(f"{name}.adapter_config.json", {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_id, "r": rank,
+            "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in model.lora_layer_names})})
+
+
+# ---- measuring (runs in the environment that has mistralrs) ---------------------------------------------------
+def worker(size: str, folder: str, threads: int, rounds: int) -> dict:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import mistralrs
+    from transformers import AutoModelForCausalLM
+
+    from loramix import XLoraModel
+
+    torch.set_num_threads(threads)
+    cfg = PEER_SIZES[size]
+    n, n_peft = cfg["tokens"], cfg["peft_tokens"]
+    base_dir = os.path.join(folder, "base")
+    ids = tokenizer(cfg["vocab_size"])(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, 1)
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    model = XLoraModel.from_pretrained(os.path.join(folder, "loramix"), base=AutoModelForCausalLM.from_pretrained(base_dir))
+    peft = peft_model(base_dir, folder, model)
+
+    def runner(frozen: bool):
+        which = mistralrs.Which.XLora(
+            xlora_model_id=os.path.join(folder, "mistralrs"), order=os.path.join(folder, "mistralrs", "ordering.json"),
+            model_id=base_dir, arch=mistralrs.Architecture.Llama, tokenizer_json=os.path.join(base_dir, "tokenizer.json"),
+            tgt_non_granular_index=1 if frozen else None)
+        return mistralrs.Runner(which=which, token_source="none")
+
+    runners = {"mistralrs": runner(False), "mistralrs-frozen": runner(True)}
+
+    def mistralrs_tokens(name: str) -> list[int]:
+        response = runners[name].send_chat_completion_request(mistralrs.ChatCompletionRequest(
+            messages=[{"role": "user", "content": PROMPT}], model="xlora", max_tokens=n, temperature=0.0,
+            logprobs=True, top_logprobs=1))
+        return [entry.top_logprobs[0].token for entry in response.choices[0].logprobs.content]
+
+    common = dict(max_new_tokens=n)  # the EOS lies outside the vocabulary: every run makes n tokens
+    runs = {
+        "base": lambda: base.generate(ids, do_sample=False, use_cache=True, pad_token_id=0,
+                                      max_new_tokens=n)[0, 1:].tolist(),
+        "peft": lambda: peft.generate(input_ids=ids, do_sample=False, pad_token_id=0,
+                                      max_new_tokens=n_peft)[0, 1:].tolist(),
+        "loramix": lambda: model.generate(ids, **common)[0, 1:].tolist(),
+        "mistralrs": lambda: mistralrs_tokens("mistralrs"),
+        "loramix-frozen": lambda: model.generate(ids, freeze_scalings_after=1, **common)[0, 1:].tolist(),
+        "mistralrs-frozen": lambda: mistralrs_tokens("mistralrs-frozen"),
+        "loramix-folded": lambda: model.generate(ids, freeze_scalings_after=1, fold_frozen=True, **common)[0, 1:].tolist(),
+    }
+    tokens = {}
+    for name, run in runs.items():  # warm-up, and the tokens to compare
+        start = time.perf_counter()
+        tokens[name] = run()
+        print(f"{size} {name}: warm-up {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                made = len(run())
+                speeds[name].append(made / (time.perf_counter() - start))
+    return {"speeds": speeds, "tokens": tokens, "n": n, "n_peft": n_peft,
+            "mistralrs_version": getattr(mistralrs, "__version__", MISTRALRS_VERSION)}
+
+
+def peft_model(base_dir: str, folder: str, ours):
+    """PEFT's XLoraModel over the same experts, with our classifier's weights (no KV cache: PEFT forbids it)."""
+    import torch
+    from peft import XLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    base.config.use_cache = False
+    experts = os.path.join(folder, "experts")
+    adapters = {str(i): os.path.join(experts, name) for i, name in enumerate(sorted(os.listdir(experts)))}
+    model = get_peft_model(base, XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size,
+                                             adapters=adapters, xlora_depth=2, xlora_size=64,
+                                             layerwise_scalings=True)).eval()
+    theirs = [m for m in model.base_model.internal_xlora_classifier.layers if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for linear, own in zip(theirs, ours.classifier.hidden_linears() + [ours.classifier.last]):
+            linear.weight.copy_(own.weight)
+            linear.bias.copy_(own.bias)
+    return model
+
+
+# ---- the page ---------------------------------------------------------------------------------------------------
+def report(results: dict, threads: int, rounds: int) -> str:
+    import platform
+
+    import torch
+
+    version = next(iter(results.values()))["mistralrs_version"]
+    lines = ["## Against other engines (peers)", "",
+             f"Written by `benchmarks/bench_peers.py` on {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, "
+             f"{threads} CPU threads for torch, mistral.rs {version} (PyPI wheel, CPU, its defaults: f16 KV cache, "
+             f"its own thread pool), float32 weights, {platform.processor() or platform.machine()}. Greedy decoding "
+             f"after a one-token prompt (mistral.rs's CPU X-LoRA fails on longer ones); tokens/s end to end, median "
+             f"of {rounds} interleaved rounds (min–max in brackets). *Frozen*: scalings kept after the first new token "
+             "(mistral.rs: `tgt_non_granular_index=1`); *folded*: frozen with the experts folded into the weights. "
+             "PEFT has no KV cache.", ""]
+    for size, r in results.items():
+        cfg = PEER_SIZES[size]
+        speeds = r["speeds"]
+        med = {k: statistics.median(v) for k, v in speeds.items()}
+        lines += [f"### {size}: hidden {cfg['hidden_size']}, {cfg['layers']} layers, vocabulary {cfg['vocab_size']}, "
+                  f"{len(cfg['ranks'])} experts of rank {cfg['ranks'][0]} on {', '.join(cfg['targets'])}", "",
+                  "| system | tokens | tokens/s (median) | range |", "|---|---|---|---|"]
+        for name in SYSTEMS:
+            made = r["n_peft"] if name == "peft" else r["n"]
+            lines.append(f"| {name} | {made} | {med[name]:.1f} | {min(speeds[name]):.1f}–{max(speeds[name]):.1f} |")
+
+        def ratio(a: str, b: str) -> str:
+            per_round = sorted(x / y for x, y in zip(speeds[a], speeds[b]))
+            return f"{statistics.median(per_round):.2f}× ({per_round[0]:.2f}–{per_round[-1]:.2f})"
+
+        lines += ["", "| ratio (per round, median and range) | value | goal |", "|---|---|---|",
+                  f"| loramix / mistral.rs, granular | {ratio('loramix', 'mistralrs')} | ≥ 1.2× |",
+                  f"| loramix frozen / mistral.rs non-granular | {ratio('loramix-frozen', 'mistralrs-frozen')} | ≥ 1.0× |",
+                  f"| loramix / base (cached generate) | {ratio('loramix', 'base')} | ≥ 0.5× |",
+                  f"| loramix frozen + folded / base | {ratio('loramix-folded', 'base')} | ≥ 0.9× |",
+                  f"| loramix / PEFT | {ratio('loramix', 'peft')} | |",
+                  f"| mistral.rs / base | {ratio('mistralrs', 'base')} | |", ""]
+        for ours, theirs in (("loramix", "mistralrs"), ("loramix-frozen", "mistralrs-frozen"), ("loramix", "peft"),
+                             ("loramix-frozen", "loramix-folded")):
+            a, b = r["tokens"][ours], r["tokens"][theirs]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            verdict = "the same tokens" if a == b else f"the same first {same} tokens (of {len(a)} and {len(b)})"
+            lines.append(f"- {ours} and {theirs} produced {verdict}.")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def mistralrs_python(venv: str) -> str:
+    """An interpreter that imports mistralrs: this one, else the benchmark's own venv (made and filled if absent)."""
+    if subprocess.run([sys.executable, "-c", "import mistralrs"], capture_output=True).returncode == 0:
+        return sys.executable
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.isfile(python):
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
+    if subprocess.run([python, "-c", "import mistralrs"], capture_output=True).returncode != 0:
+        subprocess.run([python, "-m", "pip", "install", f"mistralrs=={MISTRALRS_VERSION}"], check=True)
+    return python
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(PEER_SIZES), choices=list(PEER_SIZES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--venv", default=os.path.expanduser("~/.cache/loramix/mistralrs-venv"),
+                        help="where mistralrs is installed when the running Python lacks it")
+    parser.add_argument("--out", default=DEFAULT)
+    parser.add_argument("--worker", nargs=2, metavar=("SIZE", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, threads=args.threads, rounds=args.rounds)))
+        return
+    python = mistralrs_python(args.venv)
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.sizes:
+            os.makedirs(os.path.join(folder, size))
+            build(size, os.path.join(folder, size))
+            done = subprocess.run([python, __file__, "--threads", str(args.threads), "--rounds", str(args.rounds),
+                                   "--worker", size, os.path.join(folder, size)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{size} failed:\n{done.stderr[-3000:]}")
+            results[size] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(size, {k: round(statistics.median(v), 1) for k, v in results[size]["speeds"].items()}, flush=True)
+    text = report(results, args.threads, args.rounds)
+    write_section("peers", text, args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
