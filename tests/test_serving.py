@@ -221,3 +221,35 @@ def test_folded_groups_equal_unfolded_frozen_scalings(model, tok):
     assert (alone[0].text, alone[0].reason) == expected
     assert (alone[0].text, alone[0].reason) == reference(model, tok, "fold me", params, gate, fold_frozen=True)
     assert [(o.text, o.reason) for o in pair] == [expected, reference(model, tok, "something else", params, gate)]
+
+
+def test_a_row_joining_a_group_later_freezes_on_its_own_schedule(model, tok):
+    """B joins A's running group after A's first token: for a few steps A is frozen and B is not (the scaling pass
+    runs for B alone, A keeps its frozen scalings); both answer as `generate` alone."""
+    params = SamplingParams(max_new_tokens=10)
+    gate = GateOptions(freeze_scalings_after=3)
+    late = Outcome()
+    first = Outcome()
+
+    def emit_first(event: Event) -> None:  # on A's first token (engine thread), B arrives
+        if not first.texts:
+            engine.submit(Request(prompt_ids=tok("a later one")["input_ids"], params=params, gate=gate,
+                                  emit=late.emit))
+        first.emit(event)
+
+    partial_steps = []
+
+    class Spy(Faulty):
+        def compute_scalings(self, **kwargs):  # called on its own only when some rows are frozen
+            partial_steps.append(kwargs["input_ids"].shape[0])
+            return self.model.compute_scalings(**kwargs)
+
+    engine = engine_for(Spy(model, lambda out, kwargs: None), tok, max_batch=4)
+    try:
+        engine.submit(Request(prompt_ids=tok("early")["input_ids"], params=params, gate=gate, emit=emit_first))
+        assert first.done.wait(60) and late.done.wait(60)
+    finally:
+        engine.shutdown()
+    assert engine.stats["max_rows_in_step"] == 2 and 2 in partial_steps
+    assert (first.text, first.reason) == reference(model, tok, "early", params, gate)
+    assert (late.text, late.reason) == reference(model, tok, "a later one", params, gate)
