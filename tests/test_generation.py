@@ -249,3 +249,25 @@ def test_gate_options_are_arguments_checked_by_name(experts):
         model.set_topk_lora(1)
         model.set_softmax_temperature(0.5)
         assert torch.equal(model(input_ids=ids).logits, by_argument)
+
+
+def test_log_probabilities_are_those_of_the_distribution_sampled_from(experts):
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    ids, _ = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, -1]  # (3, vocab)
+    rows = [RowState.start(ids[0].tolist(), SamplingParams(), device="cpu"),
+            RowState.start(ids[1].tolist(), SamplingParams(do_sample=True, temperature=0.7, top_k=5, seed=0),
+                           device="cpu"),
+            RowState.start(ids[2].tolist(), SamplingParams(do_sample=True, temperature=1.8, top_p=0.9, seed=1),
+                           device="cpu")]
+    sampled = sample_next_token(logits, rows, logprobs=4)
+    unsampled = sample_next_token(logits, [RowState.start(r.prompt, r.params, device="cpu") for r in rows])
+    assert torch.equal(sampled.tokens, unsampled.tokens)  # asking for them changes nothing else
+    expected = torch.log_softmax(logits.double() / torch.tensor([[1.0], [0.7], [1.8]], dtype=torch.float64), -1)
+    chosen = expected.gather(-1, sampled.tokens[:, None])[:, 0]
+    torch.testing.assert_close(sampled.logprobs.double(), chosen, atol=1e-4, rtol=0)
+    top, top_ids = expected.topk(4, dim=-1)
+    torch.testing.assert_close(sampled.top_logprobs.double(), top, atol=1e-4, rtol=0)
+    assert torch.equal(sampled.top_ids, top_ids)
+    assert int(sampled.tokens[0]) == int(top_ids[0, 0])  # the greedy row took the most likely token

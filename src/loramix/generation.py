@@ -166,19 +166,27 @@ GREEDY_BELOW = 1e-5  # temperatures under this pick the argmax (vLLM's rule): x 
 
 @dataclass
 class Sampled:
-    """What `sample_next_token` chose: one token per row, and the rows whose sampling failed."""
+    """What `sample_next_token` chose: one token per row, the rows whose sampling failed, and (when asked) the
+    log-probabilities of the distribution each row sampled from."""
 
     tokens: torch.Tensor  # (n,) the chosen token per row (argmax for a row that failed)
     errors: dict[int, str]  # row index -> what went wrong
+    logprobs: torch.Tensor | None = None  # (n,) log-probability of the chosen token
+    top_logprobs: torch.Tensor | None = None  # (n, k) the k largest log-probabilities, largest first
+    top_ids: torch.Tensor | None = None  # (n, k) their tokens
 
 
-def sample_next_token(logits: torch.Tensor, rows: list[RowState]) -> Sampled:
+def sample_next_token(logits: torch.Tensor, rows: list[RowState], logprobs: int | None = None) -> Sampled:
     """The next token of each row from its logits (n, vocab), Hugging Face semantics in this order: repetition
     penalty over prompt + generated, EOS barred before min_new_tokens, then argmax (greedy, or a temperature
     below GREEDY_BELOW) or sampling with the row's temperature, top-k, top-p and own generator.
 
     Rows are independent: a row whose sampling raises (non-finite logits, say) is reported in `errors` and the
-    other rows keep their tokens."""
+    other rows keep their tokens.
+
+    `logprobs` = k >= 0 also returns log-probabilities of the distribution sampled from: log_softmax of the
+    logits after the penalties and the temperature (temperature 1 for greedy rows), before top-k / top-p
+    truncation; for the chosen token and the k most likely ones."""
     logits = logits.float()  # (n, vocab)
     edited = False
     for i, row in enumerate(rows):
@@ -202,7 +210,14 @@ def sample_next_token(logits: torch.Tensor, rows: list[RowState]) -> Sampled:
             tokens[i] = _sample(logits[i], row.params, row.generator)
         except Exception as err:  # noqa: BLE001 - this row alone fails
             errors[i] = f"sampling failed: {type(err).__name__}: {err}"
-    return Sampled(tokens=tokens, errors=errors)
+    sampled = Sampled(tokens=tokens, errors=errors)
+    if logprobs is not None:
+        temperatures = torch.tensor([[1.0 if r.params.greedy else r.params.temperature] for r in rows],
+                                    device=logits.device)  # (n, 1)
+        distribution = torch.log_softmax(logits / temperatures, dim=-1)  # (n, vocab)
+        sampled.logprobs = distribution.gather(-1, tokens[:, None])[:, 0]
+        sampled.top_logprobs, sampled.top_ids = distribution.topk(logprobs, dim=-1)
+    return sampled
 
 
 def _sample(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
@@ -257,7 +272,7 @@ class DecodeBatch:
         self.scalings: torch.Tensor | None = None  # (n, L, E): what produced each row's latest token
         self.frozen: torch.Tensor | None = None  # (n, 1, L, E) once every row is frozen
         self.folded = None  # FoldedWeights while the rows run folded
-        self.last_tokens: torch.Tensor | None = None  # (n,) what `choose` picked
+        self.last_sampled: Sampled | None = None  # what `choose` picked
 
     @property
     def accepting(self) -> bool:
@@ -285,10 +300,11 @@ class DecodeBatch:
         self.rows, self.mask, self.scalings = list(rows), mask, out.scalings[:, -1]
         return out.logits[:, -1]
 
-    def choose(self, logits: torch.Tensor) -> list[str | None]:
+    def choose(self, logits: torch.Tensor, logprobs: int | None = None) -> list[str | None]:
         """Sample each row's next token from `logits` (n, vocab), record it, and return each row's finish
-        reason (`finish_reason`), or "error" for a row that failed alone (its `error` says why)."""
-        sampled = sample_next_token(logits, self.rows)
+        reason (`finish_reason`), or "error" for a row that failed alone (its `error` says why). What was
+        sampled (tokens, and log-probabilities when `logprobs` is given) stays in `last_sampled`."""
+        sampled = sample_next_token(logits, self.rows, logprobs=logprobs)
         reasons: list[str | None] = []
         for i, (row, token) in enumerate(zip(self.rows, sampled.tokens.tolist())):
             if i in sampled.errors:
@@ -301,7 +317,7 @@ class DecodeBatch:
             except Exception as err:  # noqa: BLE001 - a tokenizer that fails on this row's text
                 row.error = f"{type(err).__name__}: {err}"
                 reasons.append("error")
-        self.last_tokens = sampled.tokens
+        self.last_sampled = sampled
         return reasons
 
     def keep(self, index: list[int]) -> None:
@@ -456,7 +472,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                 if reason == "error":
                     raise RuntimeError(f"input_ids: row {row.owner}: {row.error}")
             yield Step(rows=torch.tensor([row.owner for row in batch.rows], device=batch.mask.device),
-                       tokens=batch.last_tokens, scalings=batch.scalings, reasons=reasons)
+                       tokens=batch.last_sampled.tokens, scalings=batch.scalings, reasons=reasons)
             batch.keep([i for i, reason in enumerate(reasons) if reason is None])
             if not batch.rows:
                 return
