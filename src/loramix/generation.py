@@ -161,7 +161,9 @@ def finish_reason(row: RowState) -> str | None:
 
 
 # ---- token choice --------------------------------------------------------------------------------------------
-GREEDY_BELOW = 1e-5  # temperatures under this pick the argmax (vLLM's rule): x / T would overflow float32
+# Temperatures under this pick the argmax (vLLM's rule): the distribution is one-hot up to rounding there, and a
+# tiny temperature would overflow float32 in logits / T (1e-39: inf, then NaN probabilities).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -457,9 +459,9 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         raise ValueError(f"input_ids: the prompt has {prompt_len} tokens, the model's context is {max_length}")
     batch = DecodeBatch(model, top_k_lora=top_k_lora, softmax_temperature=softmax_temperature,
                         freeze_scalings_after=freeze_scalings_after, fold_frozen=fold_frozen)
-    real = attention_mask.bool().cpu()
+    prompts, real = input_ids.cpu(), attention_mask.bool().cpu()
     # the context budget counts the padded prompt (Hugging Face's max_length convention)
-    rows = [RowState.start(input_ids[r][real[r]].tolist(), params[r], device=model.device,
+    rows = [RowState.start(prompts[r][real[r]].tolist(), params[r], device=model.device,
                            eos_token_ids=eos_token_ids, tokenizer=tokenizer, context_length=max_length,
                            prompt_length=prompt_len, owner=r) for r in range(b)]
     if max((row.budget for row in rows), default=0) <= 0:
@@ -516,8 +518,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                              freeze_scalings_after=freeze_scalings_after, fold_frozen=fold_frozen,
                              tokenizer=tokenizer, max_length=context_length(model), top_k_lora=top_k_lora,
                              softmax_temperature=softmax_temperature):
-        for i, r in enumerate(step.rows.tolist()):
-            new[r].append(int(step.tokens[i]))
+        for i, (r, token) in enumerate(zip(step.rows.tolist(), step.tokens.tolist())):
+            new[r].append(token)
             if return_scalings:
                 new_scalings[r].append(step.scalings[i].float().cpu())
             if step.reasons[i] is not None:
