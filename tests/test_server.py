@@ -718,3 +718,44 @@ def test_serve_refuses_a_template_that_is_not_utf8_and_a_busy_port(tmp_path, cap
         busy.listen()
         assert main(["serve", "--model", "/no/such/checkpoint", "--port", str(busy.getsockname()[1])]) == 2
         assert "--port" in capsys.readouterr().err
+
+
+def test_fuzzing_from_the_openapi_schema_finds_no_server_error(checkpoint):
+    """schemathesis draws requests from the server's own OpenAPI document, fitting it and not (bounded: a fixed
+    number of derandomized examples, no shrinking): no 5xx, every error an OpenAI-style JSON body, healthy after."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    state, server = _start(checkpoint, max_batch=4, max_tokens_cap=4)
+    statuses: dict[int, int] = {}
+    try:
+        schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+        document = httpx.get(server.url + "/openapi.json").json()["paths"]
+        for path, field in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
+            declared = document[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            assert field in declared["required"] and declared["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 4
+        cases = st.one_of(schema.as_strategy(schemathesis.GenerationMode.POSITIVE),
+                          schema.as_strategy(schemathesis.GenerationMode.NEGATIVE))
+
+        @settings(max_examples=60, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=cases)
+        def fuzz(case):
+            response = case.call(base_url=server.url, timeout=30)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            described = f"{case.method} {case.formatted_path} {case.body!r:.300} -> {response.status_code}"
+            assert response.status_code < 500, described + f" {response.content[:300]!r}"
+            if response.status_code >= 400:
+                assert response.headers["content-type"][0].startswith("application/json"), described
+                error = json.loads(response.content)["error"]
+                assert set(error) == {"message", "type", "param", "code"} and error["message"], described
+
+        fuzz()
+        assert statuses.get(200) and statuses.get(400)  # it reached generation and the validation alike
+        assert _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a", "max_tokens": 2}).json()[
+            "usage"]["completion_tokens"] == 2
+        assert wait_idle(state.engine) and _wait(lambda: state.engine.in_flight == 0, timeout=5) is not None
+    finally:
+        server.stop()
+        state.engine.shutdown()
