@@ -293,8 +293,10 @@ def _check_serve_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--chat-template: {args.chat_template} is not UTF-8 text") from None
         except OSError as e:
             raise ValueError(f"--chat-template: cannot read {args.chat_template}: {e.strerror}") from None
+    if not args.host:
+        raise ValueError("--host must not be empty (0.0.0.0 listens on every interface)")
     try:  # the address must resolve and be free now, not after minutes of loading
-        family, kind, proto, _, address = socket.getaddrinfo(args.host or None, args.port,
+        family, kind, proto, _, address = socket.getaddrinfo(args.host, args.port,
                                                              type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

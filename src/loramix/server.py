@@ -281,7 +281,7 @@ class ServerState:
         """Stop admitting requests (503) and end every running one now with an error; the engine drops them at
         its next step. Called first thing on shutdown, so no open response holds the process up."""
         self.closing = True
-        for request, deliver in list(self.running.values()):
+        for request, deliver in self.running.copy().values():  # a copy: handlers remove themselves
             self.engine.cancel(request)
             deliver(Event(finish_reason="error", error=SHUTTING_DOWN))
 
