@@ -505,13 +505,14 @@ LONG = {"model": "tiny-xlora", "prompt": "busy", "max_tokens": 64, "temperature"
 
 def test_a_non_streaming_client_that_hangs_up_frees_its_slot(checkpoint, monkeypatch):
     state, server = _start(checkpoint, max_batch=1, max_queue=0, max_tokens_cap=64)
-    _slow_engine(state, monkeypatch, 0.05)  # the generation would hold its slot for over 3 s
+    _slow_engine(state, monkeypatch, 0.1)  # the generation would hold its slot for over 6 s
+    tokens = state.engine.stats["tokens"]
     try:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s and closes its connection
             _post(server, "/v1/completions", LONG, timeout=0.5)
-        assert state.engine.in_flight == 1  # still generating when the client left
         freed = _wait(lambda: state.engine.in_flight == 0, timeout=2.0)
-        assert freed is not None and freed < 1.0
+        assert freed is not None  # within 2 s of the hang-up
+        assert state.engine.stats["tokens"] - tokens < LONG["max_tokens"]  # cut short, not run to its end
         response = _post(server, "/v1/completions", {**LONG, "max_tokens": 2})  # admitted, not 429
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
     finally:
@@ -544,7 +545,7 @@ def strict(checkpoint):
 
 
 def test_a_body_over_the_limit_gets_413_before_it_is_read(strict):
-    state, server = strict
+    _, server = strict
     body = json.dumps({"model": "tiny-xlora", "prompt": "a", "user": "x" * 3000})
     response = _post(server, "/v1/completions", body)
     assert response.status_code == 413 and _is_openai_error(response)
@@ -613,9 +614,9 @@ def test_stopping_ends_running_requests_at_once_and_refuses_new_ones(checkpoint,
             streaming = pool.submit(stream)
             assert _wait(lambda: state.engine.active_rows() == 2, timeout=10) is not None
             state.drain()  # what shutdown does first
-            assert waiting.result(timeout=2).status_code == 503
+            assert waiting.result(timeout=5).status_code == 503
             assert _is_openai_error(waiting.result())
-            lines = streaming.result(timeout=2)
+            lines = streaming.result(timeout=5)
         error = json.loads(lines[-2][len("data: "):])["error"]
         assert error["message"] == "the server is shutting down" and lines[-1] == "data: [DONE]"
         response = _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})

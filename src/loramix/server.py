@@ -208,7 +208,9 @@ def gate_from(body: dict, n_experts: int) -> GateOptions:
 def request_schemas(model_name: str, max_tokens_cap: int, n_experts: int) -> tuple[dict, dict]:
     """JSON schemas of the /v1/completions and /v1/chat/completions bodies, for the OpenAPI document (the routes
     read raw bodies and validate them themselves, with OpenAI-style errors)."""
-    nullable = lambda kind, **rules: {"anyOf": [{"type": kind, **rules}, {"type": "null"}]}  # noqa: E731
+    def nullable(kind: str, **rules) -> dict:
+        return {"anyOf": [{"type": kind, **rules}, {"type": "null"}]}
+
     common = {
         "model": {"type": "string", "enum": [model_name]},
         "max_tokens": nullable("integer", minimum=1, maximum=max_tokens_cap),
@@ -419,7 +421,7 @@ def create_app(state: ServerState, api_key: str | None = None):
             text = await state.tokenize(state.tokenizer.apply_chat_template,
                                         [{"role": m["role"], "content": m["content"]} for m in messages],
                                         tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja errors from the template (e.g. unsupported roles)
+        except Exception as e:  # noqa: BLE001 - jinja errors from the template (e.g. unsupported roles)
             raise ApiError(400, f"messages: the chat template failed: {e}", param="messages") from None
         _check_characters(text, "messages")
         ids = await _tokenize(text, "messages", add_special_tokens=False)
@@ -470,7 +472,7 @@ def create_app(state: ServerState, api_key: str | None = None):
     async def _tokenize(text: str, param: str, **kwargs) -> list[int]:
         try:
             ids = (await state.tokenize(state.tokenizer, text, **kwargs))["input_ids"]
-        except Exception as e:  # text the tokenizer refuses
+        except Exception as e:  # noqa: BLE001 - text the tokenizer refuses
             raise ApiError(400, f"{param}: the tokenizer failed: {type(e).__name__}: {e}", param=param) from None
         _check_length(len(ids), chat=param == "messages")
         return ids
