@@ -400,39 +400,6 @@ def test_load_64_concurrent_requests_no_server_errors(live):
     assert wait_idle(state.engine) and state.engine.in_flight == 0
 
 
-def test_the_serve_verb_starts_a_guarded_server(checkpoint):
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as probe:  # a free loopback port for the child process
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "loramix.cli", "serve", "--model", str(checkpoint), "--port",
-                             str(port), "--api-key", "k", "--max-tokens-cap", "8", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        assert httpx.get(url + "/v1/models").status_code == 401
-        headers = {"Authorization": "Bearer k"}
-        assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == "tiny-xlora"
-        body = {"model": "tiny-xlora", "prompt": "abc", "max_tokens": 9}
-        assert httpx.post(url + "/v1/completions", json=body, headers=headers).status_code == 400  # over the cap
-        body["max_tokens"] = 8
-        assert httpx.post(url + "/v1/completions", json=body, headers=headers).json()["usage"]["prompt_tokens"] == 3
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=30)[0]
-    assert f"serving tiny-xlora (3 experts) on http://127.0.0.1:{port}/v1" in output
-
-
 def test_engine_batches_a_sliding_window_model_exactly(tmp_path):
     """Mistral with a 4-token window: rows joined by padding give what each gives alone."""
     from transformers import MistralConfig, MistralForCausalLM
@@ -621,7 +588,8 @@ def test_stopping_ends_running_requests_at_once_and_refuses_new_ones(checkpoint,
         assert error["message"] == "the server is shutting down" and lines[-1] == "data: [DONE]"
         response = _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
         assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
-        assert httpx.get(server.url + "/health").json()["status"] == "shutting_down"
+        response = httpx.get(server.url + "/health")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
         assert _wait(lambda: state.engine.in_flight == 0, timeout=2) is not None
     finally:
         server.stop()
@@ -637,9 +605,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_sigterm_stops_the_serve_verb_within_seconds_mid_generation(checkpoint, tmp_path):
-    """A supervisor's SIGTERM while a long generation streams: exit code 0 within 10 s, the stream ends with an
-    error, not by running to max_tokens."""
+def test_the_serve_verb_serves_a_guarded_model_and_stops_on_sigterm_mid_generation(checkpoint, tmp_path):
+    """`loramix serve` as a supervisor runs it: the key guards the routes, the cap holds, and SIGTERM while a long
+    generation streams ends it with an error chunk and exits with code 0 within 10 s (not at max_tokens)."""
     import signal
     import subprocess
     import sys
@@ -651,15 +619,22 @@ def test_sigterm_stops_the_serve_verb_within_seconds_mid_generation(checkpoint, 
     (base / "config.json").write_text(json.dumps(config))
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "loramix.cli", "serve", "--model", str(checkpoint), "--base",
-                             str(base), "--port", str(port), "--max-tokens-cap", "30000", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(base), "--port", str(port), "--api-key", "k", "--max-tokens-cap", "30000",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": "Bearer k"}
     lines: list[str] = []
     sent = None
     try:
         assert _wait(lambda: _healthy(url), timeout=60) is not None
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == "tiny-xlora"
+        body = {"model": "tiny-xlora", "prompt": "abc", "max_tokens": 30001}
+        assert httpx.post(url + "/v1/completions", json=body, headers=headers).status_code == 400  # over the cap
+        body["max_tokens"] = 8
+        assert httpx.post(url + "/v1/completions", json=body, headers=headers).json()["usage"]["prompt_tokens"] == 3
         body = {**LONG, "max_tokens": 30000, "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=30) as response:
             for line in response.iter_lines():
                 if line:
                     lines.append(line)
@@ -675,6 +650,7 @@ def test_sigterm_stops_the_serve_verb_within_seconds_mid_generation(checkpoint, 
         if proc.poll() is None:
             proc.kill()
         output = proc.communicate(timeout=30)[0]
+    assert f"serving tiny-xlora (3 experts) on http://127.0.0.1:{port}/v1" in output
     assert code == 0, output
     assert took < 10
     assert json.loads(lines[-2][len("data: "):])["error"]["message"] == "the server is shutting down"

@@ -60,6 +60,10 @@ class ApiError(Exception):
                         headers=headers)
 
 
+def shutting_down() -> ApiError:
+    return ApiError(503, SHUTTING_DOWN, kind="server_error", code="service_unavailable")
+
+
 # ---- request validation -----------------------------------------------------------------------------------------
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
@@ -366,9 +370,11 @@ def create_app(state: ServerState, api_key: str | None = None):
 
     @app.get("/health")
     async def health():
+        if state.closing:  # a load balancer stops sending requests here
+            raise shutting_down()
         engine = state.engine
-        return {"status": "shutting_down" if state.closing else "ok", "model": state.model_name,
-                "running": engine.active_rows(), "waiting": len(engine.waiting)}
+        return {"status": "ok", "model": state.model_name, "running": engine.active_rows(),
+                "waiting": len(engine.waiting)}
 
     @app.get("/v1/models")
     async def models():
@@ -430,7 +436,7 @@ def create_app(state: ServerState, api_key: str | None = None):
     async def _read_json(http: HttpRequest) -> dict:
         """The body as a JSON object, refused (413) past max_request_bytes before it is all read."""
         if state.closing:
-            raise ApiError(503, SHUTTING_DOWN, kind="server_error", code="service_unavailable")
+            raise shutting_down()
         limit = state.max_request_bytes
         too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes "
                                 "(--max-request-bytes)", code="request_too_large")
@@ -480,7 +486,7 @@ def create_app(state: ServerState, api_key: str | None = None):
     async def _run(http: HttpRequest, body: dict, options, ids: list[int], chat: bool):
         params, gate, stream = options
         if state.closing:
-            raise ApiError(503, SHUTTING_DOWN, kind="server_error", code="service_unavailable")
+            raise shutting_down()
         events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the client has gone
         deliver = _deliverer(asyncio.get_running_loop(), events)
         job = Request(prompt_ids=ids, params=params, gate=gate, emit=deliver)
@@ -490,7 +496,7 @@ def create_app(state: ServerState, api_key: str | None = None):
             raise ApiError(429, f"the server is busy: {e}; retry later", code="rate_limit_exceeded",
                            kind="rate_limit_error") from None
         except RuntimeError:  # the engine has stopped
-            raise ApiError(503, SHUTTING_DOWN, kind="server_error", code="service_unavailable") from None
+            raise shutting_down() from None
         state.running[job.id] = (job, deliver)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         experts = list(state.model.expert_names)
@@ -516,7 +522,7 @@ def create_app(state: ServerState, api_key: str | None = None):
             return Response(status_code=499)  # nobody reads it; uvicorn drops it
         if reason == "error":
             if error == SHUTTING_DOWN:
-                raise ApiError(503, SHUTTING_DOWN, kind="server_error", code="service_unavailable")
+                raise shutting_down()
             raise ApiError(500, f"generation failed: {error}", kind="server_error")
         answer = "".join(text)
         choice = {"index": 0, "finish_reason": reason, "logprobs": None}
@@ -553,9 +559,9 @@ def create_app(state: ServerState, api_key: str | None = None):
             while True:
                 event = await events.get()
                 if event.finish_reason == "error":
-                    status, kind_ = (503, "server_error") if event.error == SHUTTING_DOWN else (500, "server_error")
-                    message = SHUTTING_DOWN if status == 503 else f"generation failed: {event.error}"
-                    yield f"data: {json.dumps(ApiError(status, message, kind=kind_).body())}\n\n"
+                    err = shutting_down() if event.error == SHUTTING_DOWN else ApiError(
+                        500, f"generation failed: {event.error}", kind="server_error")
+                    yield f"data: {json.dumps(err.body())}\n\n"
                     finished = True
                     break
                 if event.text or event.scalings:
