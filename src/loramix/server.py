@@ -497,7 +497,7 @@ def create_app(state: ServerState, api_key: str | None = None):
                            kind="rate_limit_error") from None
         except RuntimeError:  # the engine has stopped
             raise shutting_down() from None
-        state.running[job.id] = (job, deliver)
+        state.running[id(job)] = (job, deliver)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         experts = list(state.model.expert_names)
         if stream:
@@ -515,7 +515,7 @@ def create_app(state: ServerState, api_key: str | None = None):
                 reason, error = event.finish_reason, event.error
         finally:
             watcher.cancel()
-            state.running.pop(job.id, None)
+            state.running.pop(id(job), None)
             if reason is None:  # the client went away while waiting
                 state.engine.cancel(job)
         if reason is None:
@@ -578,7 +578,7 @@ def create_app(state: ServerState, api_key: str | None = None):
                 yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            state.running.pop(job.id, None)
+            state.running.pop(id(job), None)
             if not finished:  # the client disconnected mid-stream: free the slot
                 state.engine.cancel(job)
 
