@@ -9,6 +9,7 @@ import torch
 from conftest import make_experts, peft_reference, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
+from loramix.generation import RowState, SamplingParams, finish_reason, sample_next_token
 
 CONFIGS = {
     "layerwise-depth2": dict(layerwise_scalings=True, xlora_depth=2, xlora_size=16),
@@ -107,10 +108,13 @@ def test_frozen_scalings_equal_recompute_with_frozen_scalings(after, experts):
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(result.sequences, seq)
     assert torch.allclose(result.scalings[0, after:], result.scalings[0, after:after + 1].expand(8 - after, -1, -1))
+    with torch.no_grad():
+        before = model(input_ids=seq).logits
     folded = model.generate(prompt, max_new_tokens=8, eos_token_id=None, freeze_scalings_after=after,
                             fold_frozen=True)
     assert torch.equal(folded, seq)
-    assert all(layer.folded_weight is None for layer in model.mixed_layers())  # unfolded after the request
+    with torch.no_grad():  # the model mixes per token again after the request
+        assert torch.equal(model(input_ids=seq).logits, before)
 
 
 def test_returned_scalings_are_the_ones_that_produced_each_token(experts):
@@ -182,3 +186,88 @@ def test_streamer_and_stop_strings(experts):
     stopped = model.generate(prompt, max_new_tokens=10, eos_token_id=None, stop=[stop], tokenizer=tokenizer)
     stopped_text = tokenizer.decode(stopped[0, prompt.shape[1]:])
     assert stopped_text.endswith(stop) and text.startswith(stopped_text) and len(stopped_text) < len(text)
+
+
+def test_a_tiny_temperature_samples_greedily(experts):
+    """temperature 1e-39 used to overflow float32 (logits / T = inf) and the sampler raised."""
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    ids, mask = batch()
+    greedy = model.generate(ids, mask, max_new_tokens=8, eos_token_id=None)
+    for temperature in (1e-39, 1e-6):
+        tiny = model.generate(ids, mask, max_new_tokens=8, eos_token_id=None, do_sample=True,
+                              temperature=temperature, seed=0)
+        assert torch.equal(tiny, greedy)
+
+
+def _rows(n, device="cpu", **params):
+    return [RowState.start([5, 6, 7], SamplingParams(**params), device=device, eos_token_ids=[2])
+            for _ in range(n)]
+
+
+def test_sampling_failures_stay_in_their_row():
+    logits = torch.randn(3, 11)
+    logits[1] = float("nan")
+    rows = _rows(3, do_sample=True, seed=0)
+    sampled = sample_next_token(logits, rows)
+    assert list(sampled.errors) == [1] and "sampling failed" in sampled.errors[1]
+    again = sample_next_token(logits[[0, 2]], _rows(2, do_sample=True, seed=0))  # the same rows, without row 1
+    assert sampled.tokens[[0, 2]].tolist() == again.tokens.tolist() and not again.errors
+
+
+def test_finish_reason_rules():
+    tok = tiny_tokenizer()
+
+    def row(**params):
+        return RowState.start([5, 6, 7], SamplingParams(**params), device="cpu", eos_token_ids=[2],
+                              tokenizer=tok, context_length=6)
+
+    r = row(max_new_tokens=10, min_new_tokens=2)
+    for token, expected in zip([2, 2, 2], [None, None, "stop"]):  # an EOS ends the row after min_new_tokens
+        r.push(token)
+        assert finish_reason(r) == expected
+    r = row(max_new_tokens=10, stop=["bc"])
+    for token, expected in zip(tok("abc")["input_ids"], [None, None, "stop"]):
+        r.push(token)
+        assert finish_reason(r) == expected
+    assert r.take_text(final=True) == "a"  # the text ends before the stop string
+    r = row(max_new_tokens=10)  # the context (6) leaves 3 tokens after a 3-token prompt
+    assert r.budget == 3
+    for token, expected in zip([9, 9, 9], [None, None, "length"]):
+        r.push(token)
+        assert finish_reason(r) == expected
+
+
+def test_gate_options_are_arguments_checked_by_name(experts):
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    ids, _ = batch()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="top_k_lora"):
+            model(input_ids=ids, top_k_lora=9)
+        with pytest.raises(ValueError, match="softmax_temperature"):
+            model(input_ids=ids, softmax_temperature=float("inf"))
+        by_argument = model(input_ids=ids, top_k_lora=1, softmax_temperature=0.5).logits
+        model.set_topk_lora(1)
+        model.set_softmax_temperature(0.5)
+        assert torch.equal(model(input_ids=ids).logits, by_argument)
+
+
+def test_log_probabilities_are_those_of_the_distribution_sampled_from(experts):
+    model = build(experts, **CONFIGS["layerwise-depth2"])
+    ids, _ = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, -1]  # (3, vocab)
+    rows = [RowState.start(ids[0].tolist(), SamplingParams(), device="cpu"),
+            RowState.start(ids[1].tolist(), SamplingParams(do_sample=True, temperature=0.7, top_k=5, seed=0),
+                           device="cpu"),
+            RowState.start(ids[2].tolist(), SamplingParams(do_sample=True, temperature=1.8, top_p=0.9, seed=1),
+                           device="cpu")]
+    sampled = sample_next_token(logits, rows, logprobs=4)
+    unsampled = sample_next_token(logits, [RowState.start(r.prompt, r.params, device="cpu") for r in rows])
+    assert torch.equal(sampled.tokens, unsampled.tokens)  # asking for them changes nothing else
+    expected = torch.log_softmax(logits.double() / torch.tensor([[1.0], [0.7], [1.8]], dtype=torch.float64), -1)
+    chosen = expected.gather(-1, sampled.tokens[:, None])[:, 0]
+    torch.testing.assert_close(sampled.logprobs.double(), chosen, atol=1e-4, rtol=0)
+    top, top_ids = expected.topk(4, dim=-1)
+    torch.testing.assert_close(sampled.top_logprobs.double(), top, atol=1e-4, rtol=0)
+    assert torch.equal(sampled.top_ids, top_ids)
+    assert int(sampled.tokens[0]) == int(top_ids[0, 0])  # the greedy row took the most likely token

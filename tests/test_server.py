@@ -4,6 +4,7 @@ batched decoding equal to one-at-a-time generation, bad input, keys, disconnects
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +22,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}|{% endfor
 
 
 class LiveServer:
-    """uvicorn in a thread on 127.0.0.1, port chosen by the OS."""
+    """The server (uvicorn) in a thread on 127.0.0.1, port chosen by the OS."""
 
-    def __init__(self, app) -> None:
-        import uvicorn
+    def __init__(self, state, api_key=None) -> None:
+        from loramix.server import make_server
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = make_server(state, host="127.0.0.1", port=0, api_key=api_key, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -56,11 +57,11 @@ def checkpoint(tmp_path_factory):
 
 
 def _start(checkpoint, **options):
-    from loramix.server import create_app, load_state
+    from loramix.server import load_state
 
     api_key = options.pop("api_key", None)
     state = load_state(str(checkpoint), **options)
-    return state, LiveServer(create_app(state, api_key=api_key))
+    return state, LiveServer(state, api_key=api_key)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,7 @@ def test_seeded_sampling_is_reproducible(live):
 def _post(server, path, body, **kw):
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"},
-                      timeout=30, **kw)
+                      **{"timeout": 30, **kw})
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -236,6 +237,17 @@ def _post(server, path, body, **kw):
     ({"model": "tiny-xlora", "prompt": "a", "xlora": {"top_k": 9}}, 400, "xlora.top_k"),
     ({"model": "tiny-xlora", "prompt": "a", "xlora": {"colour": 1}}, 400, "xlora"),
     ({"model": "tiny-xlora", "prompt": "a", "xlora": {"softmax_temperature": 0}}, 400, "xlora.softmax_temperature"),
+    # each of these was a 500
+    ({"model": "tiny-xlora", "prompt": ""}, 400, "prompt"),
+    (b'{"model": "tiny-xlora", "prompt": "ab\\ud800c"}', 400, "prompt"),
+    (b'{"model": "tiny-xlora", "prompt": ["\\udfff"]}', 400, "prompt[0]"),
+    (b'{"model": "tiny-xlora", "prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, None),
+    ({"model": "tiny-xlora", "prompt": "a", "seed": 2 ** 64}, 400, "seed"),
+    ({"model": "tiny-xlora", "prompt": "a", "seed": -(2 ** 63) - 1}, 400, "seed"),
+    ({"model": "tiny-xlora", "prompt": "a", "temperature": 10 ** 400}, 400, "temperature"),
+    ({"model": "tiny-xlora", "prompt": "a", "xlora": {"softmax_temperature": -(10 ** 400)}}, 400,
+     "xlora.softmax_temperature"),
+    (b'{"model": "\\ud800", "prompt": "a"}', 400, "model"),
 ])
 def test_bad_completions_get_openai_errors(live, body, status, param):
     _, server = live
@@ -253,6 +265,41 @@ def test_bad_chats_get_openai_errors(live):
     for messages in (None, [], [{"role": "user"}], [{"role": "user", "content": 3}], "hi"):
         response = _post(server, "/v1/chat/completions", {"model": "tiny-xlora", "messages": messages})
         assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    response = _post(server, "/v1/chat/completions",  # a lone surrogate was a 500
+                     b'{"model": "tiny-xlora", "messages": [{"role": "user", "content": "hi \\ud800"}]}')
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0].content"
+
+
+def test_a_seed_at_the_edge_of_64_bits_is_accepted_and_reproducible(live):
+    _, server = live
+    body = {"model": "tiny-xlora", "prompt": "sample", "max_tokens": 6, "temperature": 1.0, "seed": 2 ** 64 - 1}
+    texts = [_post(server, "/v1/completions", body).json()["choices"][0]["text"] for _ in range(2)]
+    assert texts[0] == texts[1]
+
+
+def _is_openai_error(response) -> bool:
+    assert response.headers["content-type"].startswith("application/json"), response.text[:200]
+    error = response.json()["error"]
+    return set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str) and \
+        isinstance(error["type"], str) and bool(error["message"])
+
+
+def test_every_error_is_an_openai_json_body(live, monkeypatch):
+    state, server = live
+    assert httpx.get(server.url + "/nowhere").status_code == 404
+    assert _is_openai_error(httpx.get(server.url + "/nowhere"))
+    response = httpx.get(server.url + "/v1/completions")
+    assert response.status_code == 405 and _is_openai_error(response) and "POST" in response.headers["allow"]
+
+    def broken(_):  # a bug inside the server: still a JSON 500, and the server lives on
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(state.engine, "submit", broken)
+    response = _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
+    assert response.status_code == 500 and _is_openai_error(response)
+    assert response.json()["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a", "max_tokens": 2}).status_code == 200
 
 
 def test_chat_without_a_template_is_a_clear_400(checkpoint, tmp_path):
@@ -284,6 +331,13 @@ def test_api_key_guards_every_route_but_health(checkpoint):
             assert httpx.get(server.url + path, headers={"Authorization": "Bearer nope"}).status_code == 401
         response = _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        # the scheme is case-insensitive (RFC 7235); the key is not
+        for header, code in (("bearer s3cret", 200), ("BEARER s3cret", 200), ("Bearer  s3cret", 200),
+                             ("Bearer S3CRET", 401), ("Basic s3cret", 401), ("s3cret", 401), ("Bearer s3cre", 401),
+                             ("Bearer s3cret\u00e9", 401)):
+            response = httpx.get(server.url + "/v1/models", headers={"Authorization": header.encode("latin-1")})
+            assert response.status_code == code, header
+            assert code == 200 or _is_openai_error(response)
         out = _client(server, api_key="s3cret").completions.create(model="tiny-xlora", prompt="a", max_tokens=3)
         assert out.usage.completion_tokens >= 1
     finally:
@@ -346,39 +400,6 @@ def test_load_64_concurrent_requests_no_server_errors(live):
     assert wait_idle(state.engine) and state.engine.in_flight == 0
 
 
-def test_the_serve_verb_starts_a_guarded_server(checkpoint):
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as probe:  # a free loopback port for the child process
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "loramix.cli", "serve", "--model", str(checkpoint), "--port",
-                             str(port), "--api-key", "k", "--max-tokens-cap", "8", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        assert httpx.get(url + "/v1/models").status_code == 401
-        headers = {"Authorization": "Bearer k"}
-        assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == "tiny-xlora"
-        body = {"model": "tiny-xlora", "prompt": "abc", "max_tokens": 9}
-        assert httpx.post(url + "/v1/completions", json=body, headers=headers).status_code == 400  # over the cap
-        body["max_tokens"] = 8
-        assert httpx.post(url + "/v1/completions", json=body, headers=headers).json()["usage"]["prompt_tokens"] == 3
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=30)[0]
-    assert f"serving tiny-xlora (3 experts) on http://127.0.0.1:{port}/v1" in output
-
-
 def test_engine_batches_a_sliding_window_model_exactly(tmp_path):
     """Mistral with a 4-token window: rows joined by padding give what each gives alone."""
     from transformers import MistralConfig, MistralForCausalLM
@@ -422,3 +443,301 @@ def test_engine_batches_a_sliding_window_model_exactly(tmp_path):
             predicted = model(input_ids=sequence).logits[0, ids.shape[1] - 1:-1].argmax(-1)
         n = len(new)
         assert torch.equal(predicted[:n], sequence[0, ids.shape[1]:ids.shape[1] + n])
+
+
+# ---- limits, disconnects, shutdown (issue 10) ---------------------------------------------------------------------
+def _slow_engine(state, monkeypatch, seconds: float) -> None:
+    """A slow model: every decode step takes `seconds` longer."""
+    step = state.engine._step
+
+    def slow_step(group):
+        time.sleep(seconds)
+        step(group)
+
+    monkeypatch.setattr(state.engine, "_step", slow_step)
+
+
+def _wait(condition, timeout: float) -> float | None:
+    """Seconds until condition() holds, or None after timeout."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if condition():
+            return time.perf_counter() - start
+        time.sleep(0.01)
+    return None
+
+
+LONG = {"model": "tiny-xlora", "prompt": "busy", "max_tokens": 64, "temperature": 0, "stop": ["never-appears-here"]}
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_slot(checkpoint, monkeypatch):
+    state, server = _start(checkpoint, max_batch=1, max_queue=0, max_tokens_cap=64)
+    _slow_engine(state, monkeypatch, 0.1)  # the generation would hold its slot for over 6 s
+    tokens = state.engine.stats["tokens"]
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s and closes its connection
+            _post(server, "/v1/completions", LONG, timeout=0.5)
+        freed = _wait(lambda: state.engine.in_flight == 0, timeout=2.0)
+        assert freed is not None  # within 2 s of the hang-up
+        assert state.engine.stats["tokens"] - tokens < LONG["max_tokens"]  # cut short, not run to its end
+        response = _post(server, "/v1/completions", {**LONG, "max_tokens": 2})  # admitted, not 429
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
+    finally:
+        server.stop()
+        state.engine.shutdown()
+
+
+class SlowTokenizer:
+    """The served tokenizer, taking `delay` seconds per call and counting its calls."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay, self.calls = inner, delay, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        time.sleep(self.delay)
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def strict(checkpoint):
+    """A server with small limits: 2 KiB bodies, 4 tokens at most."""
+    state, server = _start(checkpoint, max_tokens_cap=4, max_request_bytes=2048)
+    yield state, server
+    server.stop()
+    state.engine.shutdown()
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(strict):
+    _, server = strict
+    body = json.dumps({"model": "tiny-xlora", "prompt": "a", "user": "x" * 3000})
+    response = _post(server, "/v1/completions", body)
+    assert response.status_code == 413 and _is_openai_error(response)
+    assert "2048 bytes" in response.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: counted while read
+        for i in range(0, len(body), 500):
+            yield body[i:i + 500].encode()
+
+    response = httpx.post(server.url + "/v1/chat/completions", content=chunked(), timeout=30,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and _is_openai_error(response)
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_a_prompt_too_long_in_characters_is_refused_without_tokenizing(strict, monkeypatch):
+    state, server = strict
+    slow = SlowTokenizer(state.tokenizer, 2.0)
+    monkeypatch.setattr(state, "tokenizer", slow)
+    too_long = "ab" * (state.max_prompt_chars // 2 + 1)  # 128 positions x 5 characters (the longest entry, "<pad>")
+    for path, body in (("/v1/completions", {"model": "tiny-xlora", "prompt": too_long}),
+                       ("/v1/chat/completions", {"model": "tiny-xlora",
+                                                 "messages": [{"role": "user", "content": too_long}]})):
+        start = time.perf_counter()
+        response = _post(server, path, body)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+        assert time.perf_counter() - start < 1.5
+    assert slow.calls == 0
+
+
+def test_health_answers_while_a_prompt_is_tokenized(strict, monkeypatch):
+    state, server = strict
+    slow = SlowTokenizer(state.tokenizer, 1.5)
+    monkeypatch.setattr(state, "tokenizer", slow)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_post, server, "/v1/completions", {"model": "tiny-xlora", "prompt": "x y " * 20})
+        assert _wait(lambda: slow.calls == 1, timeout=5) is not None
+        start = time.perf_counter()
+        assert httpx.get(server.url + "/health", timeout=5).json()["status"] == "ok"
+        assert time.perf_counter() - start < 0.5  # the event loop is free while the tokenizer works
+        assert not pending.done()
+        assert pending.result().status_code == 200
+
+
+def test_the_default_max_tokens_obeys_the_cap(strict, reference):
+    _, server = strict
+    ids = tiny_tokenizer()("hello wor")["input_ids"]
+    assert len(_greedy(reference, ids, 16)[0]) > 4  # the default (16) would give more than the cap
+    out = _client(server).completions.create(model="tiny-xlora", prompt="hello wor", temperature=0)
+    assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
+    assert out.choices[0].text == _greedy(reference, ids, 4)[0]
+
+
+def test_stopping_ends_running_requests_at_once_and_refuses_new_ones(checkpoint, monkeypatch):
+    state, server = _start(checkpoint, max_tokens_cap=64)
+    _slow_engine(state, monkeypatch, 0.05)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            waiting = pool.submit(_post, server, "/v1/completions", LONG)
+
+            def stream():
+                with httpx.stream("POST", server.url + "/v1/completions", json={**LONG, "stream": True},
+                                  timeout=30) as response:
+                    return [line for line in response.iter_lines() if line]
+
+            streaming = pool.submit(stream)
+            assert _wait(lambda: state.engine.active_rows() == 2, timeout=10) is not None
+            state.drain()  # what shutdown does first
+            assert waiting.result(timeout=5).status_code == 503
+            assert _is_openai_error(waiting.result())
+            lines = streaming.result(timeout=5)
+        error = json.loads(lines[-2][len("data: "):])["error"]
+        assert error["message"] == "the server is shutting down" and lines[-1] == "data: [DONE]"
+        response = _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
+        response = httpx.get(server.url + "/health")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
+        assert _wait(lambda: state.engine.in_flight == 0, timeout=2) is not None
+    finally:
+        server.stop()
+        state.engine.shutdown()
+    assert not state.engine.thread.is_alive()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_serve_verb_serves_a_guarded_model_and_stops_on_sigterm_mid_generation(checkpoint, tmp_path):
+    """`loramix serve` as a supervisor runs it: the key guards the routes, the cap holds, and SIGTERM while a long
+    generation streams ends it with an error chunk and exits with code 0 within 10 s (not at max_tokens)."""
+    import signal
+    import subprocess
+    import sys
+
+    base = tmp_path / "base-long"  # the same base with a long context, so a generation can last minutes
+    shutil.copytree(checkpoint.parent / "base", base)
+    config = json.loads((base / "config.json").read_text())
+    config["max_position_embeddings"] = 1 << 15
+    (base / "config.json").write_text(json.dumps(config))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loramix.cli", "serve", "--model", str(checkpoint), "--base",
+                             str(base), "--port", str(port), "--api-key", "k", "--max-tokens-cap", "30000",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": "Bearer k"}
+    lines: list[str] = []
+    sent = None
+    try:
+        assert _wait(lambda: _healthy(url), timeout=60) is not None
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == "tiny-xlora"
+        body = {"model": "tiny-xlora", "prompt": "abc", "max_tokens": 30001}
+        assert httpx.post(url + "/v1/completions", json=body, headers=headers).status_code == 400  # over the cap
+        body["max_tokens"] = 8
+        assert httpx.post(url + "/v1/completions", json=body, headers=headers).json()["usage"]["prompt_tokens"] == 3
+        body = {**LONG, "max_tokens": 30000, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=30) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 20:  # generating
+                    proc.send_signal(signal.SIGTERM)
+                    sent = time.perf_counter()
+                if sent is not None and time.perf_counter() - sent > 10:
+                    break  # still streaming 10 s after SIGTERM: a failure, whose stream is not read to the end
+        assert sent is not None, lines  # the generation was still running after 20 chunks
+        code = proc.wait(timeout=10)
+        took = time.perf_counter() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate(timeout=30)[0]
+    assert f"serving tiny-xlora (3 experts) on http://127.0.0.1:{port}/v1" in output
+    assert code == 0, output
+    assert took < 10
+    assert json.loads(lines[-2][len("data: "):])["error"]["message"] == "the server is shutting down"
+    assert len(lines) < 1000  # ended, not run to max_tokens
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--port", "70000"], "--port"),
+    (["--port", "-1"], "--port"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--max-queue", "-1"], "--max-queue"),
+    (["--max-tokens-cap", "0"], "--max-tokens-cap"),
+    (["--max-request-bytes", "0"], "--max-request-bytes"),
+    (["--chat-template", "/no/such/template.jinja"], "--chat-template"),
+    (["--host", "no such host!"], "--host"),
+    (["--host", ""], "--host"),
+])
+def test_serve_checks_its_flags_before_loading(flags, named, capsys):
+    from loramix.cli import main
+
+    start = time.perf_counter()
+    code = main(["serve", "--model", "/no/such/checkpoint", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and named in err and "\n" not in err and "checkpoint" not in err
+    assert time.perf_counter() - start < 5
+
+
+def test_serve_refuses_a_template_that_is_not_utf8_and_a_busy_port(tmp_path, capsys):
+    import socket
+
+    from loramix.cli import main
+
+    template = tmp_path / "latin1.jinja"
+    template.write_bytes("{{ 'caf\u00e9' }}".encode("latin-1"))
+    assert main(["serve", "--model", "/no/such/checkpoint", "--chat-template", str(template)]) == 2
+    err = capsys.readouterr().err
+    assert "--chat-template" in err and "not UTF-8" in err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--model", "/no/such/checkpoint", "--port", str(busy.getsockname()[1])]) == 2
+        assert "--port" in capsys.readouterr().err
+
+
+def test_fuzzing_from_the_openapi_schema_finds_no_server_error(checkpoint):
+    """schemathesis draws requests from the server's own OpenAPI document, fitting it and not (bounded: a fixed
+    number of derandomized examples, no shrinking): no 5xx, every error an OpenAI-style JSON body, healthy after."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    state, server = _start(checkpoint, max_batch=4, max_tokens_cap=4)
+    statuses: dict[int, int] = {}
+    try:
+        schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+        document = httpx.get(server.url + "/openapi.json").json()["paths"]
+        for path, field in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
+            declared = document[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            assert field in declared["required"] and declared["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 4
+        cases = st.one_of(schema.as_strategy(schemathesis.GenerationMode.POSITIVE),
+                          schema.as_strategy(schemathesis.GenerationMode.NEGATIVE))
+
+        @settings(max_examples=60, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=cases)
+        def fuzz(case):
+            response = case.call(base_url=server.url, timeout=30)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            described = f"{case.method} {case.formatted_path} {case.body!r:.300} -> {response.status_code}"
+            assert response.status_code < 500, described + f" {response.content[:300]!r}"
+            if response.status_code >= 400:
+                assert response.headers["content-type"][0].startswith("application/json"), described
+                error = json.loads(response.content)["error"]
+                assert set(error) == {"message", "type", "param", "code"} and error["message"], described
+
+        fuzz()
+        assert statuses.get(200) and statuses.get(400)  # it reached generation and the validation alike
+        assert _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a", "max_tokens": 2}).json()[
+            "usage"]["completion_tokens"] == 2
+        assert wait_idle(state.engine) and _wait(lambda: state.engine.in_flight == 0, timeout=5) is not None
+    finally:
+        server.stop()
+        state.engine.shutdown()

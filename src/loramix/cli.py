@@ -248,19 +248,63 @@ def analyze(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """An OpenAI-compatible HTTP server for an X-LoRA checkpoint."""
-    import uvicorn
+    _check_serve_args(args)  # before any heavy import or loading
+    import signal
 
-    from .server import create_app, load_state
+    from .server import load_state, make_server
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"loramix serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     state = load_state(args.model, base=args.base, name=args.served_model_name,
                        trust_remote_code=args.trust_remote_code, chat_template_file=args.chat_template,
-                       max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap)
-    print(f"serving {state.model_name} ({state.model.n_experts} experts) on http://{args.host}:{args.port}/v1")
-    uvicorn.run(create_app(state, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level)
-    state.engine.shutdown()
+                       max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
+                       max_request_bytes=args.max_request_bytes)
+    print(f"serving {state.model_name} ({state.model.n_experts} experts) on http://{args.host}:{args.port}/v1",
+          flush=True)
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler found before it: a stop asked for
+    # is a clean exit (code 0), not a death by signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        make_server(state, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level).run()
+    finally:
+        state.close()
     return 0
+
+
+def _check_serve_args(args: argparse.Namespace) -> None:
+    """serve's flags, checked in a second, before the model loads; ValueError naming the flag."""
+    import socket
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                             ("--max-tokens-cap", args.max_tokens_cap, 1),
+                             ("--max-request-bytes", args.max_request_bytes, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                f.read()
+        except FileNotFoundError:
+            raise ValueError(f"--chat-template: no such file: {args.chat_template}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--chat-template: {args.chat_template} is not UTF-8 text") from None
+        except OSError as e:
+            raise ValueError(f"--chat-template: cannot read {args.chat_template}: {e.strerror}") from None
+    if not args.host:
+        raise ValueError("--host must not be empty (0.0.0.0 listens on every interface)")
+    try:  # the address must resolve and be free now, not after minutes of loading
+        family, kind, proto, _, address = socket.getaddrinfo(args.host, args.port,
+                                                             type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {args.host!r} is not an address or a known host name ({e})") from None
+    except OSError as e:
+        raise ValueError(f"--host/--port: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
 
 
 VERBS = {
@@ -287,9 +331,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
     p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                   help="larger request bodies get 413 (default: 1 MiB)")
     p.add_argument("--chat-template", help="a Jinja chat template file, for tokenizers without one")
     p.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code (off)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     p = sub.add_parser("demo", help=VERBS["demo"][1])
     p.add_argument("--quick", action="store_true", help="smaller run (about 2 minutes; used in CI)")
     p.add_argument("--out", default="loramix-demo", help="output folder (reused stages are skipped)")

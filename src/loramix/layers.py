@@ -47,6 +47,8 @@ class MixingState:
         self.flat_scale: torch.Tensor | None = None  # (total R,)
         self.layer_sizes: list[int] = []  # rank rows of each mixed layer, in mixed-layer order
         self.layer_weights: tuple[torch.Tensor, ...] = ()  # one (b, t, R_layer) view per layer
+        # W0 + a fixed mix per layer (XLoraModel.fold), in mixed-layer order, while XLoraModel.folded is active
+        self.folded_weights: tuple[torch.Tensor, ...] | None = None
 
     def set(self, weights: torch.Tensor | None) -> None:
         """weights: mixing weights broadcastable to (b, t, n_lora_layers, n_experts), or None for no LoRA."""
@@ -89,17 +91,14 @@ class MixedLoraLayer(nn.Module):
         self.register_buffer("scale_of_rank", scale_of_rank.to(weight.device), persistent=False)  # (R,)
         self.split_position = 0  # this layer's view in MixingState.layer_weights (set by the model)
         self.dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
-        self.folded_weight: torch.Tensor | None = None  # W0 + the frozen mix, in the base layer's layout
 
-    def fold(self, expert_weights: torch.Tensor) -> None:
-        """Use W0 + sum_e w_e s_e B_e A_e as this layer's weight until `unfold` (frozen scalings, one request)."""
+    def folded_weight(self, expert_weights: torch.Tensor) -> torch.Tensor:
+        """W0 + sum_e w_e s_e B_e A_e for fixed per-expert weights (E,), in the base layer's layout (frozen
+        scalings: the model installs it with `XLoraModel.folded`)."""
         delta = self.delta_weight(expert_weights)  # (out, in)
         w0 = self.base_layer.weight
         transposed = not isinstance(self.base_layer, nn.Linear)  # Conv1D (in, out), Embedding (num, dim)
-        self.folded_weight = (w0 + (delta.t() if transposed else delta).to(w0.dtype)).detach()
-
-    def unfold(self) -> None:
-        self.folded_weight = None
+        return (w0 + (delta.t() if transposed else delta).to(w0.dtype)).detach()
 
     def rank_weights(self) -> torch.Tensor | None:
         """This layer's per-rank-row weights w[..., expert_of_rank] * scale_of_rank (b, t, R), or None."""
@@ -125,8 +124,9 @@ class MixedLoraLinear(MixedLoraLayer):
     """nn.Linear (or GPT-2's Conv1D) plus the weighted experts: y = W0 x + h B^T, h = (x A^T) * w."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.folded_weight is not None:
-            return self._folded_forward(x)
+        folded = self._state.folded_weights  # set while the model runs folded (XLoraModel.folded)
+        if folded is not None:
+            return self._folded_forward(x, folded[self.split_position])
         result = self.base_layer(x)
         w = self.rank_weights()
         if w is None:
@@ -135,11 +135,11 @@ class MixedLoraLinear(MixedLoraLayer):
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
         return out.view(result.shape)  # W0 x + h B^T, (b, t, out)
 
-    def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _folded_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias
         if isinstance(self.base_layer, nn.Linear):
-            return F.linear(x, self.folded_weight, bias)
-        out = x.reshape(-1, x.shape[-1]) @ self.folded_weight  # Conv1D: (in, out) layout
+            return F.linear(x, weight, bias)
+        out = x.reshape(-1, x.shape[-1]) @ weight  # Conv1D: (in, out) layout
         return (out if bias is None else out + bias).reshape(*x.shape[:-1], -1)
 
 
@@ -147,8 +147,9 @@ class MixedLoraEmbedding(MixedLoraLayer):
     """nn.Embedding plus the weighted experts: the A lookup replaces the first product."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.folded_weight is not None:
-            out = F.embedding(ids, self.folded_weight, padding_idx=self.base_layer.padding_idx)
+        folded = self._state.folded_weights
+        if folded is not None:
+            out = F.embedding(ids, folded[self.split_position], padding_idx=self.base_layer.padding_idx)
             embed_scale = getattr(self.base_layer, "embed_scale", None)
             return out if embed_scale is None else out * torch.as_tensor(embed_scale, dtype=out.dtype)
         result = self.base_layer(ids)

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,13 @@ from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingS
 CLASSIFIER_NAME = "xlora_classifier.safetensors"
 _PEFT_WEIGHTS = "adapter_model.safetensors"
 _PICKLED_CLASSIFIERS = ("xlora_classifier.pt", "xlora_classifier.bin", "xlora_classifier.pth", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class FoldedWeights:
+    """What `XLoraModel.fold` returns: one folded weight per adapted layer, in mixed-layer order (W0's layout)."""
+
+    per_layer: tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -218,17 +228,27 @@ class XLoraModel(nn.Module):
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, past_key_values: Any = None,
                 scaling_past_key_values: Any = None, use_cache: bool = False,
-                scalings: torch.Tensor | None = None, logits_to_keep: int = 0) -> XLoraOutput:
-        """Run X-LoRA. `scalings` (b, t or 1, n_lora_layers, n_experts), if given, skips the scaling pass."""
+                scalings: torch.Tensor | None = None, logits_to_keep: int = 0, *,
+                top_k_lora: int | None = None, softmax_temperature: float | None = None) -> XLoraOutput:
+        """Run X-LoRA. `scalings` (b, t or 1, n_lora_layers, n_experts), if given, skips the scaling pass.
+
+        `top_k_lora` and `softmax_temperature` set the gate for this call only (None: the config's value); they
+        are how one request's options reach the model without touching `model.config`. Inside `folded(...)`
+        the experts are already in the weights: pass the frozen `scalings`, and no mixing weights are computed."""
+        top_k_lora = self._gate_top_k(top_k_lora)
         inputs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                       position_ids=position_ids, use_cache=use_cache)
+        folded = self._state.folded_weights is not None
+        if folded and scalings is None:
+            raise ValueError("scalings: the model is folded (inside `folded`); pass the frozen scalings")
         try:
             if scalings is None:
                 # Pass 1: the base model with constant expert weights, then the classifier.
                 scalings, scaling_past_key_values = self.compute_scalings(
-                    scaling_past_key_values=scaling_past_key_values, **inputs)  # (b, t, L, E)
-            # Pass 2: every adapted layer mixes its experts with per-token weights.
-            self._state.set(self._mixing_weights(scalings))
+                    scaling_past_key_values=scaling_past_key_values, softmax_temperature=softmax_temperature,
+                    **inputs)  # (b, t, L, E)
+            # Pass 2: every adapted layer mixes its experts with per-token weights (folded: already in W).
+            self._state.set(None if folded else self.mixing_weights(scalings, top_k_lora=top_k_lora))
             extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
             out = self.base(**with_cache(self.base, past_key_values), return_dict=True, **inputs, **extra)
         finally:
@@ -240,11 +260,18 @@ class XLoraModel(nn.Module):
 
     def compute_scalings(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                          position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                         scaling_past_key_values: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+                         scaling_past_key_values: Any = None, use_cache: bool = False, *,
+                         softmax_temperature: float | None = None) -> tuple[torch.Tensor, Any]:
         """The scaling pass alone: (scalings (b, t, L, E), its KV cache). The base model runs with every expert
         weighted `scaling_pass_value` and without gradient (as in PEFT); the classifier reads its last hidden
-        state. `forward` calls this; a caller that wants to change some rows' scalings (the server's frozen rows)
-        calls it, edits the result and passes it to `forward(scalings=...)`."""
+        state. `softmax_temperature` overrides the config's for this call. `forward` calls this; a caller that
+        wants to change some rows' scalings (frozen rows) calls it, edits the result and passes it to
+        `forward(scalings=...)`."""
+        if softmax_temperature is None:
+            softmax_temperature = self.config.softmax_temperature
+        elif not (_is_number(softmax_temperature) and math.isfinite(softmax_temperature)
+                  and softmax_temperature > 0):
+            raise ValueError(f"softmax_temperature: got {softmax_temperature!r}, expected a finite number > 0")
         try:
             self._state.set(self._scaling_pass_weights())
             with torch.no_grad():
@@ -254,9 +281,50 @@ class XLoraModel(nn.Module):
         finally:
             self._state.set(None)
         scalings = self.classifier(hidden, enable_softmax=self.config.enable_softmax,
-                                   temperature=self.config.softmax_temperature)  # (b, t, L, E)
+                                   temperature=softmax_temperature)  # (b, t, L, E)
         self._record(scalings)
         return scalings, cache
+
+    def mixing_weights(self, scalings: torch.Tensor, *, top_k_lora: int | None = None) -> torch.Tensor:
+        """Scalings (..., n_lora_layers, n_experts) -> the weights the layers apply (top-k, its softmax, the
+        global weight; see classifier.mixing_weights). `top_k_lora` overrides the config's (None: keep it)."""
+        c = self.config
+        return mixing_weights(scalings, top_k=self._gate_top_k(top_k_lora), softmax_topk=c.enable_softmax_topk,
+                              global_weight=c.global_scaling_weight)
+
+    def _gate_top_k(self, top_k_lora: int | None) -> int | None:
+        if top_k_lora is None:
+            return self.config.top_k_lora
+        if not (isinstance(top_k_lora, int) and not isinstance(top_k_lora, bool) and 1 <= top_k_lora <= self.n_experts):
+            raise ValueError(f"top_k_lora: got {top_k_lora!r}, expected an integer in 1..{self.n_experts} "
+                             f"(the number of experts)")
+        return top_k_lora
+
+    # ---- frozen scalings folded into the weights --------------------------------------------------------------
+    def fold(self, scalings: torch.Tensor, *, top_k_lora: int | None = None) -> FoldedWeights:
+        """The adapted weights with a fixed mix inside, W0 + sum_e w[l, e] s_e B_e A_e per LoRA layer l, for
+        scalings (n_lora_layers, n_experts). Nothing changes until the result is used with `folded`; it holds
+        one copy of every adapted weight for as long as it is kept."""
+        if scalings.shape != (self.n_lora_layers, self.n_experts):
+            raise ValueError(f"scalings: expected ({self.n_lora_layers}, {self.n_experts}) (LoRA layers, experts), "
+                             f"got {tuple(scalings.shape)}")
+        weights = self.mixing_weights(scalings, top_k_lora=top_k_lora)  # (L, E)
+        with torch.no_grad():
+            return FoldedWeights(tuple(layer.folded_weight(weights[layer.layer_index])
+                                       for layer in self.mixed_layers()))
+
+    @contextmanager
+    def folded(self, weights: FoldedWeights) -> Iterator[None]:
+        """Inside the block every adapted layer uses `weights` (from `fold`) instead of mixing its experts: a
+        pass costs what a pass of the base model costs. `forward` then needs the frozen `scalings`."""
+        if len(weights.per_layer) != self.n_lora_layers:
+            raise ValueError(f"weights: folded for {len(weights.per_layer)} LoRA layers, this model has "
+                             f"{self.n_lora_layers}")
+        self._state.folded_weights = weights.per_layer
+        try:
+            yield
+        finally:
+            self._state.folded_weights = None
 
     def _scaling_pass_weights(self) -> torch.Tensor | None:
         value = self.config.resolved_scaling_pass_value()
@@ -265,12 +333,7 @@ class XLoraModel(nn.Module):
         p = self.classifier.last.weight
         constant = torch.full((1, 1, len(self.lora_layer_names), len(self.expert_names)), value,
                               dtype=p.dtype, device=p.device)
-        return self._mixing_weights(constant)
-
-    def _mixing_weights(self, scalings: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        return mixing_weights(scalings, top_k=c.top_k_lora, softmax_topk=c.enable_softmax_topk,
-                              global_weight=c.global_scaling_weight)
+        return self.mixing_weights(constant)
 
     def _last_hidden_state(self, cache: Any = None, **inputs) -> tuple[torch.Tensor, Any]:
         """The base's final hidden state (after its last norm), without computing the LM head."""
@@ -406,6 +469,10 @@ def _hidden_size(base: nn.Module) -> int | None:
         if isinstance(getattr(cfg, key, None), int):
             return getattr(cfg, key)
     return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _param(module: nn.Module) -> torch.Tensor:
