@@ -1,6 +1,9 @@
-"""DecoderStack against the model's own forward: the same hidden states and logits, step after cached step."""
+"""DecoderStack against the model's own forward (the same logits, step after cached step), and XLoraModel with its
+layers run directly against the same model run through `base(...)` (`direct_layers = False`)."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -9,7 +12,9 @@ from transformers import DynamicCache, MistralConfig, MistralForCausalLM, Qwen2C
 from loramix.compat import output_cache, with_cache
 from loramix.fast_decode import DecoderStack
 
-from conftest import VOCAB, tiny_base
+from loramix import XLoraConfig, XLoraModel
+
+from conftest import VOCAB, make_experts, tiny_base
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -104,3 +109,109 @@ def test_other_architectures_are_left_to_the_plain_path():
 
     wrapped = get_peft_model(tiny_base("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
     assert DecoderStack.of(wrapped) is None
+
+
+# ---- XLoraModel: layers run directly (the default for these bases) against base(...) ---------------------------
+def xlora(arch: str, tmp_path, **config) -> XLoraModel:
+    """Three unlike experts (one adapts embed_tokens) and a gate that moves with the text."""
+    base = bases()[arch]
+    adapters = make_experts(base, "llama", tmp_path / arch)
+    model = XLoraModel.from_base(base, XLoraConfig(adapters=adapters, xlora_depth=2, layerwise_scalings=True,
+                                                   **config))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.normal_(0, 0.5)
+    assert DecoderStack.of(model.base) is not None
+    return model
+
+
+@contextmanager
+def plain(model: XLoraModel):
+    """The same model through base(...), as before fast_decode."""
+    model.direct_layers = False
+    try:
+        yield
+    finally:
+        model.direct_layers = True
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral-window", "qwen2-window"])
+def test_xlora_forward_with_caches_matches_the_plain_path(arch, tmp_path):
+    """Prefill a left-padded batch, then 10 cached steps, granular: logits and scalings of every step as
+    through base(...); so is the frozen step (scalings given, no scaling pass)."""
+    model = xlora(arch, tmp_path, scaling_pass_value=0.5)  # every expert in the scaling pass too
+    ids, mask = left_padded()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = {True: (DynamicCache(), DynamicCache()), False: (DynamicCache(), DynamicCache())}
+    with torch.no_grad():
+        for step in range(11):
+            outs = {}
+            for direct in (True, False):
+                model.direct_layers = direct
+                scaling_cache, mixed_cache = caches[direct]
+                outs[direct] = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                     past_key_values=mixed_cache, scaling_past_key_values=scaling_cache,
+                                     logits_to_keep=1)
+            model.direct_layers = True
+            assert torch.allclose(outs[True].logits, outs[False].logits, atol=1e-6, rtol=0), f"step {step}"
+            assert torch.allclose(outs[True].scalings, outs[False].scalings, atol=1e-6, rtol=0)
+            ids = outs[False].logits[:, -1].argmax(-1, keepdim=True)
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        frozen = outs[False].scalings
+        for direct in (True, False):
+            model.direct_layers = direct
+            outs[direct] = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 past_key_values=caches[direct][1], scalings=frozen)
+        model.direct_layers = True
+    assert torch.allclose(outs[True].logits, outs[False].logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("mode", [{}, {"freeze_scalings_after": 2}, {"freeze_scalings_after": 0, "fold_frozen": True}])
+def test_generate_is_token_for_token_the_plain_path_and_a_no_cache_run(arch, mode, tmp_path):
+    """Batched, left-padded greedy generation: the same tokens and scalings as through base(...), and the
+    granular tokens equal a loop that re-runs the whole sequence without any cache."""
+    model = xlora(arch, tmp_path)
+    ids, mask = left_padded()
+    kwargs = dict(max_new_tokens=10, eos_token_id=None, return_scalings=True, **mode)
+    with torch.no_grad():
+        ours = model.generate(ids, mask, **kwargs)
+        with plain(model):
+            ref = model.generate(ids, mask, **kwargs)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert torch.allclose(ours.scalings, ref.scalings, atol=1e-6, rtol=0)
+    if mode:
+        return
+    seqs, full_mask = ids, mask
+    with torch.no_grad():
+        for _ in range(10):
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=seqs, attention_mask=full_mask, position_ids=positions).logits[:, -1]
+            seqs = torch.cat([seqs, logits.argmax(-1, keepdim=True)], dim=1)
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=1)
+    assert torch.equal(ours.sequences, seqs)
+
+
+def test_training_loss_and_gradients_match_the_plain_path(tmp_path):
+    """The gate's loss and its gradients are those of the plain path (training runs the same forward)."""
+    model = xlora("qwen2-window", tmp_path)
+    ids, mask = left_padded()
+    grads = {}
+    for direct in (True, False):
+        model.direct_layers = direct
+        model.classifier.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        grads[direct] = (loss.detach(), [p.grad.clone() for p in model.classifier.parameters()])
+    model.direct_layers = True
+    assert torch.allclose(grads[True][0], grads[False][0], atol=1e-6, rtol=0)
+    for mine, ref in zip(grads[True][1], grads[False][1]):
+        assert torch.allclose(mine, ref, atol=1e-6, rtol=0)
+
+
+def test_gpt2_keeps_the_plain_path(tmp_path):
+    base = tiny_base("gpt2")
+    model = XLoraModel.from_base(base, XLoraConfig(adapters=make_experts(base, "gpt2", tmp_path, n=2)))
+    assert DecoderStack.of(model.base) is None  # the plain path

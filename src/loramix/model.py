@@ -31,6 +31,7 @@ from .classifier import XLoraClassifier, mixing_weights
 from .compat import output_cache, with_cache
 from .config import CONFIG_NAME, XLoraConfig
 from .experts import ADAPTER_CONFIG, Expert, load_expert, save_expert, supported_module
+from .fast_decode import DecoderStack, PreparedStep
 from .files import atomic_write, atomic_write_text
 from .hub import resolve_file
 from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
@@ -111,6 +112,10 @@ class XLoraModel(nn.Module):
         self._latest_scalings: torch.Tensor | None = None
         self._scalings_log: list[torch.Tensor] = []
         self._scalings_logging = False
+        # Llama / Mistral / Qwen2: both passes share one step's positions, rotary table and masks and run the
+        # decoder layers directly (fast_decode.py); other bases, or `direct_layers = False`, go through base(...).
+        self._stack = DecoderStack.of(base_model)
+        self.direct_layers = True
         self.eval()
 
     # ---- construction ---------------------------------------------------------------------------------------
@@ -241,21 +246,30 @@ class XLoraModel(nn.Module):
         folded = self._state.folded_weights is not None
         if folded and scalings is None:
             raise ValueError("scalings: the model is folded (inside `folded`); pass the frozen scalings")
+        prepared = None
+        # one step's positions and masks serve both passes when their caches hold the same positions
+        share_step = _same_length(scaling_past_key_values, past_key_values)
         try:
             if scalings is None:
                 # Pass 1: the base model with constant expert weights, then the classifier.
-                scalings, scaling_past_key_values = self.compute_scalings(
+                scalings, scaling_past_key_values, prepared = self._compute_scalings(
                     scaling_past_key_values=scaling_past_key_values, softmax_temperature=softmax_temperature,
                     **inputs)  # (b, t, L, E)
             # Pass 2: every adapted layer mixes its experts with per-token weights (folded: already in W).
             self._state.set(None if folded else self.mixing_weights(scalings, top_k_lora=top_k_lora))
-            extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-            out = self.base(**with_cache(self.base, past_key_values), return_dict=True, **inputs, **extra)
+            if self._direct_stack() is not None:
+                logits, past_key_values, _ = self._run_layers(cache=past_key_values,
+                                                              prepared=prepared if share_step else None,
+                                                              logits_to_keep=logits_to_keep, **inputs)
+            else:
+                extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+                out = self.base(**with_cache(self.base, past_key_values), return_dict=True, **inputs, **extra)
+                logits, past_key_values = out.logits, output_cache(out)
         finally:
             self._state.set(None)
-        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
-        return XLoraOutput(loss=loss, logits=out.logits, scalings=scalings,
-                           past_key_values=output_cache(out) if use_cache else None,
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return XLoraOutput(loss=loss, logits=logits, scalings=scalings,
+                           past_key_values=past_key_values if use_cache else None,
                            scaling_past_key_values=scaling_past_key_values if use_cache else None)
 
     def compute_scalings(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -267,6 +281,16 @@ class XLoraModel(nn.Module):
         state. `softmax_temperature` overrides the config's for this call. `forward` calls this; a caller that
         wants to change some rows' scalings (frozen rows) calls it, edits the result and passes it to
         `forward(scalings=...)`."""
+        scalings, cache, _ = self._compute_scalings(input_ids=input_ids, attention_mask=attention_mask,
+                                                    position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                                    scaling_past_key_values=scaling_past_key_values,
+                                                    use_cache=use_cache, softmax_temperature=softmax_temperature)
+        return scalings, cache
+
+    def _compute_scalings(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                          scaling_past_key_values=None, use_cache=False, *,
+                          softmax_temperature=None) -> tuple[torch.Tensor, Any, PreparedStep | None]:
+        """`compute_scalings`, also returning the step's positions and masks when the layers ran directly."""
         if softmax_temperature is None:
             softmax_temperature = self.config.softmax_temperature
         elif not (_is_number(softmax_temperature) and math.isfinite(softmax_temperature)
@@ -275,15 +299,15 @@ class XLoraModel(nn.Module):
         try:
             self._state.set(self._scaling_pass_weights())
             with torch.no_grad():
-                hidden, cache = self._last_hidden_state(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                                        attention_mask=attention_mask, position_ids=position_ids,
-                                                        cache=scaling_past_key_values, use_cache=use_cache)
+                hidden, cache, prepared = self._last_hidden_state(
+                    input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    position_ids=position_ids, cache=scaling_past_key_values, use_cache=use_cache)
         finally:
             self._state.set(None)
         scalings = self.classifier(hidden, enable_softmax=self.config.enable_softmax,
                                    temperature=softmax_temperature)  # (b, t, L, E)
         self._record(scalings)
-        return scalings, cache
+        return scalings, cache, prepared
 
     def mixing_weights(self, scalings: torch.Tensor, *, top_k_lora: int | None = None) -> torch.Tensor:
         """Scalings (..., n_lora_layers, n_experts) -> the weights the layers apply (top-k, its softmax, the
@@ -335,14 +359,39 @@ class XLoraModel(nn.Module):
                               dtype=p.dtype, device=p.device)
         return self.mixing_weights(constant)
 
-    def _last_hidden_state(self, cache: Any = None, **inputs) -> tuple[torch.Tensor, Any]:
-        """The base's final hidden state (after its last norm), without computing the LM head."""
+    def _last_hidden_state(self, cache: Any = None, **inputs) -> tuple[torch.Tensor, Any, PreparedStep | None]:
+        """The base's final hidden state (after its last norm), without computing the LM head; its cache; the
+        step's positions and masks when the layers ran directly (else None)."""
+        if self._direct_stack() is not None:
+            return self._run_layers(cache=cache, **inputs)
         backbone = getattr(self.base, "base_model", self.base)
         if backbone is not self.base:
             out = backbone(return_dict=True, **with_cache(backbone, cache), **inputs)
-            return out.last_hidden_state, output_cache(out)
+            return out.last_hidden_state, output_cache(out), None
         out = self.base(output_hidden_states=True, return_dict=True, **with_cache(self.base, cache), **inputs)
-        return out.hidden_states[-1], output_cache(out)
+        return out.hidden_states[-1], output_cache(out), None
+
+    def _direct_stack(self) -> DecoderStack | None:
+        return self._stack if self.direct_layers else None
+
+    def _run_layers(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
+                    use_cache=False, prepared: PreparedStep | None = None,
+                    logits_to_keep: int | None = None) -> tuple[torch.Tensor, Any, PreparedStep]:
+        """One pass through the decoder layers, as `base(...)` runs it: (the final hidden state (b, t, hidden),
+        or the logits of the last `logits_to_keep` positions (0: all) when it is not None; the cache; the step's
+        positions and masks, reused by the second pass of the same step)."""
+        stack = self._stack
+        if use_cache and cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.base.config)  # what the model's forward makes
+        embeds = stack.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (b, t, hidden)
+        if prepared is None:
+            prepared = stack.prepare(embeds, attention_mask, position_ids, cache)
+        hidden = stack.hidden_states(embeds, prepared, cache)
+        if logits_to_keep is None:
+            return hidden, cache, prepared
+        return stack.logits(hidden, logits_to_keep), cache, prepared
 
     def _record(self, scalings: torch.Tensor) -> None:
         self._latest_scalings = scalings.detach()
@@ -519,6 +568,13 @@ def _classifier_state_from_peft(state: dict[str, torch.Tensor], classifier: XLor
         ours.update({f"inner.{position}.{k}": v for k, v in by_index[index].items()})
     ours.update({f"last.{k}": v for k, v in by_index[indices[-1]].items()})
     return ours
+
+
+def _same_length(cache: Any, other: Any) -> bool:
+    """Whether two KV caches (or None) hold the same number of positions: then one step's masks serve both."""
+    if cache is None or other is None:
+        return cache is None and other is None
+    return type(cache) is type(other) and cache.get_seq_length() == other.get_seq_length()
 
 
 def _load_classifier_state(classifier: XLoraClassifier, state: dict[str, torch.Tensor], path: str) -> None:
