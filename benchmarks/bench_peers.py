@@ -215,8 +215,63 @@ def peft_model(base_dir: str, folder: str, ours):
     return model
 
 
+# ---- where a decode step's time goes ----------------------------------------------------------------------------
+PROFILE_PARTS = [  # (label, [(file name, function name), ...] whose cumulative times add up, [... subtracted])
+    ("scaling pass (decoder layers, no LM head)", [("model.py", "_last_hidden_state")], []),
+    ("gate: classifier, mixing weights", [("classifier.py", "forward"), ("model.py", "mixing_weights")], []),
+    ("mixed pass (decoder layers, last norm, LM head)", [("model.py", "forward")],
+     [("model.py", "_compute_scalings"), ("model.py", "mixing_weights")]),
+    ("  of both passes: positions, masks, rotary table", [("masking_utils.py", "create_causal_mask"),
+                                                           ("masking_utils.py", "create_sliding_window_causal_mask"),
+                                                           ("modeling_rope_utils.py", "wrapper")], []),
+    ("  of both passes: KV cache appends", [("cache_utils.py", "update")], []),
+    ("sampling (sample_next_token)", [("generation.py", "sample_next_token")], []),
+    ("rows, caches and the loop (the rest)", [("generation.py", "generate")],
+     [("model.py", "forward"), ("generation.py", "sample_next_token")]),
+]
+
+
+def profile_decode(size: str, folder: str, threads: int, tokens: int = 300) -> dict:
+    """cProfile one greedy generate of `tokens` tokens, granular, through base(...) (as before fast_decode) and
+    with the decoder layers run directly; returns {path: {part: share of the time, "us_per_token": ...}}."""
+    import cProfile
+    import pstats
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loramix import XLoraModel
+
+    torch.set_num_threads(threads)
+    model = XLoraModel.from_pretrained(os.path.join(folder, "loramix"),
+                                       base=AutoModelForCausalLM.from_pretrained(os.path.join(folder, "base")))
+    ids = tokenizer(PEER_SIZES[size]["vocab_size"])(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    result = {}
+    for path, direct in (("through base(...)", False), ("layers run directly", True)):
+        model.direct_layers = direct
+        model.generate(ids, max_new_tokens=20)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        model.generate(ids, max_new_tokens=tokens)
+        profiler.disable()
+        stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, calls, own, cumulative, callers)}
+
+        def cumulative(where: list[tuple[str, str]]) -> float:
+            total = 0.0
+            for file, function in where:  # the outermost entry of each name (nested `update`s are inside it)
+                times = [v[3] for (f, _, fn), v in stats.items() if f.endswith(file) and fn == function]
+                total += max(times, default=0.0) if function == "update" else sum(times)
+            return total
+
+        whole = cumulative([("generation.py", "generate")])
+        result[path] = {label: (cumulative(add) - cumulative(sub)) / whole for label, add, sub in PROFILE_PARTS}
+        result[path]["us_per_token"] = whole / tokens * 1e6
+    model.direct_layers = True
+    return result
+
+
 # ---- the page ---------------------------------------------------------------------------------------------------
-def report(results: dict, threads: int, rounds: int) -> str:
+def report(results: dict, threads: int, rounds: int, profile: dict | None = None) -> str:
     import platform
 
     import torch
@@ -259,6 +314,18 @@ def report(results: dict, threads: int, rounds: int) -> str:
             verdict = "the same tokens" if a == b else f"the same first {same} tokens (of {len(a)} and {len(b)})"
             lines.append(f"- {ours} and {theirs} produced {verdict}.")
         lines.append("")
+    if profile:
+        paths = list(profile)
+        lines += ["### Where a granular decode step goes (tiny, cProfile)", "",
+                  f"One greedy `generate` of 300 tokens under cProfile (which inflates Python calls), {threads} "
+                  "thread(s); shares of the whole run. The math of a step is microseconds at this size: nearly all "
+                  "of it is per-call machinery.", "",
+                  "| part | " + " | ".join(paths) + " |", "|---|" + "---|" * len(paths)]
+        for label, _, _ in PROFILE_PARTS:
+            lines.append(f"| {label} | " + " | ".join(f"{profile[p][label] * 100:.0f}%" for p in paths) + " |")
+        lines.append("| time per token under the profiler | " +
+                     " | ".join(f"{profile[p]['us_per_token'] / 1e3:.2f} ms" for p in paths) + " |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +355,7 @@ def main() -> None:
         print(json.dumps(worker(*args.worker, threads=args.threads, rounds=args.rounds)))
         return
     python = mistralrs_python(args.venv)
-    results = {}
+    results, profile = {}, None
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
             os.makedirs(os.path.join(folder, size))
@@ -299,7 +366,9 @@ def main() -> None:
                 raise SystemExit(f"{size} failed:\n{done.stderr[-3000:]}")
             results[size] = json.loads(done.stdout.strip().splitlines()[-1])
             print(size, {k: round(statistics.median(v), 1) for k, v in results[size]["speeds"].items()}, flush=True)
-    text = report(results, args.threads, args.rounds)
+            if size == "tiny":
+                profile = profile_decode(size, os.path.join(folder, size), args.threads)
+    text = report(results, args.threads, args.rounds, profile)
     write_section("peers", text, args.out)
     print(text)
 

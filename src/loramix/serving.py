@@ -146,7 +146,7 @@ class Engine:
     def _guard(self, work: Callable[[], None], requests: list[Request], group: DecodeBatch | None = None) -> None:
         """Run one unit of work; an unexpected failure ends the requests involved, never the engine."""
         try:
-            with torch.no_grad():
+            with torch.inference_mode():  # every step of every group: caches are inference tensors throughout
                 work()
         except Exception as err:  # noqa: BLE001 - reported to the clients, the engine goes on
             for request in requests:
