@@ -148,14 +148,15 @@ def worker(size: str, folder: str, threads: int, rounds: int) -> dict:
     base_dir = os.path.join(folder, "base")
     ids = tokenizer(cfg["vocab_size"])(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, 1)
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    model = XLoraModel.from_pretrained(os.path.join(folder, "loramix"), base=AutoModelForCausalLM.from_pretrained(base_dir))
+    model = XLoraModel.from_pretrained(os.path.join(folder, "loramix"),
+                                       base=AutoModelForCausalLM.from_pretrained(base_dir))
     peft = peft_model(base_dir, folder, model)
 
     def runner(frozen: bool):
         which = mistralrs.Which.XLora(
             xlora_model_id=os.path.join(folder, "mistralrs"), order=os.path.join(folder, "mistralrs", "ordering.json"),
-            model_id=base_dir, arch=mistralrs.Architecture.Llama, tokenizer_json=os.path.join(base_dir, "tokenizer.json"),
-            tgt_non_granular_index=1 if frozen else None)
+            model_id=base_dir, arch=mistralrs.Architecture.Llama,
+            tokenizer_json=os.path.join(base_dir, "tokenizer.json"), tgt_non_granular_index=1 if frozen else None)
         return mistralrs.Runner(which=which, token_source="none")
 
     runners = {"mistralrs": runner(False), "mistralrs-frozen": runner(True)}
@@ -176,7 +177,8 @@ def worker(size: str, folder: str, threads: int, rounds: int) -> dict:
         "mistralrs": lambda: mistralrs_tokens("mistralrs"),
         "loramix-frozen": lambda: model.generate(ids, freeze_scalings_after=1, **common)[0, 1:].tolist(),
         "mistralrs-frozen": lambda: mistralrs_tokens("mistralrs-frozen"),
-        "loramix-folded": lambda: model.generate(ids, freeze_scalings_after=1, fold_frozen=True, **common)[0, 1:].tolist(),
+        "loramix-folded": lambda: model.generate(ids, freeze_scalings_after=1, fold_frozen=True,
+                                                 **common)[0, 1:].tolist(),
     }
     tokens = {}
     for name, run in runs.items():  # warm-up, and the tokens to compare
@@ -302,7 +304,8 @@ def report(results: dict, threads: int, rounds: int, profile: dict | None = None
 
         lines += ["", "| ratio (per round, median and range) | value | goal |", "|---|---|---|",
                   f"| loramix / mistral.rs, granular | {ratio('loramix', 'mistralrs')} | ≥ 1.2× |",
-                  f"| loramix frozen / mistral.rs non-granular | {ratio('loramix-frozen', 'mistralrs-frozen')} | ≥ 1.0× |",
+                  f"| loramix frozen / mistral.rs non-granular | {ratio('loramix-frozen', 'mistralrs-frozen')} "
+                  "| ≥ 1.0× |",
                   f"| loramix / base (cached generate) | {ratio('loramix', 'base')} | ≥ 0.5× |",
                   f"| loramix frozen + folded / base | {ratio('loramix-folded', 'base')} | ≥ 0.9× |",
                   f"| loramix / PEFT | {ratio('loramix', 'peft')} | |",
