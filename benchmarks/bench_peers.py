@@ -62,7 +62,8 @@ def build(size: str, folder: str) -> None:
     tokenizer(vocab).save_pretrained(os.path.join(folder, "base"))
     adapters = random_experts(base, os.path.join(folder, "experts"), cfg["ranks"], targets=cfg["targets"],
                               magnitude=3.0)
-    model = XLoraModel.from_base(base, XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=64,
+    # the gate's hidden width is the model's: mistral.rs 0.9.5 shapes its classifier's last layer that way
+    model = XLoraModel.from_base(base, XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=cfg["hidden_size"],
                                                    layerwise_scalings=True))
     torch.manual_seed(1)
     with torch.no_grad():  # a gate that moves with the text, so that granular and frozen differ
@@ -192,7 +193,8 @@ def worker(size: str, folder: str, threads: int, rounds: int) -> dict:
                 start = time.perf_counter()
                 made = len(run())
                 speeds[name].append(made / (time.perf_counter() - start))
-    return {"speeds": speeds, "tokens": tokens, "n": n, "n_peft": n_peft,
+    return {"size": size, "speeds": speeds, "tokens": tokens, "n": n, "n_peft": n_peft,
+            "mistralrs_threads": os.environ.get("RAYON_NUM_THREADS", "its default"),
             "mistralrs_version": getattr(mistralrs, "__version__", MISTRALRS_VERSION)}
 
 
@@ -207,7 +209,7 @@ def peft_model(base_dir: str, folder: str, ours):
     experts = os.path.join(folder, "experts")
     adapters = {str(i): os.path.join(experts, name) for i, name in enumerate(sorted(os.listdir(experts)))}
     model = get_peft_model(base, XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size,
-                                             adapters=adapters, xlora_depth=2, xlora_size=64,
+                                             adapters=adapters, xlora_depth=2, xlora_size=ours.config.xlora_size,
                                              layerwise_scalings=True)).eval()
     theirs = [m for m in model.base_model.internal_xlora_classifier.layers if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
@@ -287,11 +289,12 @@ def report(results: dict, threads: int, rounds: int, profile: dict | None = None
              f"of {rounds} interleaved rounds (min–max in brackets). *Frozen*: scalings kept after the first new token "
              "(mistral.rs: `tgt_non_granular_index=1`); *folded*: frozen with the experts folded into the weights. "
              "PEFT has no KV cache.", ""]
-    for size, r in results.items():
-        cfg = PEER_SIZES[size]
+    for title, r in results.items():
+        cfg = PEER_SIZES[r["size"]]
         speeds = r["speeds"]
         med = {k: statistics.median(v) for k, v in speeds.items()}
-        lines += [f"### {size}: hidden {cfg['hidden_size']}, {cfg['layers']} layers, vocabulary {cfg['vocab_size']}, "
+        lines += [f"### {title}: mistral.rs threads {r['mistralrs_threads']}; hidden {cfg['hidden_size']}, "
+                  f"{cfg['layers']} layers, vocabulary {cfg['vocab_size']}, "
                   f"{len(cfg['ranks'])} experts of rank {cfg['ranks'][0]} on {', '.join(cfg['targets'])}", "",
                   "| system | tokens | tokens/s (median) | range |", "|---|---|---|---|"]
         for name in SYSTEMS:
@@ -351,6 +354,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--venv", default=os.path.expanduser("~/.cache/loramix/mistralrs-venv"),
                         help="where mistralrs is installed when the running Python lacks it")
+    parser.add_argument("--single-threaded", action="store_true",
+                        help="also run tiny with mistral.rs on one thread (RAYON_NUM_THREADS=1), torch on --threads")
     parser.add_argument("--out", default=DEFAULT)
     parser.add_argument("--worker", nargs=2, metavar=("SIZE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -360,16 +365,21 @@ def main() -> None:
     python = mistralrs_python(args.venv)
     results, profile = {}, None
     with tempfile.TemporaryDirectory() as folder:
-        for size in args.sizes:
-            os.makedirs(os.path.join(folder, size))
-            build(size, os.path.join(folder, size))
+        runs = [(size, size, {}) for size in args.sizes]
+        if args.single_threaded and "tiny" in args.sizes:
+            runs.append(("tiny, every engine on one thread", "tiny", {"RAYON_NUM_THREADS": "1"}))
+        for title, size, env in runs:
+            if not os.path.isdir(os.path.join(folder, size)):
+                os.makedirs(os.path.join(folder, size))
+                build(size, os.path.join(folder, size))
             done = subprocess.run([python, __file__, "--threads", str(args.threads), "--rounds", str(args.rounds),
-                                   "--worker", size, os.path.join(folder, size)], capture_output=True, text=True)
+                                   "--worker", size, os.path.join(folder, size)], capture_output=True, text=True,
+                                  env={**os.environ, **env})
             if done.returncode != 0:
-                raise SystemExit(f"{size} failed:\n{done.stderr[-3000:]}")
-            results[size] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(size, {k: round(statistics.median(v), 1) for k, v in results[size]["speeds"].items()}, flush=True)
-            if size == "tiny":
+                raise SystemExit(f"{title} failed:\n{done.stderr[-3000:]}")
+            results[title] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(title, {k: round(statistics.median(v), 1) for k, v in results[title]["speeds"].items()}, flush=True)
+            if title == "tiny":
                 profile = profile_decode(size, os.path.join(folder, size), args.threads)
     text = report(results, args.threads, args.rounds, profile)
     write_section("peers", text, args.out)
