@@ -37,6 +37,20 @@ PEER_SIZES = {
                   tokens=64, peft_tokens=16),
 }
 SYSTEMS = ["base", "peft", "loramix", "mistralrs", "loramix-frozen", "mistralrs-frozen", "loramix-folded"]
+READING = """### Reading the numbers
+
+- Torch ran on one thread: on this shared 2-core machine torch's default of 2 threads made every tiny step wait
+  for a busy core (about 20 tokens/s for the base model instead of 700+). mistral.rs kept its default pool in the
+  first two tables; its threads suffer from the same contention, which is part of why loramix leads there.
+- With every engine on one thread (last table) mistral.rs is far ahead on the tiny model: 0.37× granular, 0.25×
+  frozen. At this size a step is fixed cost, and Rust's per-step cost is a fraction of Python's and transformers'.
+  The goal ratios hold only at the defaults on this busy machine; they are not a fair lead in per-step cost.
+- The gate's hidden width is the model's (mistral.rs 0.9.5 shapes its classifier's last layer so); both engines
+  produced the same greedy tokens in every table (mistral.rs with its f16 KV cache).
+- Running the layers directly (fast_decode: positions, masks and rotary table once per step, no model wrappers)
+  is the profile's right column; both columns decode under `torch.inference_mode`, which alone gave about 1.15×
+  in separate runs. What remains is the decoder layers' own Python (modules, attention, cache appends).
+"""
 PASS_THROUGH = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 PROMPT = "a"  # one token
 
@@ -332,6 +346,7 @@ def report(results: dict, threads: int, rounds: int, profile: dict | None = None
         lines.append("| time per token under the profiler | " +
                      " | ".join(f"{profile[p]['us_per_token'] / 1e3:.2f} ms" for p in paths) + " |")
         lines.append("")
+    lines += READING.splitlines()
     return "\n".join(lines) + "\n"
 
 
