@@ -44,5 +44,5 @@ def test_generate_prints_the_greedy_completion(tmp_path, capsys):
     assert marked == "".join(f"{p}[{int(e)}]" for p, e in zip(pieces, scalings))
     assert legend.startswith("experts: [0] expert_0")
     assert main(args[:-2] + ["--max-new-tokens", "-1"]) == 2
-    assert "max_new_tokens" in capsys.readouterr().err
+    assert "--max-new-tokens" in capsys.readouterr().err
 
