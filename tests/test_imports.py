@@ -109,6 +109,21 @@ def test_no_import_cycles():
     assert cycle is None, " -> ".join(cycle)
 
 
+def test_only_the_cli_exits():
+    """Library code raises exceptions; cli.py alone turns them into exit codes."""
+    offenders = []
+    for folder, _, names in os.walk(PACKAGE_DIR):
+        for name in names:
+            path = os.path.join(folder, name)
+            if not name.endswith(".py") or path == os.path.join(PACKAGE_DIR, "cli.py"):
+                continue
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                text = ast.unparse(node) if isinstance(node, (ast.Raise, ast.Call)) else ""
+                if "SystemExit" in text or text.startswith(("sys.exit(", "exit(", "os._exit(", "quit(")):
+                    offenders.append(f"{os.path.relpath(path, PACKAGE_DIR)}:{node.lineno}: {text[:60]}")
+    assert offenders == []
+
+
 def _run(code: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
