@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 
 import pytest
@@ -96,6 +95,18 @@ def test_placement_options_go_to_transformers(tmp_path, monkeypatch):
               offload_folder=str(tmp_path / "off"))
     assert seen == dict(path=str(tmp_path), trust_remote_code=False, dtype=torch.bfloat16, device_map="auto",
                         max_memory={0: "1GiB"}, offload_folder=str(tmp_path / "off"))
+
+
+def test_from_pretrained_forwards_placement_options(saved, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    base, folder = saved
+    seen = {}
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda path, **kw: seen.update(path=path, **kw) or copy.deepcopy(base))
+    model = XLoraModel.from_pretrained(str(folder), device_map={"": "cpu"}, offload_folder="off")
+    assert seen["path"] == str(folder.parent / "base") and seen["device_map"] == {"": "cpu"}
+    assert seen["offload_folder"] == "off" and model.base_model_id == str(folder.parent / "base")
 
 
 def test_quantization_is_plumbing_with_clear_errors(tmp_path, monkeypatch):

@@ -108,7 +108,8 @@ def load_tokenizer(*sources: Any, chat_template_file: str | None = None):
             tokenizer = AutoTokenizer.from_pretrained(path)
             break
         except (OSError, ValueError) as err:
-            tried.append(f"{source!r} ({type(err).__name__})")
+            reason = (str(err).strip().splitlines() or [""])[0][:160]
+            tried.append(f"{source!r} ({type(err).__name__}: {reason})" if reason else f"{source!r} ({type(err).__name__})")
     if tokenizer is None:
         raise FileNotFoundError(f"tokenizer: none could be loaded from {', '.join(tried)}; save one beside the "
                                 f"checkpoint or the base model")

@@ -121,17 +121,20 @@ class XLoraModel(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str, base: str | nn.Module | None = None, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, trust_remote_code: bool = False,
-                        adapters: dict[str, str] | None = None, **base_options: Any) -> "XLoraModel":
+                        adapters: dict[str, str] | None = None, device_map: Any = None,
+                        max_memory: dict | None = None, offload_folder: str | None = None,
+                        quantization: Any = None) -> "XLoraModel":
         """Load a saved X-LoRA: loramix / original `xlora` layout, or an X-LoRA saved by PEFT.
 
         `base` defaults to the base model id recorded in the checkpoint. `adapters` (name -> folder or hub id)
         loads the experts from elsewhere instead of the checkpoint's own folders; names must match the saved ones.
-        `base_options` (device_map, max_memory, offload_folder, quantization) are passed to `from_base`.
+        `device_map`, `max_memory`, `offload_folder` and `quantization` are passed to `from_base`.
         """
         checkpoint = read_checkpoint(source, base=base, adapters=adapters)
         model = cls.from_base(checkpoint.base, checkpoint.config, dtype=dtype, device=device,
-                              trust_remote_code=trust_remote_code, _peft_xlora_experts=checkpoint.peft_layout_experts,
-                              **base_options)
+                              trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
+                              offload_folder=offload_folder, quantization=quantization,
+                              _peft_xlora_experts=checkpoint.peft_layout_experts)
         load_classifier(model.classifier, checkpoint)
         return model
 
