@@ -253,7 +253,7 @@ def test_cli_errors_name_the_fault_before_training(workdir, tmp_path):
     cases = [
         (["--adapters", "rev"], "--adapters: 'rev' is not NAME=DIR"),
         (["--prompt-template", "{question} {colour}", "--completion-template", "{answer}"], "['colour']"),
-        (["--max-steps", "0"], "max_steps: must be at least 1"),
+        (["--max-steps", "0"], "argument --max-steps: got '0', expected an integer >= 1"),  # checked at parse time
         (["--routing-loss-weight", "1"], "routing_weight: the supervised routing loss needs expert_field"),
     ]
     for extra, message in cases:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -48,6 +49,7 @@ def generate(args: argparse.Namespace) -> int:
     """Complete a prompt; --stream prints tokens as they come, --show-experts marks each token's top expert."""
     from . import XLoraModel
     from .generation import SamplingParams, context_length, decode_steps, special_tokens
+    from .loading import load_tokenizer
 
     model = XLoraModel.from_pretrained(args.model, base=args.base)
     tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
@@ -87,20 +89,6 @@ _COLOURS = [31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96]
 
 def paint(text: str, expert: int, colour: bool) -> str:
     return f"\x1b[{_COLOURS[expert % len(_COLOURS)]}m{text}\x1b[0m" if colour else text
-
-
-def load_tokenizer(model_dir: str, base: str | None):
-    """The tokenizer saved beside the X-LoRA checkpoint, else the base model's."""
-    from transformers import AutoTokenizer
-
-    for source in (model_dir, base):
-        if not source:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError):
-            continue
-    raise SystemExit(f"loramix: no tokenizer in {model_dir!r} or the base model {base!r}; save one there")
 
 
 def _training_options(args: argparse.Namespace) -> dict:
@@ -157,9 +145,9 @@ def train(args: argparse.Namespace) -> int:
     xlora = dict(xlora_depth=args.xlora_depth, xlora_size=args.xlora_size, layerwise_scalings=args.layerwise_scalings,
                  top_k_lora=args.top_k_lora, enable_softmax_topk=args.enable_softmax_topk,
                  softmax_temperature=args.softmax_temperature, use_trainable_adapters=args.use_trainable_adapters,
-                 xlora_dropout_p=args.xlora_dropout, scaling_pass_value=args.scaling_pass_value,
-                 balance_weight=args.balance_loss_weight, entropy_weight=args.entropy_loss_weight,
-                 routing_weight=args.routing_loss_weight, expert_field=args.expert_field)
+                 xlora_dropout_p=args.xlora_dropout_p, scaling_pass_value=args.scaling_pass_value,
+                 balance_weight=args.balance_weight, entropy_weight=args.entropy_weight,
+                 routing_weight=args.routing_weight, expert_field=args.expert_field)
     result = train_xlora(args.base, adapters, args.data, args.output, eval_data=args.eval_data,
                          data_weights=args.data_weights, tokenizer=args.tokenizer, dtype=_dtype(args.dtype),
                          trust_remote_code=args.trust_remote_code, **xlora, **_training_options(args))
@@ -173,11 +161,54 @@ def json_line(record: dict) -> str:
     return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
 
 
+# ---- argument types: every number is checked at parse time, so bad flags fail before any model is loaded ----------
+def _number(kind: type, ok, expected: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}, expected {expected}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+non_negative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+finite_float = _number(float, lambda v: True, "a finite number")
+dropout_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+top_p_float = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def non_empty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line naming the flag (exit code 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _alias(group, old: str, dest: str, **kwargs) -> None:
+    """An old spelling of a flag, kept working but hidden from --help."""
+    group.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model folder or hub id")
     p.add_argument("--data", required=True, action="append",
                    help="JSONL/JSON/CSV/Parquet file, save_to_disk folder or hub dataset name[:split] (repeatable)")
-    p.add_argument("--data-weights", type=float, nargs="+", help="relative share of each --data source in the mix")
+    p.add_argument("--data-weights", type=positive_float, nargs="+",
+                   help="relative share of each --data source in the mix")
     p.add_argument("--eval-data", action="append", help="held-out data for evaluation loss and perplexity")
     p.add_argument("--output", required=True, help="output folder (checkpoints go to OUTPUT/checkpoint-<step>/)")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the base model's)")
@@ -189,27 +220,27 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-template", help="e.g. 'Question: {question}\\nAnswer:'")
     g.add_argument("--completion-template", help="e.g. ' {answer}'")
     g.add_argument("--train-on-prompt", action="store_true", help="take the loss on prompt tokens too")
-    g.add_argument("--max-length", type=int, default=512, help="longer rows are reported and skipped")
+    g.add_argument("--max-length", type=positive_int, default=512, help="longer rows are reported and skipped")
     g.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--lr", type=float, help="learning rate (default 2e-4 for experts, 1e-3 for the gate)")
-    g.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch and process")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--max-steps", type=positive_int)
+    g.add_argument("--epochs", type=positive_float)
+    g.add_argument("--lr", type=positive_float, help="learning rate (default 2e-4 for experts, 1e-3 for the gate)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="rows per micro-batch and process")
+    g.add_argument("--grad-accum", type=positive_int, default=1)
+    g.add_argument("--warmup-steps", type=non_negative_int, default=0)
     g.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant"], default="linear")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    g.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="0 turns clipping off")
+    g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype to load the base model in")
     g.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
     g.add_argument("--trust-remote-code", action="store_true")
     g = p.add_argument_group("run")
-    g.add_argument("--logging-steps", type=int, default=10)
-    g.add_argument("--eval-steps", type=int)
-    g.add_argument("--save-steps", type=int)
-    g.add_argument("--save-total-limit", type=int)
+    g.add_argument("--logging-steps", type=positive_int, default=10)
+    g.add_argument("--eval-steps", type=positive_int)
+    g.add_argument("--save-steps", type=positive_int)
+    g.add_argument("--save-total-limit", type=positive_int)
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -234,6 +265,7 @@ def analyze(args: argparse.Namespace) -> int:
         if not args.model or args.prompt is None:
             raise ValueError("give --model and --prompt (or --scalings FILE)")
         from . import XLoraModel
+        from .loading import load_tokenizer
 
         model = XLoraModel.from_pretrained(args.model, base=args.base)
         tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
@@ -319,7 +351,7 @@ VERBS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loramix", description="X-LoRA: a mixture of LoRA experts.")
+    parser = _Parser(prog="loramix", description="X-LoRA: a mixture of LoRA experts.")
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("serve", help=VERBS["serve"][1])
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
@@ -340,65 +372,74 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller run (about 2 minutes; used in CI)")
     p.add_argument("--out", default="loramix-demo", help="output folder (reused stages are skipped)")
     p.add_argument("--fresh", action="store_true", help="redo every stage")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser("analyze", help=VERBS["analyze"][1])
     p.add_argument("--model", help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
-    p.add_argument("--prompt")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="also generate and show these tokens")
+    p.add_argument("--prompt", type=non_empty)
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=0, help="also generate and show these tokens")
     p.add_argument("--scalings", help="a saved scalings log (.safetensors) instead of a model")
     p.add_argument("--out", required=True, help="folder for heatmap.png, history.png, scalings.safetensors")
     p = sub.add_parser("quickstart", help=VERBS["quickstart"][1])
     p.add_argument("--out", default="loramix-quickstart", help="folder for the tiny base, experts and X-LoRA")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p = sub.add_parser("generate", help=VERBS["generate"][1])
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--freeze-scalings-after", type=int, help="keep the scalings after N generated tokens")
+    p.add_argument("--prompt", required=True, type=non_empty)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=top_p_float, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: no top-k cut")
+    p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--stop", action="append", type=non_empty, help="stop string (repeatable)")
+    p.add_argument("--freeze-scalings-after", type=non_negative_int,
+                   help="keep the scalings after N generated tokens")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--show-experts", action="store_true", help="mark each token with its dominant expert")
     p.add_argument("--no-colour", action="store_true", help="plain [i] marks even on a terminal")
     p = sub.add_parser("train-expert", help=VERBS["train-expert"][1])
     _add_training_flags(p)
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=16)
-    g.add_argument("--dropout", type=float, default=0.05)
+    g.add_argument("--rank", type=positive_int, default=8)
+    g.add_argument("--alpha", type=positive_float, default=16)
+    g.add_argument("--dropout", type=dropout_float, default=0.05)
     g.add_argument("--target-modules", help="comma-separated module names (default: all linear layers)")
     p = sub.add_parser("train", help=VERBS["train"][1])
     _add_training_flags(p)
     p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR", help="the experts, in order")
-    g = p.add_argument_group("X-LoRA")
-    g.add_argument("--xlora-depth", type=int, default=1)
-    g.add_argument("--xlora-size", type=int, default=2048)
-    g.add_argument("--xlora-dropout", type=float, default=0.2)
+    g = p.add_argument_group("X-LoRA (flags named after the XLoraConfig fields)")
+    g.add_argument("--xlora-depth", type=positive_int, default=1)
+    g.add_argument("--xlora-size", type=positive_int, default=2048)
+    g.add_argument("--xlora-dropout-p", type=dropout_float, default=0.2)
+    _alias(g, "--xlora-dropout", "xlora_dropout_p", type=dropout_float)
     g.add_argument("--layerwise-scalings", action="store_true")
-    g.add_argument("--top-k-lora", type=int)
+    g.add_argument("--top-k-lora", type=positive_int)
     g.add_argument("--enable-softmax-topk", action="store_true")
-    g.add_argument("--softmax-temperature", type=float, default=1.0)
-    g.add_argument("--scaling-pass-value", type=float, default=0.0)
+    g.add_argument("--softmax-temperature", type=positive_float, default=1.0)
+    g.add_argument("--scaling-pass-value", type=finite_float, default=0.0)
     g.add_argument("--use-trainable-adapters", action="store_true", help="train the experts too")
-    g.add_argument("--balance-loss-weight", type=float, default=0.0, help="load-balancing term over experts")
-    g.add_argument("--entropy-loss-weight", type=float, default=0.0,
+    g = p.add_argument_group("routing losses (flags named after the RoutingLosses fields)")
+    g.add_argument("--balance-weight", type=non_negative_float, default=0.0, help="load-balancing term over experts")
+    _alias(g, "--balance-loss-weight", "balance_weight", type=non_negative_float)
+    g.add_argument("--entropy-weight", type=finite_float, default=0.0,
                    help="entropy of the scalings (positive sharpens the routing)")
-    g.add_argument("--expert-field", help="field naming each row's expert (for --routing-loss-weight)")
-    g.add_argument("--routing-loss-weight", type=float, default=0.0, help="supervised routing loss")
+    _alias(g, "--entropy-loss-weight", "entropy_weight", type=finite_float)
+    g.add_argument("--expert-field", help="field naming each row's expert (for --routing-weight)")
+    g.add_argument("--routing-weight", type=non_negative_float, default=0.0, help="supervised routing loss")
+    _alias(g, "--routing-loss-weight", "routing_weight", type=non_negative_float)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error already printed (2)
+        return done.code if isinstance(done.code, int) else 2
     try:
         return VERBS[args.verb][0](args)
-    except (ValueError, FileNotFoundError, OSError, NotImplementedError) as err:
+    except (ValueError, OSError, ImportError, NotImplementedError) as err:
         print(f"loramix {args.verb}: {err}", file=sys.stderr)
         return 2
 

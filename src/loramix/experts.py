@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from .config import read_json_object
 from .hub import resolve_file
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -70,12 +70,55 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores (in, out)
 
 
+def load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; an empty, truncated or corrupt file is a ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
 def _pattern_value(pattern: dict, module_name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name or its dotted suffix."""
     for key, value in (pattern or {}).items():
         if module_name == key or module_name.endswith("." + key) or re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
             return value
     return default
+
+
+def _check_lora_numbers(config: dict, path: str) -> None:
+    """r, lora_alpha and the rank/alpha patterns must be numbers and valid patterns before any weight is read."""
+    def is_number(v, positive_int: bool = False) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if positive_int:
+            return isinstance(v, int) and v >= 1
+        try:
+            return math.isfinite(float(v))
+        except OverflowError:
+            return False
+
+    if "r" in config and not is_number(config["r"], positive_int=True):
+        raise ValueError(f"{path}: r is {config['r']!r}, expected an integer >= 1")
+    if "lora_alpha" in config and not is_number(config["lora_alpha"]):
+        raise ValueError(f"{path}: lora_alpha is {config['lora_alpha']!r}, expected a finite number")
+    for field_name, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(field_name)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{path}: {field_name} is {pattern!r}, expected an object module pattern -> value")
+        for key, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?(?:{key})")  # the form _pattern_value matches with
+            except re.error as err:
+                raise ValueError(f"{path}: {field_name} key {key!r} is not a valid pattern ({err})") from None
+            if not is_number(value, positive_int):
+                raise ValueError(f"{path}: {field_name}[{key!r}] is {value!r}, expected "
+                                 f"{'an integer >= 1' if positive_int else 'a finite number'}")
 
 
 def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xlora: bool = False) -> Expert:
@@ -93,14 +136,11 @@ def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xl
         pickled = [f for f in _PICKLE_WEIGHTS if os.path.isdir(source) and os.path.isfile(os.path.join(source, f))]
         hint = f" (found {pickled[0]}: pickled weights are never loaded; convert it to safetensors)" if pickled else ""
         raise FileNotFoundError(f"{where}: no {ADAPTER_WEIGHTS}{hint}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: {ADAPTER_CONFIG} is not valid JSON ({err})") from None
+    config = read_json_object(config_path)
     _check_variant(config, where)
+    _check_lora_numbers(config, config_path)
 
-    state = load_file(weights_path)
+    state = load_safetensors(weights_path)
     modules = dict(base_model.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -134,7 +174,7 @@ def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xl
             raise ValueError(f"{at}: a {type(module).__name__} needs {prefix}A and {prefix}B, found {sorted(ab)}")
         A, B = ab[prefix + "A"], ab[prefix + "B"]
         n_in, n_out = linear_shape(module)
-        rank = A.shape[0]
+        rank = A.shape[0] if A.dim() else 0
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != n_in or B.shape != (n_out, rank):
             raise ValueError(f"{at}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a "
                              f"{type(module).__name__} of {n_in} -> {n_out} at rank {rank}")

@@ -24,20 +24,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .classifier import XLoraClassifier, mixing_weights
 from .compat import output_cache, with_cache
 from .config import CONFIG_NAME, XLoraConfig
-from .experts import ADAPTER_CONFIG, Expert, load_expert, save_expert, supported_module
+from .experts import Expert, save_expert, supported_module
 from .files import atomic_write, atomic_write_text
-from .hub import resolve_file
 from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
-
-CLASSIFIER_NAME = "xlora_classifier.safetensors"
-_PEFT_WEIGHTS = "adapter_model.safetensors"
-_PICKLED_CLASSIFIERS = ("xlora_classifier.pt", "xlora_classifier.bin", "xlora_classifier.pth", "adapter_model.bin")
+from .loading import (CLASSIFIER_NAME, base_model_id, load_base, load_classifier, load_experts,
+                      read_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -117,78 +114,38 @@ class XLoraModel(nn.Module):
     @classmethod
     def from_base(cls, base: str | nn.Module, config: XLoraConfig, *, dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None, trust_remote_code: bool = False,
-                  _peft_xlora_experts: bool = False) -> "XLoraModel":
-        """Load the base model (path, hub id or a loaded PreTrainedModel) and the experts named in `config`."""
+                  device_map: Any = None, max_memory: dict | None = None, offload_folder: str | None = None,
+                  quantization: Any = None, _peft_xlora_experts: bool = False) -> "XLoraModel":
+        """Load the base model (path, hub id or a loaded PreTrainedModel) and the experts named in `config`.
+
+        `device_map`, `max_memory`, `offload_folder` and `quantization` ("4bit", "8bit" or a BitsAndBytesConfig)
+        go to transformers when the base is loaded by name (see `loramix.loading.load_base`)."""
         if isinstance(config.adapters, list):
             raise ValueError("adapters: from_base needs a mapping name -> adapter path or hub id")
-        if isinstance(base, str):
-            from transformers import AutoModelForCausalLM
-
-            base_model_id = base
-            kwargs = {"dtype": dtype} if dtype is not None else {}
-            base = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
-        else:
-            base_model_id = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-            if dtype is not None:
-                base = base.to(dtype)
-        if device is not None:
-            base = base.to(device)
-        experts = [load_expert(name, source, base, inside_peft_xlora=_peft_xlora_experts)
-                   for name, source in config.adapters.items()]
-        return cls(base, config, experts, base_model_id=base_model_id)
+        base_model = load_base(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                               quantization=quantization)
+        experts = load_experts(config, base_model, inside_peft_xlora=_peft_xlora_experts)
+        return cls(base_model, config, experts, base_model_id=base_model_id(base))
 
     @classmethod
     def from_pretrained(cls, source: str, base: str | nn.Module | None = None, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, trust_remote_code: bool = False,
-                        adapters: dict[str, str] | None = None) -> "XLoraModel":
+                        adapters: dict[str, str] | None = None, device_map: Any = None,
+                        max_memory: dict | None = None, offload_folder: str | None = None,
+                        quantization: Any = None) -> "XLoraModel":
         """Load a saved X-LoRA: loramix / original `xlora` layout, or an X-LoRA saved by PEFT.
 
         `base` defaults to the base model id recorded in the checkpoint. `adapters` (name -> folder or hub id)
         loads the experts from elsewhere instead of the checkpoint's own folders; names must match the saved ones.
+        `device_map`, `max_memory`, `offload_folder` and `quantization` are passed to `from_base`.
         """
-        config_path = resolve_file(source, CONFIG_NAME, what="X-LoRA checkpoint")
-        if config_path is not None:
-            config, raw = XLoraConfig.from_json_file(config_path)
-            expert_dirs = [_join(source, name) for name in config.expert_names]
-            base_id = raw.get("base_model_id")
-            classifier_file = CLASSIFIER_NAME
-        else:
-            peft_path = resolve_file(source, ADAPTER_CONFIG, what="X-LoRA checkpoint")
-            if peft_path is None:
-                raise FileNotFoundError(f"{source}: neither {CONFIG_NAME} nor a PEFT X-LoRA {ADAPTER_CONFIG}")
-            with open(peft_path, encoding="utf-8") as f:
-                raw = json.load(f)
-            if str(raw.get("peft_type", "")).upper() != "XLORA":
-                raise ValueError(f"{peft_path}: peft_type is {raw.get('peft_type')!r}, not an X-LoRA checkpoint")
-            config = XLoraConfig.from_dict(raw, source=peft_path)
-            expert_dirs = [_join(source, str(i)) for i in range(config.n_experts)]  # PEFT saves experts as 0/, 1/, ...
-            base_id = raw.get("base_model_name_or_path")
-            classifier_file = _PEFT_WEIGHTS
-        weights_path = resolve_file(source, classifier_file, what="X-LoRA checkpoint")
-        if weights_path is None:
-            pickled = [f for f in _PICKLED_CLASSIFIERS if os.path.isdir(source) and os.path.isfile(os.path.join(source, f))]
-            if pickled:
-                raise ValueError(f"{source}: classifier weights are in {pickled[0]}, a pickle; only safetensors are "
-                                 f"loaded (convert it with safetensors.torch.save_file)")
-            raise FileNotFoundError(f"{source}: no {classifier_file}")
-        if base is None:
-            if not base_id:
-                raise ValueError(f"{source}: the checkpoint records no base model id; pass base=...")
-            base = base_id
-        peft_layout = classifier_file == _PEFT_WEIGHTS
-        if adapters is not None:
-            if list(adapters) != config.expert_names:
-                raise ValueError(f"adapters: names {list(adapters)} differ from the checkpoint's {config.expert_names}")
-            expert_dirs, peft_layout_experts = list(adapters.values()), False
-        else:
-            peft_layout_experts = peft_layout
-        config = dataclasses.replace(config, adapters=dict(zip(config.expert_names, expert_dirs)))
-        model = cls.from_base(base, config, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                              _peft_xlora_experts=peft_layout_experts)
-        state = load_file(weights_path)
-        if peft_layout:
-            state = _classifier_state_from_peft(state, model.classifier, weights_path)
-        _load_classifier_state(model.classifier, state, weights_path)
+        checkpoint = read_checkpoint(source, base=base, adapters=adapters)
+        model = cls.from_base(checkpoint.base, checkpoint.config, dtype=dtype, device=device,
+                              trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
+                              offload_folder=offload_folder, quantization=quantization,
+                              _peft_xlora_experts=checkpoint.peft_layout_experts)
+        load_classifier(model.classifier, checkpoint)
         return model
 
     def save_pretrained(self, folder: str) -> None:
@@ -479,10 +436,6 @@ def _param(module: nn.Module) -> torch.Tensor:
     return next(module.parameters())
 
 
-def _join(source: str, name: str) -> str:
-    return os.path.join(source, name) if os.path.isdir(source) else f"{source.rstrip('/')}/{name}"
-
-
 def _replace_dir(new: str, target: str) -> None:
     """Move the finished folder `new` to `target`, replacing an older one."""
     import shutil
@@ -495,41 +448,3 @@ def _replace_dir(new: str, target: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
-
-
-def _classifier_state_from_peft(state: dict[str, torch.Tensor], classifier: XLoraClassifier,
-                                path: str) -> dict[str, torch.Tensor]:
-    """Map PEFT's `...internal_xlora_classifier.layers.{i}.*` keys to ours (`inner.{j}.*`, `last.*`)."""
-    import re
-
-    by_index: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        m = re.search(r"internal_xlora_classifier\.layers\.(\d+)\.(weight|bias)$", key)
-        if m is None:
-            raise ValueError(f"{path}: unexpected key {key!r} for a PEFT X-LoRA classifier")
-        by_index.setdefault(int(m[1]), {})[m[2]] = tensor
-    indices = sorted(by_index)
-    hidden = classifier.hidden_linears()
-    if len(indices) != len(hidden) + 1:
-        raise ValueError(f"{path}: holds {len(indices)} classifier Linear layers, xlora_depth={len(hidden) + 1} "
-                         f"needs {len(hidden) + 1} (some PEFT versions save only the last one)")
-    ours = {}
-    inner_positions = [i for i, m in enumerate(classifier.inner) if isinstance(m, nn.Linear)]
-    for position, index in zip(inner_positions, indices[:-1]):
-        ours.update({f"inner.{position}.{k}": v for k, v in by_index[index].items()})
-    ours.update({f"last.{k}": v for k, v in by_index[indices[-1]].items()})
-    return ours
-
-
-def _load_classifier_state(classifier: XLoraClassifier, state: dict[str, torch.Tensor], path: str) -> None:
-    expected = classifier.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: classifier keys do not match the config (missing {missing}, unexpected "
-                         f"{unexpected}); check xlora_depth, use_bias and enable_relu_and_dropout")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config needs "
-                             f"{tuple(expected[key].shape)} (hidden_size, xlora_size, layerwise_scalings, experts)")
-    classifier.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

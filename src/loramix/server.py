@@ -626,13 +626,8 @@ def _version() -> str:
 def load_state(model_dir: str, base: str | None = None, name: str | None = None, trust_remote_code: bool = False,
                chat_template_file: str | None = None, **engine) -> ServerState:
     from . import XLoraModel
-    from .cli import load_tokenizer
+    from .loading import load_tokenizer
 
     model = XLoraModel.from_pretrained(model_dir, base=base, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(model_dir, base or model.base_model_id)
-    template = None
-    if chat_template_file:
-        with open(chat_template_file, encoding="utf-8") as f:
-            template = f.read()
-    return ServerState(model, tokenizer, name or os.path.basename(os.path.normpath(model_dir)),
-                       chat_template=template, **engine)
+    tokenizer = load_tokenizer(model_dir, base or model.base_model_id, chat_template_file=chat_template_file)
+    return ServerState(model, tokenizer, name or os.path.basename(os.path.normpath(model_dir)), **engine)

@@ -39,6 +39,7 @@ from .checkpoints import (append_jsonl, latest_checkpoint, load_checkpoint, move
                           save_checkpoint, truncate_metrics, write_jsonl)
 from .data import BatchPlan, DataError, DataFormat, Dataset, collate, load_dataset
 from .files import atomic_write_text
+from .loading import base_model_id, load_base, load_tokenizer
 from .model import causal_lm_loss
 
 METRICS_NAME = "metrics.jsonl"
@@ -402,30 +403,6 @@ def _split_options(options: dict[str, Any], groups: dict[str, set[str]]) -> dict
     return split
 
 
-def _load_base(base: str | nn.Module, dtype: torch.dtype | None, trust_remote_code: bool) -> nn.Module:
-    if isinstance(base, nn.Module):
-        return base
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
-
-
-def _load_tokenizer(base: str | nn.Module, tokenizer):
-    if tokenizer is not None and not isinstance(tokenizer, str):
-        return tokenizer
-    source = tokenizer or (base if isinstance(base, str) else getattr(getattr(base, "config", None),
-                                                                        "_name_or_path", None))
-    if not source:
-        raise ValueError("tokenizer: the base model was passed as a module; pass tokenizer= as well")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"tokenizer: cannot load one from {source!r}: {e}") from e
-
-
 def _as_list(data: str | list[str] | None) -> list[str]:
     if data is None:
         return []
@@ -489,10 +466,10 @@ def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, 
         raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
     dist = _Distributed()
     try:
-        tok = _load_tokenizer(base, tokenizer)
+        tok = load_tokenizer(tokenizer if tokenizer is not None else base_model_id(base))
         train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, None, dist, log)
         torch.manual_seed(args.seed)
-        model = _load_base(base, dtype, trust_remote_code)
+        model = load_base(base, dtype=dtype, trust_remote_code=trust_remote_code)
         targets = target_modules or "all-linear"
         if isinstance(targets, str) and targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -559,11 +536,11 @@ def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | lis
     config = XLoraConfig(adapters=dict(adapters), **groups["xlora"])
     dist = _Distributed()
     try:
-        tok = _load_tokenizer(base, tokenizer)
+        tok = load_tokenizer(tokenizer if tokenizer is not None else base_model_id(base))
         train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, config.expert_names, dist, log)
         torch.manual_seed(args.seed)
         device = dist.device(args.device)
-        model = XLoraModel.from_base(_load_base(base, dtype, trust_remote_code), config, device=device)
+        model = XLoraModel.from_base(load_base(base, dtype=dtype, trust_remote_code=trust_remote_code), config, device=device)
         if isinstance(base, str):
             model.base_model_id = base
         task = _GateTask(model, routing)

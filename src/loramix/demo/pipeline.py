@@ -240,9 +240,11 @@ def _hf_generate(model, tokenizer):
 def evaluate(base: str, experts: str, xlora: str, data: str, domains: list[Domain], log) -> tuple[dict, dict]:
     """Scores of every system on every domain's held-out prompts, and X-LoRA's routing per domain."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    from ..loading import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
     names = [d.name for d in domains]
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
                                            os.path.join(experts, names[0]), adapter_name=names[0])
@@ -285,11 +287,10 @@ def _score(domain: Domain, answers: list[str], test: list[dict]) -> float:
 def _evaluate_xlora(base: str, xlora: str, data: str, domains: list[Domain]) -> tuple[dict, dict, dict]:
     """X-LoRA's score per domain, its routing (mean scaling of each expert over the domain's prompt tokens and
     all LoRA layers) and its answers."""
-    from transformers import AutoTokenizer
-
+    from ..loading import load_tokenizer
     from ..model import XLoraModel
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(base)
     model = XLoraModel.from_pretrained(xlora, base=base)
     names = [d.name for d in domains]
 
@@ -323,12 +324,11 @@ def evaluate_xlora(base: str, xlora: str, data: str, domains: list[Domain], log)
 # ---- figures and report -----------------------------------------------------------------------------------------
 def make_figures(out: str, base: str, xlora: str, domains: list[Domain], examples: dict) -> dict:
     """Per domain: heatmap + bars for its first held-out prompt; a multi-turn history across the domains."""
-    from transformers import AutoTokenizer
-
     from ..analysis import ScalingsLog, plot_history, plot_scalings, scalings_of_ids
+    from ..loading import load_tokenizer
     from ..model import XLoraModel
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(base)
     model = XLoraModel.from_pretrained(xlora, base=base)
     folder = os.path.join(out, "figures")
     os.makedirs(folder, exist_ok=True)
