@@ -139,7 +139,7 @@ def export_peft(model, folder: str, scalings: torch.Tensor) -> str:
         "init_lora_weights": True,
     }
     dtype = model.classifier.last.weight.dtype
-    with _new_folder(folder) as tmp:
+    with new_output_folder(folder) as tmp:
         save_expert(modules, config, dtype, tmp)
     return folder
 
@@ -176,7 +176,7 @@ def export_merged(model, folder: str, scalings: torch.Tensor, tokenizer=None) ->
     """Save the base model with the fixed mix folded into its weights (`save_pretrained`, plus the tokenizer):
     a plain transformers model giving `model(..., scalings=scalings)`'s logits."""
     weights = fixed_mixing_weights(model, scalings)
-    with _new_folder(folder) as tmp, plain_base(model, weights) as base:
+    with new_output_folder(folder) as tmp, plain_base(model, weights) as base:
         base.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -196,7 +196,7 @@ def _refuse_tied_adapted(model) -> None:
 
 
 @contextlib.contextmanager
-def _new_folder(folder: str) -> Iterator[str]:
+def new_output_folder(folder: str) -> Iterator[str]:
     """A temporary folder beside `folder`, renamed to it when the block succeeds; `folder` must be new or empty."""
     folder = os.path.abspath(folder)
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):

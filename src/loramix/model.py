@@ -136,6 +136,15 @@ class XLoraModel(nn.Module):
         `base` defaults to the base model id recorded in the checkpoint. `adapters` (name -> folder or hub id)
         loads the experts from elsewhere instead of the checkpoint's own folders; names must match the saved ones.
         """
+        from .mistralrs import find_ordering_file, read_mistralrs_checkpoint
+
+        if find_ordering_file(source) is not None:  # mistral.rs's layout: ordering file + flat adapter files
+            with read_mistralrs_checkpoint(source) as checkpoint:
+                config = dataclasses.replace(checkpoint.config, adapters=adapters or checkpoint.adapters)
+                model = cls.from_base(base or checkpoint.base_model_id, config, dtype=dtype, device=device,
+                                      trust_remote_code=trust_remote_code)
+            _load_classifier_state(model.classifier, checkpoint.classifier_state, checkpoint.source)
+            return model
         config_path = resolve_file(source, CONFIG_NAME, what="X-LoRA checkpoint")
         if config_path is not None:
             config, raw = XLoraConfig.from_json_file(config_path)

@@ -1,0 +1,95 @@
+"""Export a tiny random X-LoRA with `loramix export --to mistralrs` and check that mistral.rs generates the same
+greedy tokens as loramix.
+
+    python -m venv --system-site-packages /work/venvs/mistralrs
+    /work/venvs/mistralrs/bin/pip install mistralrs==0.9.5
+    PYTHONPATH=src /work/venvs/mistralrs/bin/python scripts/check_mistralrs.py [--tokens 32]
+
+Offline throughout (HF_HUB_OFFLINE=1, token_source "none"). mistral.rs's Python API returns token ids only in the
+log-probabilities of chat requests, so the tokenizer gets a pass-through chat template. Known limit of mistral.rs
+0.9.5 on CPU: its X-LoRA Llama fails on prompts longer than one token ("RoPE positions length 1 does not match
+token count N"), so the prompt is one token. Its CPU KV cache defaults to f16; MISTRALRS_CPU_KV_F32=1 is set
+here so that both engines decode in float32. Exit status 0 when the tokens agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MISTRALRS_CPU_KV_F32", "1")
+
+PASS_THROUGH = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def char_tokenizer(vocab_size: int):
+    """A character-level fast tokenizer (ids 0-2 special) that mistral.rs can read from tokenizer.json (its
+    token trie needs a byte-level or byte-fallback decoder, so the characters are byte-level ones)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())[: vocab_size - 3]  # characters that stand for one byte
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = PASS_THROUGH
+    return tokenizer
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=32, help="greedy tokens to generate")
+    parser.add_argument("--prompt", default="a", help="one character: one token (see the limit above)")
+    parser.add_argument("--out", help="export folder (default: a temporary one)")
+    args = parser.parse_args()
+
+    import torch
+    from mistralrs import Architecture, ChatCompletionRequest, Runner, Which
+
+    from loramix import XLoraConfig, XLoraModel
+    from loramix.export import export
+    from loramix.mistralrs import ORDERING_NAME
+    from loramix.tiny import random_experts, tiny_llama
+
+    work = args.out or tempfile.mkdtemp(prefix="loramix-mistralrs-")
+    base = tiny_llama(hidden_size=64, layers=2, vocab_size=128, seed=0)
+    adapters = random_experts(base, os.path.join(work, "experts"), ranks=[4, 4], targets=["q_proj", "v_proj", "down_proj"],
+                              seed=0, magnitude=3.0)
+    model = XLoraModel.from_base(base, XLoraConfig(adapters=adapters, layerwise_scalings=True))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.normal_(0, 0.5)
+    tokenizer = char_tokenizer(128)
+    folder = export(model, "mistralrs", os.path.join(work, "mistralrs"), tokenizer=tokenizer)
+    print(f"exported to {folder}")
+
+    ids = tokenizer(args.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.shape[1] != 1:
+        raise SystemExit(f"--prompt {args.prompt!r} is {ids.shape[1]} tokens; mistral.rs 0.9.5's CPU X-LoRA needs one")
+    ours = model.generate(ids, max_new_tokens=args.tokens, do_sample=False, eos_token_id=None)
+    ours = ours[0, ids.shape[1]:].tolist() if torch.is_tensor(ours) else list(ours[0])
+
+    base_dir = os.path.join(folder, "base")
+    runner = Runner(which=Which.XLora(xlora_model_id=folder, order=os.path.join(folder, ORDERING_NAME),
+                                      model_id=base_dir, arch=Architecture.Llama,
+                                      tokenizer_json=os.path.join(base_dir, "tokenizer.json")),
+                    token_source="none", jinja_explicit=None, chat_template=None)
+    response = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=[{"role": "user", "content": args.prompt}], model="xlora", max_tokens=args.tokens,
+        temperature=0.0, logprobs=True, top_logprobs=1))
+    theirs = [entry.top_logprobs[0].token for entry in response.choices[0].logprobs.content]
+    print(f"loramix   : {ours}")
+    print(f"mistral.rs: {theirs}")
+    same = ours == theirs
+    print(f"{'SAME' if same else 'DIFFERENT'} greedy tokens ({len(ours)} from loramix, {len(theirs)} from mistral.rs)")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
