@@ -41,13 +41,9 @@ def char_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=32, help="greedy tokens to generate")
-    parser.add_argument("--prompt", default="a", help="one character: one token (see the limit above)")
-    parser.add_argument("--out", help="export folder (default: a temporary one)")
-    args = parser.parse_args()
-
+def compare_greedy(work: str, tokens: int, prompt: str = "a") -> tuple[list[int], list[int]]:
+    """Export a tiny X-LoRA (Llama, hidden 64, 2 layers, two rank-4 experts on q/v/down, layerwise gate) into
+    `work`; return the greedy tokens of loramix and of mistral.rs after the one-token `prompt`."""
     import torch
     from mistralrs import Architecture, ChatCompletionRequest, Runner, Which
 
@@ -56,10 +52,9 @@ def main() -> int:
     from loramix.mistralrs import ORDERING_NAME
     from loramix.tiny import random_experts, tiny_llama
 
-    work = args.out or tempfile.mkdtemp(prefix="loramix-mistralrs-")
     base = tiny_llama(hidden_size=64, layers=2, vocab_size=128, seed=0)
-    adapters = random_experts(base, os.path.join(work, "experts"), ranks=[4, 4], targets=["q_proj", "v_proj", "down_proj"],
-                              seed=0, magnitude=3.0)
+    adapters = random_experts(base, os.path.join(work, "experts"), ranks=[4, 4],
+                              targets=["q_proj", "v_proj", "down_proj"], seed=0, magnitude=3.0)
     model = XLoraModel.from_base(base, XLoraConfig(adapters=adapters, layerwise_scalings=True))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -67,23 +62,33 @@ def main() -> int:
             p.normal_(0, 0.5)
     tokenizer = char_tokenizer(128)
     folder = export(model, "mistralrs", os.path.join(work, "mistralrs"), tokenizer=tokenizer)
-    print(f"exported to {folder}")
 
-    ids = tokenizer(args.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if ids.shape[1] != 1:
-        raise SystemExit(f"--prompt {args.prompt!r} is {ids.shape[1]} tokens; mistral.rs 0.9.5's CPU X-LoRA needs one")
-    ours = model.generate(ids, max_new_tokens=args.tokens, do_sample=False, eos_token_id=None)
-    ours = ours[0, ids.shape[1]:].tolist() if torch.is_tensor(ours) else list(ours[0])
+        raise ValueError(f"prompt {prompt!r} is {ids.shape[1]} tokens; mistral.rs 0.9.5's CPU X-LoRA needs one")
+    ours = model.generate(ids, max_new_tokens=tokens, do_sample=False, eos_token_id=None)[0, 1:].tolist()
 
     base_dir = os.path.join(folder, "base")
     runner = Runner(which=Which.XLora(xlora_model_id=folder, order=os.path.join(folder, ORDERING_NAME),
                                       model_id=base_dir, arch=Architecture.Llama,
                                       tokenizer_json=os.path.join(base_dir, "tokenizer.json")),
-                    token_source="none", jinja_explicit=None, chat_template=None)
+                    token_source="none")
     response = runner.send_chat_completion_request(ChatCompletionRequest(
-        messages=[{"role": "user", "content": args.prompt}], model="xlora", max_tokens=args.tokens,
+        messages=[{"role": "user", "content": prompt}], model="xlora", max_tokens=tokens,
         temperature=0.0, logprobs=True, top_logprobs=1))
     theirs = [entry.top_logprobs[0].token for entry in response.choices[0].logprobs.content]
+    return ours, theirs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=32, help="greedy tokens to generate")
+    parser.add_argument("--prompt", default="a", help="one character: one token (see the limit above)")
+    parser.add_argument("--out", help="export folder (default: a temporary one)")
+    args = parser.parse_args()
+    work = args.out or tempfile.mkdtemp(prefix="loramix-mistralrs-")
+    ours, theirs = compare_greedy(work, args.tokens, args.prompt)
+    print(f"exported to {os.path.join(work, 'mistralrs')}")
     print(f"loramix   : {ours}")
     print(f"mistral.rs: {theirs}")
     same = ours == theirs

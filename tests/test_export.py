@@ -113,3 +113,79 @@ def test_from_data_is_the_mean_gate_scalings_over_tokens(tmp_path):
         with torch.no_grad():
             per_token.append(model.compute_scalings(input_ids=ids)[0][0])  # (t, L, E)
     torch.testing.assert_close(got, torch.cat(per_token).mean(0), atol=1e-6, rtol=1e-6)
+
+
+# ---- mistral.rs ------------------------------------------------------------------------------------------------
+def test_mistralrs_layout_round_trips_through_from_pretrained(tmp_path, ids):
+    base = tiny_base("llama")
+    adapters = make_experts(base, "llama", tmp_path / "experts")
+    adapters.pop("expert_1")  # it adapts embed_tokens, which mistral.rs cannot (next test)
+    config = XLoraConfig(adapters=adapters, layerwise_scalings=True, xlora_depth=3, xlora_size=16, top_k_lora=1)
+    model = XLoraModel.from_base(copy.deepcopy(base), config)
+    folder = tmp_path / "mistralrs"
+    export(model, "mistralrs", str(folder), tokenizer=tiny_tokenizer())
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["base", "expert_0.adapter_config.json", "expert_0.adapter_model.safetensors",
+                     "expert_2.adapter_config.json", "expert_2.adapter_model.safetensors",
+                     "xlora_classifier.safetensors", "xlora_config.json", "xlora_ordering.json"]
+    ordering = json.loads((folder / "xlora_ordering.json").read_text())
+    assert ordering["layers"] == {n: i for i, n in enumerate(model.lora_layer_names)}
+    assert ordering["base_model_id"] == json.loads((folder / "xlora_config.json").read_text())["base_model_id"]
+    assert json.loads((folder / "base" / "config.json").read_text())["rope_theta"] == base.config.rope_parameters["rope_theta"]
+    adapter_configs = [json.loads((folder / f"expert_{i}.adapter_config.json").read_text()) for i in (0, 2)]
+    assert adapter_configs[0]["target_modules"] == adapter_configs[1]["target_modules"]  # mistral.rs insists
+    again = XLoraModel.from_pretrained(str(folder))
+    assert again.lora_layer_names == model.lora_layer_names and again.expert_names == model.expert_names
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_mistralrs_export_refuses_what_it_cannot_represent(tmp_path):
+    base = tiny_base("llama")
+    adapters = make_experts(base, "llama", tmp_path / "experts", 2)
+    model = XLoraModel.from_base(copy.deepcopy(base), XLoraConfig(adapters=adapters))
+    with pytest.raises(ValueError, match="'model.embed_tokens': mistral.rs's X-LoRA adapts only Linear layers"):
+        export(model, "mistralrs", str(tmp_path / "a"))
+    clash = {"math": adapters["expert_0"], "math2": adapters["expert_0"]}
+    model = XLoraModel.from_base(copy.deepcopy(base), XLoraConfig(adapters=clash))
+    with pytest.raises(ValueError, match="mistral.rs would read 'math2.adapter_config.json' as expert 'math'"):
+        export(model, "mistralrs", str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_mistralrs_generates_loramix_greedy_tokens(tmp_path):
+    """mistral.rs 0.9.5 (PyPI, CPU) on the exported folder: the same greedy tokens after a one-token prompt (its
+    CPU X-LoRA Llama fails on longer prompts)."""
+    pytest.importorskip("mistralrs")
+    import importlib.util
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MISTRALRS_CPU_KV_F32", "1")
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "check_mistralrs.py")
+    spec = importlib.util.spec_from_file_location("check_mistralrs", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ours, theirs = script.compare_greedy(str(tmp_path), tokens=24)
+    assert len(ours) == 24
+    assert theirs == ours
+
+
+def test_cli_export_from_data_writes_a_peft_adapter(tmp_path, ids):
+    from loramix.cli import main
+
+    base_dir = save_tiny_model(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    adapters = make_experts(base, "llama", tmp_path / "experts")
+    model = XLoraModel.from_base(base_dir, XLoraConfig(adapters=adapters, layerwise_scalings=True))
+    model.save_pretrained(str(tmp_path / "ck"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"q": "ab", "a": "cd"}, {"q": "xyz", "a": "w"}])
+    out = tmp_path / "peft"
+    assert main(["export", "--model", str(tmp_path / "ck"), "--to", "peft", "--output", str(out),
+                 "--from-data", data, "--prompt-field", "q", "--completion-field", "a"]) == 0
+    scalings = mean_gate_scalings(model, tiny_tokenizer(), [data], DataFormat(prompt_field="q", completion_field="a"))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, fixed_logits(model, scalings, ids),
+                                   atol=1e-5, rtol=1e-5)
+    assert main(["export", "--model", str(tmp_path / "ck"), "--to", "peft", "--output", str(out)]) == 2  # not new

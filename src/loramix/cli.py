@@ -263,6 +263,43 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """Export for another server: a PEFT LoRA or a merged model with fixed expert weights, or mistral.rs's X-LoRA."""
+    from . import XLoraModel
+    from .data import DataFormat
+    from .export import export as run, mean_gate_scalings, scalings_from_json
+
+    model = XLoraModel.from_pretrained(args.model, base=args.base)
+    tokenizer = _maybe_tokenizer(args.model, args.base or model.base_model_id)
+    if args.from_data and args.weights:
+        raise ValueError("give --weights or --from-data, not both")
+    scalings = None
+    if args.from_data:
+        if tokenizer is None:
+            raise ValueError("--from-data: no tokenizer beside the checkpoint or in the base model")
+        fmt = DataFormat(prompt_field=args.prompt_field, completion_field=args.completion_field,
+                         text_field=args.text_field, messages_field=args.messages_field,
+                         prompt_template=_unescape(args.prompt_template),
+                         completion_template=_unescape(args.completion_template), max_length=args.max_length)
+        scalings = mean_gate_scalings(model, tokenizer, args.from_data, fmt, batch_size=args.batch_size)
+    elif args.weights and args.weights != "uniform":
+        scalings = scalings_from_json(model, args.weights)
+    options = {"base_model_id": args.base_model_id} if args.base_model_id else {}
+    folder = run(model, args.to, args.output, scalings=scalings, tokenizer=tokenizer, **options)
+    if scalings is not None:
+        for name, value in zip(model.expert_names, scalings.mean(0).tolist()):
+            print(f"  mean scaling of {name:<20} {value:.3f}")
+    print(f"wrote {args.to} export to {folder}")
+    return 0
+
+
+def _maybe_tokenizer(model_dir: str, base: str | None):
+    try:
+        return load_tokenizer(model_dir, base)
+    except SystemExit:
+        return None
+
+
 VERBS = {
     "serve": (serve, "an OpenAI-compatible HTTP server for an X-LoRA model"),
     "demo": (demo, "the paper's experiment end to end, offline, with its figures"),
@@ -271,6 +308,7 @@ VERBS = {
     "generate": (generate, "complete a prompt with a saved X-LoRA model"),
     "train-expert": (train_expert, "train one LoRA expert (a PEFT adapter folder)"),
     "train": (train, "train the X-LoRA gate over frozen experts"),
+    "export": (export, "a PEFT LoRA, a merged model or a mistral.rs X-LoRA folder, to serve elsewhere"),
 }
 
 
@@ -345,6 +383,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="entropy of the scalings (positive sharpens the routing)")
     g.add_argument("--expert-field", help="field naming each row's expert (for --routing-loss-weight)")
     g.add_argument("--routing-loss-weight", type=float, default=0.0, help="supervised routing loss")
+    p = sub.add_parser("export", help=VERBS["export"][1])
+    p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
+    p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
+    p.add_argument("--to", required=True, choices=["peft", "merged", "mistralrs"])
+    p.add_argument("--output", required=True, help="a new (or empty) folder")
+    p.add_argument("--weights", help="peft/merged: 'uniform' (default) or a JSON file of fixed expert weights")
+    p.add_argument("--from-data", action="append", help="peft/merged: the gate's mean weights over this data")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass with --from-data")
+    p.add_argument("--base-model-id", help="mistralrs: the base's id to record (default: write it to OUTPUT/base)")
+    g = p.add_argument_group("data format (--from-data)")
+    g.add_argument("--prompt-field", default="prompt")
+    g.add_argument("--completion-field", default="completion")
+    g.add_argument("--text-field")
+    g.add_argument("--messages-field")
+    g.add_argument("--prompt-template")
+    g.add_argument("--completion-template")
+    g.add_argument("--max-length", type=int, default=512)
     return parser
 
 

@@ -131,7 +131,8 @@ class XLoraModel(nn.Module):
     def from_pretrained(cls, source: str, base: str | nn.Module | None = None, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, trust_remote_code: bool = False,
                         adapters: dict[str, str] | None = None) -> "XLoraModel":
-        """Load a saved X-LoRA: loramix / original `xlora` layout, or an X-LoRA saved by PEFT.
+        """Load a saved X-LoRA: loramix / original `xlora` layout, an X-LoRA saved by PEFT, or a local mistral.rs
+        X-LoRA folder (ordering file + flat `<expert>.adapter_*` files; see loramix.mistralrs).
 
         `base` defaults to the base model id recorded in the checkpoint. `adapters` (name -> folder or hub id)
         loads the experts from elsewhere instead of the checkpoint's own folders; names must match the saved ones.
