@@ -126,13 +126,8 @@ def plain_greedy(model, tokenizer, prompt: str, max_new: int, until: list[str]) 
     return text
 
 
-def test_scores_equal_a_plain_loop_and_files_are_written(model, tmp_path):
-    tokenizer = tiny_tokenizer()
-    tasks = write_tasks(tmp_path)
-    out = tmp_path / "out"
-    results = evaluate(model, tokenizer, "tiny_mc,tiny_gen", include_path=tasks, batch_size=4, output=str(out),
-                       log_samples=True)
-    # multiple choice: the argmax of the choices' log-likelihoods, one unbatched row each
+def plain_mc_accuracy(model, tokenizer) -> float:
+    """The argmax of the choices' log-likelihoods, one unbatched row each."""
     correct = []
     for row in MC_ROWS:
         context = row["question"].rstrip()  # lm-eval moves the context's trailing spaces to the continuation
@@ -141,7 +136,16 @@ def test_scores_equal_a_plain_loop_and_files_are_written(model, tmp_path):
                                                         add_special_tokens=False))[0]
                   for c in row["choices"]]
         correct.append(float(max(range(3), key=scores.__getitem__) == row["answer"]))
-    assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+    return sum(correct) / len(correct)
+
+
+def test_scores_equal_a_plain_loop_and_files_are_written(model, tmp_path):
+    tokenizer = tiny_tokenizer()
+    tasks = write_tasks(tmp_path)
+    out = tmp_path / "out"
+    results = evaluate(model, tokenizer, "tiny_mc,tiny_gen", include_path=tasks, batch_size=4, output=str(out),
+                       log_samples=True, builtin_tasks=False)
+    assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(plain_mc_accuracy(model, tokenizer))
     # generation: the same texts as a plain greedy loop, and exact match over them
     texts = [plain_greedy(model, tokenizer, row["prompt"], 6, ["."]) for row in GEN_ROWS]
     by_doc = {s["doc_id"]: s["filtered_resps"][0] for s in results["samples"]["tiny_gen"]}
@@ -160,3 +164,20 @@ def test_scores_equal_a_plain_loop_and_files_are_written(model, tmp_path):
                       for row in MC_ROWS for c in row["choices"])
     assert int(rows[1]["tokens"]) == n_mc_tokens
     assert (out / "routing.png").stat().st_size > 1000
+
+
+def test_cli_eval_writes_results_and_routing(model, tmp_path, capsys):
+    from loramix.cli import main
+
+    tokenizer = tiny_tokenizer()
+    model.save_pretrained(str(tmp_path / "ck"))
+    tokenizer.save_pretrained(str(tmp_path / "ck"))
+    base = tmp_path / "base"
+    model_base_copy = tiny_base("llama")  # the fixture's base, rebuilt from the same seed
+    model_base_copy.save_pretrained(str(base))
+    tasks = write_tasks(tmp_path)
+    assert main(["eval", "--model", str(tmp_path / "ck"), "--base", str(base), "--tasks", "tiny_mc",
+                 "--include-path", tasks, "--no-builtin-tasks", "--output", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["results"]["tiny_mc"]["acc,none"] == pytest.approx(plain_mc_accuracy(model, tokenizer))
+    assert list(saved["routing"]) == ["tiny_mc"] and "routing of tiny_mc" in capsys.readouterr().out

@@ -300,6 +300,27 @@ def _maybe_tokenizer(model_dir: str, base: str | None):
         return None
 
 
+def eval_(args: argparse.Namespace) -> int:
+    """Benchmark with lm-evaluation-harness in process; writes its results and the routing per task."""
+    from . import XLoraModel
+    from .evaluation import evaluate
+
+    model = XLoraModel.from_pretrained(args.model, base=args.base)
+    tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = evaluate(model, tokenizer, args.tasks, include_path=args.include_path, limit=limit,
+                       batch_size=args.batch_size, output=args.output, num_fewshot=args.num_fewshot,
+                       builtin_tasks=not args.no_builtin_tasks)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    for task, weights in results["routing"].items():
+        print(f"routing of {task}: " + ", ".join(f"{name} {w:.3f}" for name, w in weights.items()))
+    if args.output:
+        print(f"wrote results.json, routing.csv and routing.png to {args.output}")
+    return 0
+
+
 VERBS = {
     "serve": (serve, "an OpenAI-compatible HTTP server for an X-LoRA model"),
     "demo": (demo, "the paper's experiment end to end, offline, with its figures"),
@@ -308,6 +329,7 @@ VERBS = {
     "generate": (generate, "complete a prompt with a saved X-LoRA model"),
     "train-expert": (train_expert, "train one LoRA expert (a PEFT adapter folder)"),
     "train": (train, "train the X-LoRA gate over frozen experts"),
+    "eval": (eval_, "lm-evaluation-harness tasks in process, with the routing per task"),
     "export": (export, "a PEFT LoRA, a merged model or a mistral.rs X-LoRA folder, to serve elsewhere"),
 }
 
@@ -400,6 +422,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-template")
     g.add_argument("--completion-template")
     g.add_argument("--max-length", type=int, default=512)
+    p = sub.add_parser("eval", help=VERBS["eval"][1])
+    p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
+    p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", help="a folder of extra task YAMLs")
+    p.add_argument("--limit", type=float, help="documents per task (a fraction if below 1)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--no-builtin-tasks", action="store_true", help="only --include-path's tasks (skips indexing lm-eval's)")
+    p.add_argument("--output", help="folder for results.json, routing.csv, routing.png")
     return parser
 
 
