@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_experts, tiny_base, tiny_tokenizer, write_jsonl
+
 from loramix import XLoraConfig, XLoraModel
 
 pytest.importorskip("lm_eval")

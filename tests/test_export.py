@@ -7,10 +7,16 @@ import json
 
 import pytest
 import torch
+from conftest import (
+    make_experts,
+    save_tiny_model,
+    tiny_base,
+    tiny_tokenizer,
+    write_jsonl,
+)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import make_experts, save_tiny_model, tiny_base, tiny_tokenizer, write_jsonl
 from loramix import XLoraConfig, XLoraModel
 from loramix.data import DataFormat, tokenize_row
 from loramix.export import export, mean_gate_scalings, scalings_from_json
@@ -56,7 +62,7 @@ def test_peft_export_equals_fixed_scalings(arch, config, tmp_path, ids):
 @pytest.mark.parametrize("arch,config", CASES[:1] + CASES[2:])
 def test_merged_export_loads_in_transformers(arch, config, tmp_path, ids):
     # GPT-2 ties wte to the LM head: its third expert (on wte) cannot be merged, see the next test
-    base, model = xlora(arch, tmp_path, n_experts=2 if arch == "gpt2" else None, **config)
+    _, model = xlora(arch, tmp_path, n_experts=2 if arch == "gpt2" else None, **config)
     scalings = torch.rand(model.n_lora_layers, model.n_experts, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         before = model(input_ids=ids).logits

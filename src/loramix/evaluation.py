@@ -104,11 +104,13 @@ def lm_class():
                 max_new = int(kwargs.pop("max_gen_toks", 256))
                 do_sample = bool(kwargs.pop("do_sample", False))
                 temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+                sampling = {"top_p": float(kwargs.pop("top_p", 1.0) or 1.0), "top_k": int(kwargs.pop("top_k", 0) or 0)}
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start:start + self.batch_size]
                     prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in chunk]
                     texts, scalings = generate_texts(self.model, self.tokenizer, prompts, max_new, until,
-                                                     do_sample=do_sample and temperature > 0, temperature=temperature)
+                                                     do_sample=do_sample and temperature > 0, temperature=temperature,
+                                                     **sampling)
                     for i, text, s in zip(chunk, texts, scalings):
                         outputs[i] = text
                         self.routing.add(requests[i].task_name or "", s)
@@ -150,7 +152,8 @@ def continuation_logprobs(model, rows: list[tuple[list[int], int]], batch_size: 
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, until: list[str], *,
-                   do_sample: bool = False, temperature: float = 1.0) -> tuple[list[str], list[torch.Tensor]]:
+                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                   top_k: int = 0) -> tuple[list[str], list[torch.Tensor]]:
     """Left-padded batch generation with both KV caches; each text is cut before its first until-string. Also
     returns each row's scalings over its generated tokens (new, n_lora_layers, n_experts)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -160,7 +163,7 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     for r, p in enumerate(prompts):
         ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
     result = model.generate(ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
-                            do_sample=do_sample, temperature=temperature if do_sample else 1.0,
+                            do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_p=top_p, top_k=top_k,
                             stop=until or None, tokenizer=tokenizer, return_scalings=True)
     texts, scalings = [], []
     for r, n in enumerate(result.n_new_tokens):
@@ -191,7 +194,7 @@ class RoutingTotals:
 
 
 # ---- entry point -----------------------------------------------------------------------------------------------
-def evaluate(model, tokenizer, tasks: list[str] | str, *, include_path: str | None = None, limit: int | float | None = None,
+def evaluate(model, tokenizer, tasks: list[str] | str, *, include_path: str | None = None, limit: float | None = None,
              batch_size: int = 8, output: str | None = None, log_samples: bool = False,
              num_fewshot: int | None = None, builtin_tasks: bool = True) -> dict[str, Any]:
     """Run lm-eval `tasks` on an XLoraModel in process. Returns lm-eval's results dict plus "routing": {task:
