@@ -41,21 +41,38 @@ def char_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def compare_greedy(work: str, tokens: int, prompt: str = "a") -> tuple[list[int], list[int]]:
-    """Export a tiny X-LoRA (Llama, hidden 64, 2 layers, two rank-4 experts on q/v/down, layerwise gate) into
-    `work`; return the greedy tokens of loramix and of mistral.rs after the one-token `prompt`."""
+ISSUE_14_EXPERTS = [(4, 8, ["q_proj", "v_proj", "down_proj"], {})] * 2  # (rank, alpha, targets, LoraConfig extras)
+
+
+def compare_greedy(work: str, tokens: int, prompt: str = "a", experts=ISSUE_14_EXPERTS,
+                   **xlora_config) -> tuple[list[int], list[int]]:
+    """Export a tiny X-LoRA (Llama, hidden 64, 2 layers; by default two rank-4 experts on q/v/down and a layerwise
+    gate) into `work`; return the greedy tokens of loramix and of mistral.rs after the one-token `prompt`."""
+    import copy
+
     import torch
     from mistralrs import Architecture, ChatCompletionRequest, Runner, Which
+    from peft import LoraConfig, get_peft_model
 
     from loramix import XLoraConfig, XLoraModel
     from loramix.export import export
     from loramix.mistralrs import ORDERING_NAME
-    from loramix.tiny import random_experts, tiny_llama
+    from loramix.tiny import tiny_llama
 
     base = tiny_llama(hidden_size=64, layers=2, vocab_size=128, seed=0)
-    adapters = random_experts(base, os.path.join(work, "experts"), ranks=[4, 4],
-                              targets=["q_proj", "v_proj", "down_proj"], seed=0, magnitude=3.0)
-    model = XLoraModel.from_base(base, XLoraConfig(adapters=adapters, layerwise_scalings=True))
+    adapters = {}
+    for i, (rank, alpha, targets, extra) in enumerate(experts):
+        torch.manual_seed(i)
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                                                                   init_lora_weights=False, **extra))
+        with torch.no_grad():  # large enough updates to move the tokens
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.mul_(3.0)
+        adapters[f"expert_{i}"] = os.path.join(work, "experts", f"expert_{i}")
+        peft_model.save_pretrained(adapters[f"expert_{i}"])
+    config = XLoraConfig(adapters=adapters, **{"layerwise_scalings": True, **xlora_config})
+    model = XLoraModel.from_base(base, config)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.classifier.parameters():

@@ -10,7 +10,8 @@ mistral.rs 0.9.x loads an X-LoRA from one folder plus an ordering file, and is s
 - each adapter config has one rank `r` and one `lora_alpha` (no rank_pattern, alpha_pattern, rsLoRA) and all
   experts must list the same `target_modules`, which it applies to every module with that last name;
 - the classifier's hidden Linear layers are numbered `inner.0, inner.1, ...` (ours keep the positions of the
-  ReLU and Dropout between them), and it runs the classifier's Dropout even at inference;
+  ReLU and Dropout between them), it runs the classifier's Dropout even at inference, and it builds the last
+  Linear hidden_size wide even after hidden layers (so xlora_size must equal hidden_size when xlora_depth > 1);
 - its Llama config needs `rope_theta`, which transformers 5 writes only inside `rope_parameters`.
 
 The export therefore folds each expert's scale into B and pads every expert with zero rows to one rank and to
@@ -73,8 +74,13 @@ def export_mistralrs(model, folder: str, tokenizer=None, base_model_id: str | No
 
 
 def _check_exportable(model) -> None:
-    if model.config.enable_softmax_topk:
+    c = model.config
+    if c.enable_softmax_topk:
         raise ValueError("enable_softmax_topk: mistral.rs does not implement it")
+    if c.xlora_depth > 1 and c.xlora_size != c.hidden_size:
+        raise ValueError(f"xlora_size: mistral.rs 0.9.5 reads the classifier's last Linear as hidden_size "
+                         f"({c.hidden_size}) wide, so with xlora_depth > 1 it needs xlora_size == hidden_size, "
+                         f"not {c.xlora_size}")
     short_names = {n.rsplit(".", 1)[-1] for n in model.lora_layer_names}
     adapted = set(model.lora_layer_names)
     for layer in model.mixed_layers():
