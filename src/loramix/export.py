@@ -139,9 +139,8 @@ def export_peft(model, folder: str, scalings: torch.Tensor) -> str:
         "use_rslora": False, "fan_in_fan_out": conv1d, "inference_mode": True, "modules_to_save": None,
         "init_lora_weights": True,
     }
-    dtype = model.classifier.last.weight.dtype
     with new_output_folder(folder) as tmp:
-        save_expert(modules, config, dtype, tmp)
+        save_expert(modules, config, model.dtype, tmp)
     return folder
 
 
@@ -188,12 +187,12 @@ def _refuse_tied_adapted(model) -> None:
     base = model.base
     if not getattr(getattr(base, "config", None), "tie_word_embeddings", False):
         return
-    tied = {n for n, m in base.named_modules() if m is base.get_input_embeddings() or m is base.get_output_embeddings()}
+    tied = (base.get_input_embeddings(), base.get_output_embeddings())
     for layer in model.mixed_layers():
-        name = model.lora_layer_names[layer.layer_index]
-        if name in tied or layer.base_layer in (base.get_input_embeddings(), base.get_output_embeddings()):
-            raise ValueError(f"module {name!r}: the base ties its input and output embeddings, so folding this "
-                             f"expert update into one would change both; export --to peft instead")
+        if any(layer is m or layer.base_layer is m for m in tied):
+            raise ValueError(f"module {model.lora_layer_names[layer.layer_index]!r}: the base ties its input and "
+                             f"output embeddings, so folding this expert update into one would change both; "
+                             f"export --to peft instead")
 
 
 @contextlib.contextmanager
