@@ -303,8 +303,13 @@ def _maybe_tokenizer(model_dir: str, base: str | None):
 def eval_(args: argparse.Namespace) -> int:
     """Benchmark with lm-evaluation-harness in process; writes its results and the routing per task."""
     from . import XLoraModel
-    from .evaluation import evaluate
+    from .evaluation import evaluate, lm_class
 
+    try:
+        lm_class()
+    except ImportError as err:
+        print(f"loramix eval: {err}", file=sys.stderr)
+        return 2
     model = XLoraModel.from_pretrained(args.model, base=args.base)
     tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)

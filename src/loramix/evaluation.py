@@ -200,13 +200,14 @@ def evaluate(model, tokenizer, tasks: list[str] | str, *, include_path: str | No
     """Run lm-eval `tasks` on an XLoraModel in process. Returns lm-eval's results dict plus "routing": {task:
     {expert: mean weight}}. With `output`, writes results.json, routing.csv and routing.png there.
     `builtin_tasks=False` skips indexing lm-eval's own task YAMLs (20 s) when every task is in `include_path`."""
+    lm_type = lm_class()  # a clear ImportError when lm-eval is missing
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     if include_path is not None and not os.path.isdir(include_path):
         raise FileNotFoundError(f"include_path: {include_path} is not a folder of task YAMLs")
-    lm = lm_class()(model, tokenizer, batch_size=batch_size)
+    lm = lm_type(model, tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=include_path, include_defaults=builtin_tasks),
                                       limit=limit, batch_size=batch_size, log_samples=log_samples,
                                       num_fewshot=num_fewshot, bootstrap_iters=0)
