@@ -141,6 +141,8 @@ class XLoraModel(nn.Module):
 
         if find_ordering_file(source) is not None:  # mistral.rs's layout: ordering file + flat adapter files
             with read_mistralrs_checkpoint(source) as checkpoint:
+                if base is None and not checkpoint.base_model_id:
+                    raise ValueError(f"{source}: the checkpoint records no base model id; pass base=...")
                 config = dataclasses.replace(checkpoint.config, adapters=adapters or checkpoint.adapters)
                 model = cls.from_base(base or checkpoint.base_model_id, config, dtype=dtype, device=device,
                                       trust_remote_code=trust_remote_code)
