@@ -20,13 +20,15 @@ _LAZY = {  # public name -> the module that defines it
     "train_xlora": "training",
     "load_base": "loading",
     "load_tokenizer": "loading",
+    "evaluate": "evaluation",
 }
 
 __all__ = ["XLoraConfig", "XLoraModel", "XLoraOutput", "TrainResult", "train_expert", "train_xlora", "load_base",
-           "load_tokenizer", "__version__"]
+           "load_tokenizer", "evaluate", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .config import XLoraConfig
+    from .evaluation import evaluate
     from .loading import load_base, load_tokenizer
     from .model import XLoraModel, XLoraOutput
     from .training import TrainResult, train_expert, train_xlora

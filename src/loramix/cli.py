@@ -337,6 +337,68 @@ def _check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--host {args.host!r} is not an address or a known host name ({e})") from None
     except OSError as e:
         raise ValueError(f"--host/--port: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+def export(args: argparse.Namespace) -> int:
+    """Export for another server: a PEFT LoRA or a merged model with fixed expert weights, or mistral.rs's X-LoRA."""
+    from . import XLoraModel
+    from .data import DataFormat
+    from .export import export as run, mean_gate_scalings, scalings_from_json
+
+    model = XLoraModel.from_pretrained(args.model, base=args.base)
+    tokenizer = _maybe_tokenizer(args.model, args.base or model.base_model_id)
+    if args.from_data and args.weights:
+        raise ValueError("give --weights or --from-data, not both")
+    scalings = None
+    if args.from_data:
+        if tokenizer is None:
+            raise ValueError("--from-data: no tokenizer beside the checkpoint or in the base model")
+        fmt = DataFormat(prompt_field=args.prompt_field, completion_field=args.completion_field,
+                         text_field=args.text_field, messages_field=args.messages_field,
+                         prompt_template=_unescape(args.prompt_template),
+                         completion_template=_unescape(args.completion_template), max_length=args.max_length)
+        scalings = mean_gate_scalings(model, tokenizer, args.from_data, fmt, batch_size=args.batch_size)
+    elif args.weights and args.weights != "uniform":
+        scalings = scalings_from_json(model, args.weights)
+    options = {"base_model_id": args.base_model_id} if args.base_model_id else {}
+    folder = run(model, args.to, args.output, scalings=scalings, tokenizer=tokenizer, **options)
+    if scalings is not None:
+        for name, value in zip(model.expert_names, scalings.mean(0).tolist()):
+            print(f"  mean scaling of {name:<20} {value:.3f}")
+    print(f"wrote {args.to} export to {folder}")
+    return 0
+
+
+def _maybe_tokenizer(model_dir: str, base: str | None):
+    """The tokenizer beside the checkpoint or of the base model, or None when neither has one."""
+    from .loading import load_tokenizer
+
+    try:
+        return load_tokenizer(model_dir, base)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def eval_(args: argparse.Namespace) -> int:
+    """Benchmark with lm-evaluation-harness in process; writes its results and the routing per task."""
+    from . import XLoraModel
+    from .evaluation import evaluate, lm_class
+
+    lm_class()  # a missing lm-eval is an ImportError that main() reports in one line, before the model loads
+    from .loading import load_tokenizer
+
+    model = XLoraModel.from_pretrained(args.model, base=args.base)
+    tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = evaluate(model, tokenizer, args.tasks, include_path=args.include_path, limit=limit,
+                       batch_size=args.batch_size, output=args.output, num_fewshot=args.num_fewshot,
+                       builtin_tasks=not args.no_builtin_tasks)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    for task, weights in results["routing"].items():
+        print(f"routing of {task}: " + ", ".join(f"{name} {w:.3f}" for name, w in weights.items()))
+    if args.output:
+        print(f"wrote results.json, routing.csv and routing.png to {args.output}")
+    return 0
 
 
 VERBS = {
@@ -347,6 +409,8 @@ VERBS = {
     "generate": (generate, "complete a prompt with a saved X-LoRA model"),
     "train-expert": (train_expert, "train one LoRA expert (a PEFT adapter folder)"),
     "train": (train, "train the X-LoRA gate over frozen experts"),
+    "eval": (eval_, "lm-evaluation-harness tasks in process, with the routing per task"),
+    "export": (export, "a PEFT LoRA, a merged model or a mistral.rs X-LoRA folder, to serve elsewhere"),
 }
 
 
@@ -429,6 +493,33 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-field", help="field naming each row's expert (for --routing-weight)")
     g.add_argument("--routing-weight", type=non_negative_float, default=0.0, help="supervised routing loss")
     _alias(g, "--routing-loss-weight", "routing_weight", type=non_negative_float)
+    p = sub.add_parser("export", help=VERBS["export"][1])
+    p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
+    p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
+    p.add_argument("--to", required=True, choices=["peft", "merged", "mistralrs"])
+    p.add_argument("--output", required=True, help="a new (or empty) folder")
+    p.add_argument("--weights", help="peft/merged: 'uniform' (default) or a JSON file of fixed expert weights")
+    p.add_argument("--from-data", action="append", help="peft/merged: the gate's mean weights over this data")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass with --from-data")
+    p.add_argument("--base-model-id", help="mistralrs: the base's id to record (default: write it to OUTPUT/base)")
+    g = p.add_argument_group("data format (--from-data)")
+    g.add_argument("--prompt-field", default="prompt")
+    g.add_argument("--completion-field", default="completion")
+    g.add_argument("--text-field")
+    g.add_argument("--messages-field")
+    g.add_argument("--prompt-template")
+    g.add_argument("--completion-template")
+    g.add_argument("--max-length", type=positive_int, default=512)
+    p = sub.add_parser("eval", help=VERBS["eval"][1])
+    p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
+    p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", help="a folder of extra task YAMLs")
+    p.add_argument("--limit", type=positive_float, help="documents per task (a fraction if below 1)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--num-fewshot", type=non_negative_int)
+    p.add_argument("--no-builtin-tasks", action="store_true", help="only --include-path's tasks (skips indexing lm-eval's)")
+    p.add_argument("--output", help="folder for results.json, routing.csv, routing.png")
     return parser
 
 

@@ -33,7 +33,7 @@ from .config import CONFIG_NAME, XLoraConfig
 from .experts import Expert, save_expert, supported_module
 from .files import atomic_write, atomic_write_text
 from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
-from .loading import (CLASSIFIER_NAME, base_model_id, load_base, load_classifier, load_experts,
+from .loading import (CLASSIFIER_NAME, Checkpoint, base_model_id, load_base, load_classifier, load_experts,
                       read_checkpoint)
 
 
@@ -134,17 +134,30 @@ class XLoraModel(nn.Module):
                         adapters: dict[str, str] | None = None, device_map: Any = None,
                         max_memory: dict | None = None, offload_folder: str | None = None,
                         quantization: Any = None) -> "XLoraModel":
-        """Load a saved X-LoRA: loramix / original `xlora` layout, or an X-LoRA saved by PEFT.
+        """Load a saved X-LoRA: loramix / original `xlora` layout, an X-LoRA saved by PEFT, or a local mistral.rs
+        X-LoRA folder (ordering file + flat `<expert>.adapter_*` files; see loramix.mistralrs).
 
         `base` defaults to the base model id recorded in the checkpoint. `adapters` (name -> folder or hub id)
         loads the experts from elsewhere instead of the checkpoint's own folders; names must match the saved ones.
         `device_map`, `max_memory`, `offload_folder` and `quantization` are passed to `from_base`.
         """
-        checkpoint = read_checkpoint(source, base=base, adapters=adapters)
-        model = cls.from_base(checkpoint.base, checkpoint.config, dtype=dtype, device=device,
-                              trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
-                              offload_folder=offload_folder, quantization=quantization,
-                              _peft_xlora_experts=checkpoint.peft_layout_experts)
+        from .mistralrs import find_ordering_file, read_mistralrs_checkpoint
+
+        placement = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, device_map=device_map,
+                         max_memory=max_memory, offload_folder=offload_folder, quantization=quantization)
+        if find_ordering_file(source) is not None:  # mistral.rs's layout: ordering file + flat adapter files
+            with read_mistralrs_checkpoint(source) as found:  # its adapters exist only inside this block
+                if base is None and not found.base_model_id:
+                    raise ValueError(f"{source}: the checkpoint records no base model id; pass base=...")
+                checkpoint = Checkpoint(config=dataclasses.replace(found.config, adapters=adapters or found.adapters),
+                                        base=base or found.base_model_id, classifier_path=found.source,
+                                        classifier_state=found.classifier_state, peft_layout=False,
+                                        peft_layout_experts=False)
+                model = cls.from_base(checkpoint.base, checkpoint.config, **placement)
+        else:
+            checkpoint = read_checkpoint(source, base=base, adapters=adapters)
+            model = cls.from_base(checkpoint.base, checkpoint.config, **placement,
+                                  _peft_xlora_experts=checkpoint.peft_layout_experts)
         load_classifier(model.classifier, checkpoint)
         return model
 

@@ -1,0 +1,235 @@
+"""Exporting an X-LoRA with fixed expert weights: one plain PEFT LoRA adapter, or a merged base model.
+
+With the gate replaced by constant scalings S[l, e] (one per LoRA layer and expert), X-LoRA is a plain LoRA.
+For an adapted layer l with mixing weights w[l, e] = mixing_weights(S)[l, e] (top-k, softmax over the kept
+experts and the global weight, exactly as the model applies them) and experts of rank r_e and scale s_e:
+
+    y = W0 x + sum_e w[l, e] s_e B_e A_e x
+      = W0 x + B' A' x,    A' = [A_1; ...; A_E]  (R, in),   B' = [w_1 s_1 B_1, ..., w_E s_E B_E]  (out, R)
+
+with R = sum of the ranks of the experts adapting l. `peft` writes A', B' as one LoRA adapter (rank R, alpha R,
+so PEFT's scale alpha/r is 1, per module through rank_pattern / alpha_pattern); `merged` adds B' A' to W0.
+
+The weights come from `--weights` (uniform, or a JSON file) or from data: the gate's mean scalings over a data
+file's tokens, a static distillation of the gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .classifier import mixing_weights
+from .experts import ExpertModule, save_expert
+
+TARGETS = ("peft", "merged", "mistralrs")
+
+
+# ---- the expert weights ------------------------------------------------------------------------------------------
+def uniform_scalings(model) -> torch.Tensor:
+    """Scalings (n_lora_layers, n_experts) of 1 / n_experts everywhere."""
+    return torch.full((model.n_lora_layers, model.n_experts), 1.0 / model.n_experts)
+
+
+def scalings_from_json(model, path: str) -> torch.Tensor:
+    """Read fixed scalings (n_lora_layers, n_experts) from a JSON file holding one of:
+    {expert: weight} (the same for every LoRA layer), {LoRA layer name: {expert: weight}} (every layer), or a
+    list of n_lora_layers lists of n_experts numbers."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    names, layers = model.expert_names, model.lora_layer_names
+
+    def row(value: Any, where: str) -> list[float]:
+        if isinstance(value, list):
+            if len(value) != len(names):
+                raise ValueError(f"{path}: {where} has {len(value)} weights, the model has {len(names)} experts")
+            items = list(zip(names, value))
+        elif isinstance(value, dict):
+            unknown = sorted(set(value) - set(names))
+            missing = [n for n in names if n not in value]
+            if unknown or missing:
+                raise ValueError(f"{path}: {where} names experts {sorted(value)}, the model's are {names}")
+            items = [(n, value[n]) for n in names]
+        else:
+            raise ValueError(f"{path}: {where} must be a list or an object of expert weights")
+        for name, v in items:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+                raise ValueError(f"{path}: {where}, expert {name!r}: weight {v!r} is not a number")
+        return [float(v) for _, v in items]
+
+    if isinstance(data, dict) and data and all(isinstance(v, (dict, list)) for v in data.values()):
+        unknown = sorted(set(data) - set(layers))
+        missing = [n for n in layers if n not in data]
+        if unknown or missing:
+            raise ValueError(f"{path}: per-layer weights must name every LoRA layer; unknown {unknown[:3]}, "
+                             f"missing {missing[:3]}")
+        return torch.tensor([row(data[layer], f"layer {layer!r}") for layer in layers])
+    if isinstance(data, list) and all(isinstance(v, list) for v in data):
+        if len(data) != len(layers):
+            raise ValueError(f"{path}: {len(data)} rows of weights, the model has {len(layers)} LoRA layers")
+        return torch.tensor([row(v, f"row {i}") for i, v in enumerate(data)])
+    return torch.tensor([row(data, "the top level")] * len(layers))
+
+
+@torch.no_grad()
+def mean_gate_scalings(model, tokenizer, sources: list[str], fmt=None, batch_size: int = 8,
+                       log=print) -> torch.Tensor:
+    """The gate's scalings (n_lora_layers, n_experts) averaged over every token of the data (read with the
+    training loaders and data format), prompt and completion alike: a static distillation of the gate."""
+    from .data import DataFormat, collate, load_dataset
+
+    dataset = load_dataset(sources, tokenizer, fmt or DataFormat(), log=log)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total = torch.zeros(model.n_lora_layers, model.n_experts, dtype=torch.float64)
+    n_tokens = 0
+    for start in range(0, len(dataset.examples), batch_size):
+        batch = collate(dataset.examples[start:start + batch_size], pad_id)
+        mask = batch["attention_mask"].to(model.device)  # (b, t)
+        scalings, _ = model.compute_scalings(input_ids=batch["input_ids"].to(model.device), attention_mask=mask)
+        total += (scalings.double() * mask[:, :, None, None]).sum(dim=(0, 1)).cpu()  # (L, E)
+        n_tokens += int(mask.sum())
+    return (total / n_tokens).float()
+
+
+def fixed_mixing_weights(model, scalings: torch.Tensor) -> torch.Tensor:
+    """Fixed scalings (n_lora_layers, n_experts) -> the weights the layers apply (top-k, softmax over the kept
+    experts, global weight), as `model.forward(scalings=...)` would apply them."""
+    c = model.config
+    return mixing_weights(scalings.float(), top_k=c.top_k_lora, softmax_topk=c.enable_softmax_topk,
+                          global_weight=c.global_scaling_weight)
+
+
+# ---- PEFT adapter ------------------------------------------------------------------------------------------------
+def static_lora_modules(model, weights: torch.Tensor) -> dict[str, ExpertModule]:
+    """One LoRA update per adapted module, equal to the mix with fixed mixing `weights` (n_lora_layers, n_experts):
+    A' = the stacked A's, B' = the stacked B's times w[l, e] * s_e per rank row; scale 1."""
+    modules = {}
+    for layer in model.mixed_layers():
+        w = weights[layer.layer_index].to(layer.scale_of_rank.device, torch.float32)
+        per_rank = w.index_select(0, layer.expert_of_rank) * layer.scale_of_rank  # (R,)
+        B = (layer.lora_B.detach().float() * per_rank).to(layer.lora_B.dtype)  # (out, R)
+        modules[model.lora_layer_names[layer.layer_index]] = ExpertModule(
+            lora_A=layer.lora_A.detach(), lora_B=B, scale=1.0, embedding=isinstance(layer.base_layer, nn.Embedding))
+    return modules
+
+
+def export_peft(model, folder: str, scalings: torch.Tensor) -> str:
+    """Write one PEFT LoRA adapter equal to `model` with its scalings fixed to `scalings` (n_lora_layers,
+    n_experts). `PeftModel.from_pretrained(base, folder)` then gives `model(..., scalings=scalings)`'s logits."""
+    modules = static_lora_modules(model, fixed_mixing_weights(model, scalings))
+    ranks = {name: m.rank for name, m in modules.items()}
+    pattern = {re.escape(name): rank for name, rank in ranks.items()}  # PEFT reads the keys as regexes
+    conv1d = any(type(layer.base_layer).__name__ == "Conv1D" for layer in model.mixed_layers())
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model.base_model_id,
+        "r": max(ranks.values()), "lora_alpha": max(ranks.values()), "rank_pattern": pattern,
+        "alpha_pattern": pattern, "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": False, "fan_in_fan_out": conv1d, "inference_mode": True, "modules_to_save": None,
+        "init_lora_weights": True,
+    }
+    with new_output_folder(folder) as tmp:
+        save_expert(modules, config, model.dtype, tmp)
+    return folder
+
+
+# ---- merged model ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def plain_base(model, weights: torch.Tensor | None = None) -> Iterator[nn.Module]:
+    """The base model with its original modules back in place of the mixed layers (and, given mixing `weights`
+    (n_lora_layers, n_experts), each adapted weight replaced by W0 + sum_e w[l, e] s_e B_e A_e), for saving;
+    the X-LoRA is restored on exit."""
+    if weights is not None:
+        _refuse_tied_adapted(model)
+    swapped = []
+    try:
+        for layer in model.mixed_layers():
+            name = model.lora_layer_names[layer.layer_index]
+            parent_name, _, child = name.rpartition(".")
+            parent = model.base.get_submodule(parent_name)
+            original = layer.base_layer.weight
+            if weights is not None:
+                layer.fold(weights[layer.layer_index].to(original.device))
+                layer.base_layer.weight = nn.Parameter(layer.folded_weight, requires_grad=False)
+                layer.unfold()
+            setattr(parent, child, layer.base_layer)
+            swapped.append((parent, child, layer, original))
+        yield model.base
+    finally:
+        for parent, child, layer, original in reversed(swapped):
+            layer.base_layer.weight = original
+            setattr(parent, child, layer)
+
+
+def export_merged(model, folder: str, scalings: torch.Tensor, tokenizer=None) -> str:
+    """Save the base model with the fixed mix folded into its weights (`save_pretrained`, plus the tokenizer):
+    a plain transformers model giving `model(..., scalings=scalings)`'s logits."""
+    weights = fixed_mixing_weights(model, scalings)
+    with new_output_folder(folder) as tmp, plain_base(model, weights) as base:
+        base.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def _refuse_tied_adapted(model) -> None:
+    base = model.base
+    if not getattr(getattr(base, "config", None), "tie_word_embeddings", False):
+        return
+    tied = (base.get_input_embeddings(), base.get_output_embeddings())
+    for layer in model.mixed_layers():
+        if any(layer is m or layer.base_layer is m for m in tied):
+            raise ValueError(f"module {model.lora_layer_names[layer.layer_index]!r}: the base ties its input and "
+                             f"output embeddings, so folding this expert update into one would change both; "
+                             f"export --to peft instead")
+
+
+@contextlib.contextmanager
+def new_output_folder(folder: str) -> Iterator[str]:
+    """A temporary folder beside `folder`, renamed to it when the block succeeds; `folder` must be new or empty."""
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise FileExistsError(f"{folder}: exists and is not an empty folder; choose a new output folder")
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(folder):
+            os.rmdir(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export(model, to: str, folder: str, scalings: torch.Tensor | None = None, tokenizer=None, **options) -> str:
+    """Export `model` for another server: `to` is 'peft' or 'merged' (fixed `scalings` (n_lora_layers,
+    n_experts), uniform by default) or 'mistralrs' (the gate kept; see loramix.mistralrs)."""
+    if to not in TARGETS:
+        raise ValueError(f"to: {to!r} is not one of {list(TARGETS)}")
+    if to == "mistralrs":
+        if scalings is not None:
+            raise ValueError("weights: mistral.rs runs the X-LoRA gate itself; fixed weights apply to peft and merged")
+        from .mistralrs import export_mistralrs
+
+        return export_mistralrs(model, folder, tokenizer=tokenizer, **options)
+    if options:
+        raise ValueError(f"{sorted(options)}: options of --to mistralrs only")
+    scalings = uniform_scalings(model) if scalings is None else scalings
+    expected = (model.n_lora_layers, model.n_experts)
+    if tuple(scalings.shape) != expected:
+        raise ValueError(f"weights: shape {tuple(scalings.shape)}, the model needs (n_lora_layers, n_experts) = {expected}")
+    if to == "peft":
+        return export_peft(model, folder, scalings)
+    return export_merged(model, folder, scalings, tokenizer=tokenizer)
