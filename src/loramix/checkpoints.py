@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_text
+from .files import write_jsonl
 
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable.safetensors"
@@ -110,15 +110,6 @@ def prune_checkpoints(folder: str, keep: int | None) -> None:
         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
-def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def write_jsonl(path: str, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
 def truncate_metrics(path: str, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (the resumed run writes them again)."""
     if not os.path.isfile(path):
@@ -126,13 +117,3 @@ def truncate_metrics(path: str, step: int) -> None:
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     write_jsonl(path, [r for r in records if r.get("step", 0) <= step])
-
-
-def move_into(tmp: str, folder: str) -> None:
-    """Move every file of the finished temporary folder `tmp` into `folder` (each by an atomic rename)."""
-    for name in os.listdir(tmp):
-        src, dst = os.path.join(tmp, name), os.path.join(folder, name)
-        if os.path.isdir(src):
-            if os.path.isdir(dst):
-                shutil.rmtree(dst)
-        os.replace(src, dst)

@@ -79,7 +79,6 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # -100 where no loss is taken
     expert: int = -1  # index of the expert this row names, -1 for none
-    source: str = ""  # "file:line"
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -349,7 +348,6 @@ def load_dataset(sources: list[str], tokenizer, fmt: DataFormat, weights: list[f
                     raise DataError(f"{where}: {e} (strict mode stops at the first bad row)") from None
                 bad.append(BadRow(where, str(e)))
                 continue
-            example.source = where
             examples.append(example)
             source_of.append(s)
             kept += 1

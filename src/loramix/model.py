@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -28,9 +27,10 @@ from .classifier import XLoraClassifier, mixing_weights
 from .compat import output_cache, with_cache
 from .config import CONFIG_NAME, XLoraConfig
 from .experts import ADAPTER_CONFIG, Expert, load_expert, save_expert, supported_module
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, replace_dir
 from .hub import resolve_file
 from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
+from .losses import causal_lm_loss, shift_labels  # noqa: F401  (re-exported: loramix.model.causal_lm_loss)
 
 CLASSIFIER_NAME = "xlora_classifier.safetensors"
 _PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -206,7 +206,7 @@ class XLoraModel(nn.Module):
             tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
             try:
                 save_expert(modules, self._expert_configs[e], self._expert_dtypes[e], tmp)
-                _replace_dir(tmp, target)
+                replace_dir(tmp, target)
             finally:
                 if os.path.isdir(tmp):
                     import shutil
@@ -363,22 +363,6 @@ class XLoraModel(nn.Module):
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy, Hugging Face convention: labels are the inputs, -100 is ignored. `reduction`
-    "mean" averages over label tokens; "sum" lets a trainer normalise over a larger (global) batch itself.
-
-    The labels are shifted (position t predicts labels[t + 1], the last position predicts nothing) rather than the
-    logits sliced: slicing the (b, t, vocab) logits would copy them, and its backward would fill a zero tensor of
-    their size."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), shift_labels(labels).to(logits.device).flatten(),
-                           ignore_index=-100, reduction=reduction)
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(b, t) labels -> (b, t) targets of each position: labels[:, 1:] and -100 for the last position."""
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
-
-
 def _swap_in_mixed_layers(base: nn.Module, experts: list[Expert], state: MixingState,
                           config: XLoraConfig) -> list[str]:
     """Replace every module that any expert adapts by a mixed layer, in module traversal order (PEFT's)."""
@@ -414,20 +398,6 @@ def _param(module: nn.Module) -> torch.Tensor:
 
 def _join(source: str, name: str) -> str:
     return os.path.join(source, name) if os.path.isdir(source) else f"{source.rstrip('/')}/{name}"
-
-
-def _replace_dir(new: str, target: str) -> None:
-    """Move the finished folder `new` to `target`, replacing an older one."""
-    import shutil
-
-    if os.path.isdir(target):
-        old = target + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def _classifier_state_from_peft(state: dict[str, torch.Tensor], classifier: XLoraClassifier,

@@ -14,9 +14,8 @@ The loop is plain PyTorch with three properties that make runs reproducible:
   the step. The learning-rate schedule is a function of the step. `--resume` therefore ends with the same weights
   as an uninterrupted run.
 
-Data parallelism: under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) the process group is initialised
-(NCCL on GPUs, gloo on CPUs) and the trainable gradients are summed with one all-reduce per step. Only the
-trainable parameters travel (the gate is small), so no DDP bucket overlap is needed.
+Data parallelism: under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) the trainable gradients are summed
+with one all-reduce per step (distributed.py). The losses live in losses.py, checkpoints in checkpoints.py.
 """
 
 from __future__ import annotations
@@ -34,12 +33,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, truncate_metrics
 from .config import XLoraConfig
-from .checkpoints import (append_jsonl, latest_checkpoint, load_checkpoint, move_into, prune_checkpoints,
-                          save_checkpoint, truncate_metrics, write_jsonl)
 from .data import BatchPlan, DataError, DataFormat, Dataset, collate, load_dataset
-from .files import atomic_write_text
-from .model import causal_lm_loss
+from .distributed import Distributed
+from .files import append_jsonl, atomic_write_text, move_into, write_jsonl
+from .losses import RoutingLosses, causal_lm_loss, routing_losses
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -89,24 +88,6 @@ class TrainingArgs:
 class TrainResult:
     output_dir: str
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RoutingLosses:
-    """Optional terms on the gate's scalings, all off by default (the paper trains with cross-entropy only).
-
-    balance: E * sum_e mean_p[e]^2 - 1 per LoRA layer (0 when the mean routing is uniform), against collapse
-             onto one expert; entropy: mean per-token entropy of the scalings (a positive weight sharpens the
-             routing, a negative one spreads it); routing: cross-entropy of the scalings against the expert
-             named by the row's `expert_field`, to warm-start the gate."""
-
-    balance_weight: float = 0.0
-    entropy_weight: float = 0.0
-    routing_weight: float = 0.0
-
-    @property
-    def any(self) -> bool:
-        return bool(self.balance_weight or self.entropy_weight or self.routing_weight)
 
 
 # ---- what is trained: an expert or the gate -------------------------------------------------------------------
@@ -170,69 +151,7 @@ class _GateTask(_Task):
         self.model.save_pretrained(folder)
 
 
-def routing_losses(scalings: torch.Tensor, attention_mask: torch.Tensor, expert: torch.Tensor,
-                   softmaxed: bool) -> dict[str, torch.Tensor]:
-    """The optional gate terms (see RoutingLosses) over the attended tokens. scalings: (b, t, L, E)."""
-    valid = attention_mask.bool()  # (b, t)
-    if softmaxed:
-        probs = scalings
-        log_probs = scalings.float().clamp_min(1e-9).log()
-    else:
-        log_probs = scalings.float().log_softmax(-1)
-        probs = log_probs.exp()
-    tokens = probs[valid].float()  # (n, L, E)
-    n_experts = scalings.shape[-1]
-    mean_p = tokens.mean(0)  # (L, E)
-    out = {"balance": n_experts * (mean_p ** 2).sum(-1).mean() - 1,
-           "entropy": -(tokens * log_probs[valid]).sum(-1).mean()}
-    labelled = valid & (expert >= 0)[:, None]  # (b, t)
-    if labelled.any():
-        target = expert[:, None].expand_as(labelled)[labelled]  # (n,)
-        picked = log_probs[labelled].gather(-1, target[:, None, None].expand(-1, scalings.shape[2], 1))
-        out["routing"] = -picked.mean()
-    return out
-
-
 # ---- the loop -----------------------------------------------------------------------------------------------------
-class _Distributed:
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.started_here = False
-        if self.world > 1:
-            for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-                if os.environ.get(var, "false").lower() == "true":
-                    raise NotImplementedError(f"{var}: loramix trains with data parallelism only (DDP-style "
-                                              f"gradient all-reduce); FSDP and DeepSpeed are not implemented")
-            if not torch.distributed.is_initialized():
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
-                torch.distributed.init_process_group(backend)
-                self.started_here = True
-        self.rank = torch.distributed.get_rank() if self.world > 1 else 0
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def device(self, requested: str | None) -> torch.device:
-        if requested:
-            return torch.device(requested)
-        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(tensor)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.started_here:
-            torch.distributed.destroy_process_group()
-
-
 def _lr_factor(step: int, total: int, args: TrainingArgs) -> float:
     """Learning-rate multiplier for optimizer step `step` (0-based): linear warm-up, then the schedule."""
     if step < args.warmup_steps:
@@ -246,10 +165,10 @@ def _lr_factor(step: int, total: int, args: TrainingArgs) -> float:
 
 
 def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, signature: dict[str, Any],
-                 eval_data: Dataset | None = None, tokenizer=None, dist: _Distributed | None = None,
+                 eval_data: Dataset | None = None, tokenizer=None, dist: Distributed | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train `task` on `train`; returns the final metrics. Checkpoints and metrics go to args.output_dir."""
-    dist = dist or _Distributed()
+    dist = dist or Distributed()
     out = os.path.abspath(args.output_dir)
     micro_per_step = args.grad_accum * dist.world
     plan = BatchPlan(train, args.batch_size, args.seed)
@@ -366,9 +285,9 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
 
 @torch.no_grad()
 def evaluate(task: _Task, data: Dataset, batch_size: int, pad_id: int,
-             dist: _Distributed | None = None) -> dict[str, float]:
+             dist: Distributed | None = None) -> dict[str, float]:
     """Token-mean cross-entropy over `data` (label tokens only) and its perplexity."""
-    dist = dist or _Distributed()
+    dist = dist or Distributed()
     task.model.eval()
     order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -432,7 +351,7 @@ def _as_list(data: str | list[str] | None) -> list[str]:
     return [data] if isinstance(data, str) else list(data)
 
 
-def _prepare_data(data, eval_data, data_weights, tokenizer, fmt: DataFormat, expert_names, dist: _Distributed,
+def _prepare_data(data, eval_data, data_weights, tokenizer, fmt: DataFormat, expert_names, dist: Distributed,
                   log) -> tuple[Dataset, Dataset | None]:
     quiet = log if dist.main else (lambda *_: None)
     train = load_dataset(_as_list(data), tokenizer, fmt, data_weights, expert_names, log=quiet)
@@ -443,7 +362,7 @@ def _prepare_data(data, eval_data, data_weights, tokenizer, fmt: DataFormat, exp
 
 
 def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, args: TrainingArgs, tokenizer,
-                    dist: _Distributed, record: dict, signature: dict, log) -> TrainResult:
+                    dist: Distributed, record: dict, signature: dict, log) -> TrainResult:
     """What every entry point does once its task and data are ready: record the run's settings, train, and move
     the final model and tokenizer into the output folder (written aside first, each file renamed in)."""
     out = os.path.abspath(args.output_dir)
@@ -487,7 +406,7 @@ def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, 
         raise ValueError(f"rank: must be at least 1, got {rank}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
-    dist = _Distributed()
+    dist = Distributed()
     try:
         tok = _load_tokenizer(base, tokenizer)
         train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, None, dist, log)
@@ -524,7 +443,7 @@ def train_base(model: nn.Module, tokenizer, data: str | list[str], output_dir: s
     groups = _split_options(options, {"train": _TRAIN_FIELDS, "data": _DATA_FIELDS})
     args = TrainingArgs(output_dir=output_dir, **groups["train"])
     fmt = DataFormat(**groups["data"])
-    dist = _Distributed()
+    dist = Distributed()
     try:
         train, evaluation = _prepare_data(data, eval_data, None, tokenizer, fmt, None, dist, log)
         task = _LanguageModelTask(model.to(dist.device(args.device)))
@@ -557,7 +476,7 @@ def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | lis
     if routing.routing_weight and not fmt.expert_field:
         raise ValueError("routing_weight: the supervised routing loss needs expert_field (rows naming an expert)")
     config = XLoraConfig(adapters=dict(adapters), **groups["xlora"])
-    dist = _Distributed()
+    dist = Distributed()
     try:
         tok = _load_tokenizer(base, tokenizer)
         train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, config.expert_names, dist, log)
@@ -590,4 +509,4 @@ def _pad_id(tokenizer) -> int:
 
 
 __all__ = ["TrainingArgs", "TrainResult", "RoutingLosses", "train_base", "train_expert", "train_xlora", "evaluate",
-           "latest_checkpoint", "save_checkpoint", "routing_losses", "DataError"]
+           "latest_checkpoint", "save_checkpoint", "DataError"]
