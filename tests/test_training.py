@@ -19,7 +19,8 @@ import loramix
 from loramix import XLoraModel
 from loramix.data import DataFormat, collate, load_dataset
 from loramix.losses import causal_lm_loss
-from loramix.training import latest_checkpoint
+from loramix.checkpoints import truncate_metrics
+from loramix.training import TrainingArgs, latest_checkpoint
 
 TASKS = ("rev", "sum")
 
@@ -140,11 +141,15 @@ def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(workdir, t
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")  # a run stopped after step 4
-    loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(resumed), resume=True, **options)
+    (resumed / "metrics.jsonl").write_text('{"step": 2, "loss": 3.1}\n{"step": 6, "lo')  # killed mid-append
+    messages = []
+    loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(resumed), resume=True,
+                        **{**options, "log": messages.append})
+    assert any(f"{resumed / 'metrics.jsonl'}: dropped a torn last line (line 2)" in m for m in messages), messages
     _assert_same_weights(_classifier(full), _classifier(resumed))
     # the loss log of the resumed run continues the stopped one
     steps = [json.loads(line)["step"] for line in open(resumed / "metrics.jsonl")]
-    assert steps == [10, 12]
+    assert steps == [2, 10, 12]
     with pytest.raises(ValueError, match="batch_size=8, this run has 4"):
         loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(resumed), resume=True,
                             **{**options, "batch_size": 4})
@@ -267,3 +272,36 @@ def test_train_expert_verb_writes_a_peft_adapter(workdir, tmp_path):
     assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (4, 8, ["q_proj", "v_proj"])
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 3
     assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_grad_norm", -1.0, "max_grad_norm: must be a number >= 0"),
+    ("max_grad_norm", float("nan"), "max_grad_norm: must be a number >= 0"),
+    ("weight_decay", float("nan"), "weight_decay: must be a number >= 0"),
+    ("weight_decay", float("inf"), "weight_decay: must be a number >= 0"),
+    ("weight_decay", -0.1, "weight_decay: must be a number >= 0"),
+    ("lr", float("inf"), "lr: must be a positive number"),
+    ("lr", float("nan"), "lr: must be a positive number"),
+    ("epochs", float("inf"), "epochs: must be a positive number"),
+    ("epochs", float("nan"), "epochs: must be a positive number"),
+    ("batch_size", 2.5, "batch_size: must be an integer"),
+    ("max_steps", True, "max_steps: must be an integer"),
+    ("warmup_steps", -1, "warmup_steps: must be at least 0"),
+    ("save_total_limit", 0, "save_total_limit: must be at least 1"),
+])
+def test_training_args_refuse_bad_values_by_name(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingArgs(output_dir="out", **{field: value})
+    TrainingArgs(output_dir="out", max_grad_norm=0.0, weight_decay=0.0, epochs=0.5)  # the edges that are allowed
+
+
+def test_a_torn_metrics_line_is_dropped_only_at_the_end(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    warnings = []
+    truncate_metrics(str(path), 2, warn=warnings.append)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    assert warnings == [f"{path}: dropped a torn last line (line 3), left by a crash while it was written"]
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not a JSON object"):
+        truncate_metrics(str(path), 3)

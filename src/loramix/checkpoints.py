@@ -13,12 +13,12 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import write_jsonl
+from .files import read_jsonl, write_jsonl
 
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable.safetensors"
@@ -110,10 +110,10 @@ def prune_checkpoints(folder: str, keep: int | None) -> None:
         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
-def truncate_metrics(path: str, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (the resumed run writes them again)."""
+def truncate_metrics(path: str, step: int, warn: Callable[[str], None] | None = None) -> None:
+    """Drop log lines written after the checkpoint we resume from (the resumed run writes them again), and a torn
+    last line that a crash mid-append left (`warn` is told)."""
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(path, warn)
     write_jsonl(path, [r for r in records if r.get("step", 0) <= step])

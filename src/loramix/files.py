@@ -64,3 +64,27 @@ def append_jsonl(path: str, record: dict) -> None:
 def write_jsonl(path: str, records: list[dict]) -> None:
     """Write `records` as JSON Lines, atomically."""
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_jsonl(path: str, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The records of a JSON Lines log written with append_jsonl.
+
+    A crash in the middle of an append leaves a torn last line: it is dropped, and `warn` is told which file lost
+    it. A line elsewhere that is not a JSON object is damage, not a crash: ValueError naming file:line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for n, line in numbered:
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif n == numbered[-1][0]:
+            if warn is not None:
+                warn(f"{path}: dropped a torn last line (line {n}), left by a crash while it was written")
+        else:
+            raise ValueError(f"{path}:{n}: not a JSON object; the log is damaged (only its last line may be torn)")
+    return records

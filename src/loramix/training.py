@@ -45,7 +45,8 @@ METRICS_NAME = "metrics.jsonl"
 
 @dataclass
 class TrainingArgs:
-    """Run settings shared by both verbs (the method's settings live in XLoraConfig / the LoRA fields)."""
+    """Run settings shared by both verbs (the method's settings live in XLoraConfig / the LoRA fields).
+    Bad values raise ValueError naming the field, in the library as well as from the CLI."""
 
     output_dir: str
     max_steps: int | None = None  # optimizer steps; overrides epochs
@@ -55,8 +56,8 @@ class TrainingArgs:
     grad_accum: int = 1
     warmup_steps: int = 0
     lr_scheduler: str = "linear"  # linear | cosine | constant (after warm-up)
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0  # AdamW's, on matrices only
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None or 0: no clipping
     seed: int = 0
     logging_steps: int = 10
     eval_steps: int | None = None
@@ -67,21 +68,38 @@ class TrainingArgs:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
+        for name in ("batch_size", "grad_accum", "logging_steps", "max_steps", "eval_steps", "save_steps",
+                     "save_total_limit", "warmup_steps", "seed"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: must be at least 1, got {value}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"epochs: must be positive, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr: must be a positive number, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+            optional = name not in ("batch_size", "grad_accum", "logging_steps", "warmup_steps", "seed")
+            if value is None and optional:
+                continue
+            if not _is_int(value):
+                raise ValueError(f"{name}: must be an integer, got {value!r}")
+            least = 0 if name in ("warmup_steps", "seed") else 1
+            if value < least:
+                raise ValueError(f"{name}: must be at least {least}, got {value}")
+        if self.epochs is not None and not (_is_number(self.epochs) and 0 < self.epochs < math.inf):
+            raise ValueError(f"epochs: must be a positive number, got {self.epochs!r}")
+        if not (_is_number(self.lr) and 0 < self.lr < math.inf):
+            raise ValueError(f"lr: must be a positive number, got {self.lr!r}")
+        if not (_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"weight_decay: must be a number >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not (_is_number(self.max_grad_norm)
+                                                   and 0 <= self.max_grad_norm < math.inf):
+            raise ValueError(f"max_grad_norm: must be a number >= 0 (0 or None: no clipping), "
+                             f"got {self.max_grad_norm!r}")
         if self.lr_scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"lr_scheduler: one of linear, cosine, constant, got {self.lr_scheduler!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is not NaN (the callers bound it, which also rules out infinities)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 @dataclass
@@ -192,9 +210,10 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
         if found is not None:
             step = load_checkpoint(found, task, optimizer, signature)
             if dist.main:
-                truncate_metrics(os.path.join(out, METRICS_NAME), step)
+                truncate_metrics(os.path.join(out, METRICS_NAME), step, warn=log)
                 log(f"resuming from {found} (step {step} of {total_steps})")
         elif dist.main:
+            truncate_metrics(os.path.join(out, METRICS_NAME), 0, warn=log)  # the log starts again with the run
             log(f"--resume: no complete checkpoint in {out}; starting from the beginning")
     elif dist.main and os.path.exists(os.path.join(out, METRICS_NAME)):
         os.remove(os.path.join(out, METRICS_NAME))  # a fresh run starts a fresh log
