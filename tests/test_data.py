@@ -280,3 +280,11 @@ def test_a_line_that_is_not_utf8_is_one_bad_row(tmp_path):
                      b'{"prompt": "c", "completion": "d"}\n')
     ds = _load([path])
     assert len(ds.examples) == 2 and _reasons(ds) == [(f"{path}:2", "not valid UTF-8")]
+
+
+def test_a_lone_surrogate_is_one_bad_row(tmp_path):  # found by tests/test_data_fuzz.py
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a\\ud800", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
+    ds = _load([path])
+    assert len(ds.examples) == 1 and _reasons(ds) == [
+        (f"{path}:1", "the text holds a lone surrogate (e.g. \\ud800), which is not valid Unicode")]

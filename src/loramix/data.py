@@ -306,6 +306,7 @@ def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: 
     ids: list[int] = []
     labels: list[int] = []
     for i, (text, trained) in enumerate(pieces):
+        _check_unicode(text)
         piece = tokenizer(text, add_special_tokens=(i == 0 and fmt.kind != "messages"))["input_ids"]
         ids += piece
         labels += piece if trained or fmt.train_on_prompt else [-100] * len(piece)
@@ -323,6 +324,14 @@ def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: 
             raise _RowError(f"{fmt.expert_field}={name!r} is not one of the experts {expert_names}")
         expert = expert_names.index(name)
     return Example(ids, labels, expert)
+
+
+def _check_unicode(text: str) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"); it is no text a tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _RowError("the text holds a lone surrogate (e.g. \\ud800), which is not valid Unicode") from None
 
 
 def _chat_pieces(messages: Any, tokenizer) -> list[tuple[str, bool]]:
