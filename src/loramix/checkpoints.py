@@ -36,7 +36,7 @@ def latest_checkpoint(folder: str) -> str | None:
 
 
 def save_checkpoint(folder: str, step: int, task, optimizer: torch.optim.Optimizer,
-                    signature: dict[str, Any], tokenizer=None) -> str:
+                    signature: dict[str, Any], tokenizer=None, grad_scaler=None) -> str:
     """Write checkpoint-<step> atomically: everything goes into a temporary folder that is renamed last."""
     target = os.path.join(folder, f"checkpoint-{step}")
     tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=folder)
@@ -49,7 +49,10 @@ def save_checkpoint(folder: str, step: int, task, optimizer: torch.optim.Optimiz
         tensors, meta = _flatten_optimizer(optimizer)
         save_file(tensors, os.path.join(tmp, OPTIMIZER_NAME))
         with open(os.path.join(tmp, STATE_NAME), "w", encoding="utf-8") as f:
-            json.dump({"step": step, "optimizer": meta, "signature": signature}, f, indent=2)
+            state = {"step": step, "optimizer": meta, "signature": signature}
+            if grad_scaler is not None:  # fp16: the loss scale and its growth counter (numbers only)
+                state["grad_scaler"] = grad_scaler.state_dict()
+            json.dump(state, f, indent=2)
         if os.path.isdir(target):
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -59,7 +62,9 @@ def save_checkpoint(folder: str, step: int, task, optimizer: torch.optim.Optimiz
 
 
 def load_checkpoint(folder: str, task, optimizer: torch.optim.Optimizer,
-                     signature: dict[str, Any]) -> int:
+                    signature: dict[str, Any], grad_scaler=None) -> int:
+    """Load the trainable tensors, the optimizer state (and the fp16 loss scale) of `folder`; returns its step.
+    Raises ValueError when the checkpoint was made with other run settings (`signature`)."""
     with open(os.path.join(folder, STATE_NAME), encoding="utf-8") as f:
         state = json.load(f)
     saved = state.get("signature", {})
@@ -76,6 +81,8 @@ def load_checkpoint(folder: str, task, optimizer: torch.optim.Optimizer,
             p.copy_(tensors[name])
     optimizer.load_state_dict(_unflatten_optimizer(load_file(os.path.join(folder, OPTIMIZER_NAME)),
                                                    state["optimizer"]))
+    if grad_scaler is not None and "grad_scaler" in state:
+        grad_scaler.load_state_dict(state["grad_scaler"])
     return int(state["step"])
 
 

@@ -12,6 +12,7 @@ gradients (as in PEFT).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .classifier import XLoraClassifier, mixing_weights
-from .compat import output_cache, with_cache
+from .compat import enable_activation_checkpointing, output_cache, with_cache
 from .config import CONFIG_NAME, XLoraConfig
 from .experts import ADAPTER_CONFIG, Expert, load_expert, save_expert, supported_module
 from .files import atomic_write, atomic_write_text, replace_dir
@@ -357,6 +358,30 @@ class XLoraModel(nn.Module):
 
     def _set(self, **changes) -> None:
         self.config = dataclasses.replace(self.config, **changes)  # re-validated by __post_init__
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Training: turn on the base model's own gradient checkpointing (non-reentrant), for the mixed pass.
+
+        A checkpointed block is recomputed during backward, after `forward` has cleared the shared mixing state,
+        so each block's recomputation is given back the mixing weights it saw in the forward (torch's
+        `context_fn`). The scaling pass runs without gradient and stores nothing to recompute."""
+        state = self._state
+
+        def context_fn():
+            seen = (state.rank_weights, state.layer_weights)  # the weights this block reads in the forward
+
+            @contextlib.contextmanager
+            def recompute():
+                before = (state.rank_weights, state.layer_weights)
+                state.rank_weights, state.layer_weights = seen
+                try:
+                    yield
+                finally:
+                    state.rank_weights, state.layer_weights = before
+
+            return contextlib.nullcontext(), recompute()
+
+        enable_activation_checkpointing(self.base, use_reentrant=False, context_fn=context_fn)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = list(self.parameters())

@@ -20,6 +20,7 @@ with one all-reduce per step (distributed.py). The losses live in losses.py, che
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,6 +38,7 @@ from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, 
 from .config import XLoraConfig
 from .data import BatchPlan, DataError, DataFormat, Dataset, collate, load_dataset
 from .distributed import Distributed
+from .compat import enable_activation_checkpointing
 from .files import append_jsonl, atomic_write_text, move_into, write_jsonl
 from .losses import RoutingLosses, causal_lm_loss, routing_losses
 
@@ -66,6 +68,8 @@ class TrainingArgs:
     resume: bool = False
     progress: bool = True
     device: str | None = None
+    gradient_checkpointing: bool = False  # recompute the base's blocks in backward instead of keeping activations
+    mixed_precision: str | None = None  # "bf16" | "fp16": torch.autocast, trainable tensors kept in float32
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "logging_steps", "max_steps", "eval_steps", "save_steps",
@@ -91,6 +95,8 @@ class TrainingArgs:
                              f"got {self.max_grad_norm!r}")
         if self.lr_scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"lr_scheduler: one of linear, cosine, constant, got {self.lr_scheduler!r}")
+        if self.mixed_precision not in (None, "bf16", "fp16"):
+            raise ValueError(f"mixed_precision: None, 'bf16' or 'fp16', got {self.mixed_precision!r}")
 
 
 def _is_int(value: Any) -> bool:
@@ -124,10 +130,18 @@ class _Task:
     def save(self, folder: str) -> None:
         raise NotImplementedError
 
+    def enable_gradient_checkpointing(self) -> None:
+        """The base model's own checkpointing: its blocks are recomputed in backward (non-reentrant, so the
+        inputs need not require grad)."""
+        enable_activation_checkpointing(self.model, use_reentrant=False)
+
 
 class _ExpertTask(_Task):
     def __init__(self, peft_model: nn.Module) -> None:
         self.model = peft_model
+
+    def enable_gradient_checkpointing(self) -> None:
+        enable_activation_checkpointing(self.model.get_base_model(), use_reentrant=False)
 
     def loss(self, batch, n_tokens, n_micro):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -168,8 +182,50 @@ class _GateTask(_Task):
     def save(self, folder):
         self.model.save_pretrained(folder)
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.gradient_checkpointing_enable()  # the mixed pass; the scaling pass keeps no graph
+
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
+class MixedPrecision:
+    """bf16/fp16 mixed precision: the forward passes run under torch.autocast, the trainable tensors stay float32
+    (the optimizer updates float32 master weights, whatever dtype the base was loaded in), and fp16 scales the
+    loss (torch.amp.GradScaler) so that small gradients do not underflow; its state is saved in checkpoints.
+    mode None: plain training, every method a no-op."""
+
+    def __init__(self, mode: str | None, device: torch.device) -> None:
+        self.dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+        self.device_type = torch.device(device).type
+        self.scaler = torch.amp.GradScaler(self.device_type) if mode == "fp16" else None
+
+    def keep_float32(self, params) -> None:
+        if self.dtype is not None:
+            for p in params:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients back to their true size before clipping (fp16)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """optimizer.step(); with fp16 skipped when a gradient overflowed, and the loss scale updated."""
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
 def _lr_factor(step: int, total: int, args: TrainingArgs) -> float:
     """Learning-rate multiplier for optimizer step `step` (0-based): linear warm-up, then the schedule."""
     if step < args.warmup_steps:
@@ -193,10 +249,14 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
     label_counts = [sum(1 for x in e.labels if x != -100) for e in train.examples]
     total_steps = args.max_steps or max(1, math.ceil((args.epochs or 1.0) * plan.batches_per_epoch / micro_per_step))
     signature = {**signature, "batch_size": args.batch_size, "micro_batches_per_step": micro_per_step,
-                 "seed": args.seed, "total_steps": total_steps}
+                 "seed": args.seed, "total_steps": total_steps, "mixed_precision": args.mixed_precision}
     params = task.trainable()
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters")
+    precision = MixedPrecision(args.mixed_precision, task.model_device)
+    precision.keep_float32(params.values())
+    if args.gradient_checkpointing:
+        task.enable_gradient_checkpointing()
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -208,7 +268,7 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
     if args.resume:
         found = latest_checkpoint(out)
         if found is not None:
-            step = load_checkpoint(found, task, optimizer, signature)
+            step = load_checkpoint(found, task, optimizer, signature, precision.scaler)
             if dist.main:
                 truncate_metrics(os.path.join(out, METRICS_NAME), step, warn=log)
                 log(f"resuming from {found} (step {step} of {total_steps})")
@@ -243,8 +303,9 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
             torch.manual_seed(args.seed * 1_000_003 + first + k)  # dropout depends on the position only
             batch = {key: v.to(task.model_device) for key, v in
                      collate([train.examples[i] for i in batches[k]], pad_id).items()}
-            loss, stats = task.loss(batch, n_tokens, micro_per_step)
-            loss.backward()
+            with precision.autocast():
+                loss, stats = task.loss(batch, n_tokens, micro_per_step)
+            precision.backward(loss)
             ce_sum += stats.pop("ce_sum").double().cpu()
             for key, value in stats.items():
                 extra[key] = extra.get(key, 0.0) + float(value)
@@ -257,9 +318,10 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
                 offset += g.numel()
             ce_sum = dist.sum_(ce_sum.to(task.model_device)).cpu()
         grad_norm = None
+        precision.unscale_(optimizer)
         if args.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm))
-        optimizer.step()
+        precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_value = float(ce_sum) / n_tokens
@@ -281,7 +343,7 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
                 append_jsonl(os.path.join(out, METRICS_NAME), record)
             window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
         if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0 or step == total_steps):
-            record = {"step": step, **evaluate(task, eval_data, args.batch_size, pad_id, dist)}
+            record = {"step": step, **evaluate(task, eval_data, args.batch_size, pad_id, dist, precision)}
             last.update(record)
             task.model.train()
             if dist.main:
@@ -290,30 +352,32 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
                           f"{record['eval_perplexity']:.2f}")
         if args.save_steps and step % args.save_steps == 0 and step < total_steps:
             if dist.main:
-                save_checkpoint(out, step, task, optimizer, signature, tokenizer)
+                save_checkpoint(out, step, task, optimizer, signature, tokenizer, precision.scaler)
                 prune_checkpoints(out, args.save_total_limit)
             dist.barrier()
     bar.close()
     task.model.eval()
     if eval_data is not None and "eval_loss" not in last:
-        last.update(evaluate(task, eval_data, args.batch_size, pad_id, dist))
+        last.update(evaluate(task, eval_data, args.batch_size, pad_id, dist, precision))
     last.update({"steps": step, "seconds": time.perf_counter() - run_start, "skipped_rows": len(train.bad_rows),
                  "examples": len(train.examples)})
     return last
 
 
 @torch.no_grad()
-def evaluate(task: _Task, data: Dataset, batch_size: int, pad_id: int,
-             dist: Distributed | None = None) -> dict[str, float]:
+def evaluate(task: _Task, data: Dataset, batch_size: int, pad_id: int, dist: Distributed | None = None,
+             precision: MixedPrecision | None = None) -> dict[str, float]:
     """Token-mean cross-entropy over `data` (label tokens only) and its perplexity."""
     dist = dist or Distributed()
+    precision = precision or MixedPrecision(None, task.model_device)
     task.model.eval()
     order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     totals = torch.zeros(2, dtype=torch.float64)  # (sum of CE, label tokens)
     for b in batches[dist.rank::dist.world]:
         batch = {k: v.to(task.model_device) for k, v in collate([data.examples[i] for i in b], pad_id).items()}
-        _, stats = task.loss(batch, 1, 1)
+        with precision.autocast():
+            _, stats = task.loss(batch, 1, 1)
         totals += torch.tensor([float(stats["ce_sum"]), float((batch["labels"][:, 1:] != -100).sum())],
                                dtype=torch.float64)
     if dist.world > 1:
