@@ -265,13 +265,16 @@ def test_train_expert_verb_writes_a_peft_adapter(workdir, tmp_path):
     out = tmp_path / "expert"
     result = subprocess.run(_cli("train-expert", "--base", str(workdir / "base"), "--data", str(workdir / "rev.jsonl"),
                                  "--output", str(out), "--rank", "4", "--alpha", "8", "--target-modules",
-                                 "q_proj,v_proj", "--max-steps", "3", "--save-steps", "2", "--no-progress"),
+                                 "q_proj,v_proj", "--max-steps", "3", "--save-steps", "2", "--no-progress",
+                                 "--gradient-checkpointing", "--bf16"),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (4, 8, ["q_proj", "v_proj"])
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 3
     assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "tokenizer.json").is_file()
+    training = json.loads((out / "training_args.json").read_text())["training"]
+    assert training["gradient_checkpointing"] is True and training["mixed_precision"] == "bf16"
 
 
 @pytest.mark.parametrize("field, value, message", [
