@@ -2,8 +2,8 @@
 
 A row becomes one `Example`: token ids and labels, where labels are the ids on the tokens that carry loss and
 -100 elsewhere (the prompt, unless `train_on_prompt`; everything but the assistant turns of a chat). Rows that
-cannot become an example (missing field, empty text, longer than `max_length`) are `BadRow`s with their file and
-line; they are counted and reported, or fatal with `strict`. Problems that concern a whole file (unreadable, a
+cannot become an example (not JSON or UTF-8, a missing field, a list where text is expected, a chat the template
+refuses, empty text, longer than `max_length`) are `BadRow`s with their file and line; they are counted and reported, or fatal with `strict`. Problems that concern a whole file (unreadable, a
 field or template name that no row has) raise `DataError` before any training starts.
 
 Batches are planned from the global micro-batch index alone (`BatchPlan`), so every process of a data-parallel

@@ -15,7 +15,9 @@ The loop is plain PyTorch with three properties that make runs reproducible:
   as an uninterrupted run.
 
 Data parallelism: under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) the trainable gradients are summed
-with one all-reduce per step (distributed.py). The losses live in losses.py, checkpoints in checkpoints.py.
+with one all-reduce per step (distributed.py). Memory: `gradient_checkpointing` recomputes the base's blocks in
+backward; `mixed_precision` runs the forward under autocast with float32 trainable tensors (MixedPrecision).
+The losses live in losses.py, checkpoints in checkpoints.py.
 """
 
 from __future__ import annotations
