@@ -100,7 +100,9 @@ def _training_options(args: argparse.Namespace) -> dict:
                    warmup_steps=args.warmup_steps, lr_scheduler=args.lr_scheduler, weight_decay=args.weight_decay,
                    max_grad_norm=args.max_grad_norm or None, seed=args.seed, logging_steps=args.logging_steps,
                    eval_steps=args.eval_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-                   resume=args.resume, progress=not args.no_progress, device=args.device)
+                   resume=args.resume, progress=not args.no_progress, device=args.device,
+                   gradient_checkpointing=args.gradient_checkpointing,
+                   mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None)
     if args.lr is not None:
         options["lr"] = args.lr
     return options
@@ -236,6 +238,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype to load the base model in")
     g.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
     g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the base's blocks in backward instead of keeping their activations")
+    precision = g.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="mixed precision: autocast to bfloat16, float32 weights")
+    precision.add_argument("--fp16", action="store_true", help="mixed precision: autocast to float16 with loss scaling")
     g = p.add_argument_group("run")
     g.add_argument("--logging-steps", type=positive_int, default=10)
     g.add_argument("--eval-steps", type=positive_int)

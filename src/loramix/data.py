@@ -2,8 +2,8 @@
 
 A row becomes one `Example`: token ids and labels, where labels are the ids on the tokens that carry loss and
 -100 elsewhere (the prompt, unless `train_on_prompt`; everything but the assistant turns of a chat). Rows that
-cannot become an example (missing field, empty text, longer than `max_length`) are `BadRow`s with their file and
-line; they are counted and reported, or fatal with `strict`. Problems that concern a whole file (unreadable, a
+cannot become an example (not JSON or UTF-8, a missing field, a list where text is expected, a chat the template
+refuses, empty text, longer than `max_length`) are `BadRow`s with their file and line; they are counted and reported, or fatal with `strict`. Problems that concern a whole file (unreadable, a
 field or template name that no row has) raise `DataError` before any training starts.
 
 Batches are planned from the global micro-batch index alone (`BatchPlan`), so every process of a data-parallel
@@ -12,11 +12,13 @@ run, and a resumed run, sees the same batches without any state but the index.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import math
 import os
 import string
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -79,7 +81,6 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # -100 where no loss is taken
     expert: int = -1  # index of the expert this row names, -1 for none
-    source: str = ""  # "file:line"
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -127,25 +128,43 @@ def read_rows(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # lines decoded one by one: one bad line is one bad row
+        for number, raw in enumerate(f, 1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if not raw.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                row = json.loads(line, parse_float=_Number, parse_int=_Number)
-            except json.JSONDecodeError as e:
-                yield where, {"__error__": f"not valid JSON ({e.msg})"}
+                row = _parse_json(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield where, {"__error__": "not valid UTF-8"}
+                continue
+            except _RowError as e:
+                yield where, {"__error__": str(e)}
                 continue
             yield where, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
 
 
+def _parse_json(text: str) -> Any:
+    """json.loads keeping numbers as written; a reason as _RowError for text that is not JSON we can hold."""
+    try:
+        return json.loads(text, parse_float=_Number, parse_int=_Number)
+    except json.JSONDecodeError as e:
+        raise _RowError(f"not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise _RowError("JSON nested too deeply") from None
+
+
 def _read_json(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f, parse_float=_Number, parse_int=_Number)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    try:
+        data = json.loads(text, parse_float=_Number, parse_int=_Number)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -154,13 +173,22 @@ def _read_json(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{path}:item {i}", row if isinstance(row, dict) else {"__error__": "not a JSON object"}
 
 
+# Python's csv module refuses fields over 131,072 characters by default. A long field is a long row, which the
+# max_length check reports and skips, so the reader lifts the limit while it reads (the C long bounds it).
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2 ** 31 - 1)
+
+
 def _read_csv(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise DataError(f"{path}: empty CSV file (no header)")
-        for row in reader:
-            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+    previous = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise DataError(f"{path}: empty CSV file (no header)")
+            for row in reader:
+                yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _read_parquet(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -215,6 +243,10 @@ class _Number(str):
     """A JSON number kept as the text it was written with, so templates print it unchanged."""
 
 
+class _RowError(Exception):
+    """Why one row cannot become an example (reported with its file and line)."""
+
+
 # ---- rendering and tokenizing -------------------------------------------------------------------------------------
 def _template_fields(template: str) -> list[str]:
     names = []
@@ -226,14 +258,17 @@ def _template_fields(template: str) -> list[str]:
     return names
 
 
-def _as_text(value: Any) -> str:
+def _text(row: dict[str, Any], name: str) -> str:
+    """The row's field `name` as text. Numbers and booleans keep the text they were written with (JSON numbers
+    arrive as _Number); a list or an object is not text and makes the row bad."""
+    value = _field(row, name)
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)  # JSON numbers arrive as _Number (their text); other floats print as Python's repr
-
-
-class _RowError(Exception):
-    pass
+    if isinstance(value, (list, tuple)):
+        raise _RowError(f"field {name!r} is a list, expected text")
+    if isinstance(value, dict):
+        raise _RowError(f"field {name!r} is an object, expected text")
+    return str(value)
 
 
 def _field(row: dict[str, Any], name: str) -> Any:
@@ -246,11 +281,14 @@ def _field(row: dict[str, Any], name: str) -> Any:
 def _render(row: dict[str, Any], fmt: DataFormat) -> tuple[str, str]:
     """(prompt, completion) for a non-chat row."""
     if fmt.kind == "text":
-        return "", _as_text(_field(row, fmt.text_field))
+        return "", _text(row, fmt.text_field)
     if fmt.kind == "template":
-        values = {name: _as_text(_field(row, name)) for name in fmt.needed_fields()}
-        return fmt.prompt_template.format(**values), fmt.completion_template.format(**values)
-    return _as_text(_field(row, fmt.prompt_field)), _as_text(_field(row, fmt.completion_field))
+        values = {name: _text(row, name) for name in fmt.needed_fields()}
+        try:
+            return fmt.prompt_template.format(**values), fmt.completion_template.format(**values)
+        except (LookupError, AttributeError, ValueError, TypeError) as e:  # e.g. {answer[9]} on a short answer
+            raise _RowError(f"the template cannot format this row: {type(e).__name__}: {e}") from None
+    return _text(row, fmt.prompt_field), _text(row, fmt.completion_field)
 
 
 def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: list[str] | None = None) -> Example:
@@ -268,6 +306,7 @@ def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: 
     ids: list[int] = []
     labels: list[int] = []
     for i, (text, trained) in enumerate(pieces):
+        _check_unicode(text)
         piece = tokenizer(text, add_special_tokens=(i == 0 and fmt.kind != "messages"))["input_ids"]
         ids += piece
         labels += piece if trained or fmt.train_on_prompt else [-100] * len(piece)
@@ -280,11 +319,19 @@ def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: 
         raise _RowError(f"{len(ids)} tokens, over max_length {fmt.max_length}")
     expert = -1
     if fmt.expert_field and row.get(fmt.expert_field) not in (None, ""):  # unlabelled rows take no routing loss
-        name = _as_text(row[fmt.expert_field])
+        name = _text(row, fmt.expert_field)
         if expert_names is None or name not in expert_names:
             raise _RowError(f"{fmt.expert_field}={name!r} is not one of the experts {expert_names}")
         expert = expert_names.index(name)
     return Example(ids, labels, expert)
+
+
+def _check_unicode(text: str) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"); it is no text a tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _RowError("the text holds a lone surrogate (e.g. \\ud800), which is not valid Unicode") from None
 
 
 def _chat_pieces(messages: Any, tokenizer) -> list[tuple[str, bool]]:
@@ -299,17 +346,26 @@ def _chat_pieces(messages: Any, tokenizer) -> list[tuple[str, bool]]:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = _render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = _render_chat(tokenizer, messages[: i + 1])
         if not before.startswith(done) or not upto.startswith(before):
             raise DataError("the tokenizer's chat template does not render conversations incrementally, so the "
                             "assistant turns cannot be located; use --train-on-prompt with --text-field instead")
         pieces += [(before[len(done):], False), (upto[len(before):], True)]
         done = upto
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = _render_chat(tokenizer, messages)
     if full[len(done):]:
         pieces.append((full[len(done):], False))
     return [(text, trained) for text, trained in pieces if text]
+
+
+def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages`; a template that raises on this row (its own raise_exception, or
+    content it cannot handle) makes the row bad."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a user-supplied Jinja template can raise anything
+        raise _RowError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
 
 def load_dataset(sources: list[str], tokenizer, fmt: DataFormat, weights: list[float] | None = None,
@@ -349,7 +405,6 @@ def load_dataset(sources: list[str], tokenizer, fmt: DataFormat, weights: list[f
                     raise DataError(f"{where}: {e} (strict mode stops at the first bad row)") from None
                 bad.append(BadRow(where, str(e)))
                 continue
-            example.source = where
             examples.append(example)
             source_of.append(s)
             kept += 1

@@ -12,6 +12,7 @@ gradients (as in PEFT).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,18 +24,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
 from .classifier import XLoraClassifier, mixing_weights
-from .compat import output_cache, with_cache
+from .compat import enable_activation_checkpointing, output_cache, with_cache
 from .config import CONFIG_NAME, XLoraConfig
 from .experts import Expert, save_expert, supported_module
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, replace_dir
 from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
 from .loading import (CLASSIFIER_NAME, Checkpoint, base_model_id, load_base, load_classifier, load_experts,
                       read_checkpoint)
+from .losses import causal_lm_loss, shift_labels  # noqa: F401  (re-exported: loramix.model.causal_lm_loss)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class XLoraModel(nn.Module):
             tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
             try:
                 save_expert(modules, self._expert_configs[e], self._expert_dtypes[e], tmp)
-                _replace_dir(tmp, target)
+                replace_dir(tmp, target)
             finally:
                 if os.path.isdir(tmp):
                     import shutil
@@ -391,25 +392,33 @@ class XLoraModel(nn.Module):
     def _set(self, **changes) -> None:
         self.config = dataclasses.replace(self.config, **changes)  # re-validated by __post_init__
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Training: turn on the base model's own gradient checkpointing (non-reentrant), for the mixed pass.
+
+        A checkpointed block is recomputed during backward, after `forward` has cleared the shared mixing state,
+        so each block's recomputation is given back the mixing weights it saw in the forward (torch's
+        `context_fn`). The scaling pass runs without gradient and stores nothing to recompute."""
+        state = self._state
+
+        def context_fn():
+            seen = (state.rank_weights, state.layer_weights)  # the weights this block reads in the forward
+
+            @contextlib.contextmanager
+            def recompute():
+                before = (state.rank_weights, state.layer_weights)
+                state.rank_weights, state.layer_weights = seen
+                try:
+                    yield
+                finally:
+                    state.rank_weights, state.layer_weights = before
+
+            return contextlib.nullcontext(), recompute()
+
+        enable_activation_checkpointing(self.base, use_reentrant=False, context_fn=context_fn)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy, Hugging Face convention: labels are the inputs, -100 is ignored. `reduction`
-    "mean" averages over label tokens; "sum" lets a trainer normalise over a larger (global) batch itself.
-
-    The labels are shifted (position t predicts labels[t + 1], the last position predicts nothing) rather than the
-    logits sliced: slicing the (b, t, vocab) logits would copy them, and its backward would fill a zero tensor of
-    their size."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), shift_labels(labels).to(logits.device).flatten(),
-                           ignore_index=-100, reduction=reduction)
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(b, t) labels -> (b, t) targets of each position: labels[:, 1:] and -100 for the last position."""
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
 def _swap_in_mixed_layers(base: nn.Module, experts: list[Expert], state: MixingState,
@@ -449,15 +458,3 @@ def _param(module: nn.Module) -> torch.Tensor:
     return next(module.parameters())
 
 
-def _replace_dir(new: str, target: str) -> None:
-    """Move the finished folder `new` to `target`, replacing an older one."""
-    import shutil
-
-    if os.path.isdir(target):
-        old = target + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
