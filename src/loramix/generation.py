@@ -313,6 +313,8 @@ def _select_rows(cache, keep: torch.Tensor) -> None:
 def _fold(model, frozen: torch.Tensor) -> None:
     """Give every mixed layer a folded weight W0 + sum_e w_e s_e B_e A_e for the frozen weights (1, 1, L, E)."""
     weights = model._mixing_weights(frozen)[0, 0]  # (L, E)
+    for layer in model.mixed_layers():  # refuse before any layer is folded (quantized or offloaded weights)
+        layer.check_foldable()
     for layer in model.mixed_layers():
         layer.fold(weights[layer.layer_index])
 

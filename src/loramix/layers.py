@@ -105,15 +105,20 @@ class MixedLoraLayer(nn.Module):
 
     def fold(self, expert_weights: torch.Tensor) -> None:
         """Use W0 + sum_e w_e s_e B_e A_e as this layer's weight until `unfold` (frozen scalings, one request)."""
+        self.check_foldable()
+        w0 = self.base_layer.weight
+        delta = self.delta_weight(expert_weights)  # (out, in)
+        transposed = not isinstance(self.base_layer, nn.Linear)  # Conv1D (in, out), Embedding (num, dim)
+        self.folded_weight = (w0 + (delta.t() if transposed else delta).to(w0.dtype)).detach()
+
+    def check_foldable(self) -> None:
+        """Raise unless the base weight is a dense float tensor in memory (call it on every layer before folding any)."""
         w0 = self.base_layer.weight
         if not w0.dtype.is_floating_point or w0.is_meta:
             what = "offloaded to disk" if w0.is_meta else f"quantized ({type(w0).__name__}, {w0.dtype})"
             raise ValueError(f"fold_frozen: the base weight of mixed layer {self.layer_index} is {what}, so the "
                              f"experts cannot be folded into it; freeze the scalings without folding "
                              f"(freeze_scalings_after=... with fold_frozen=False)")
-        delta = self.delta_weight(expert_weights)  # (out, in)
-        transposed = not isinstance(self.base_layer, nn.Linear)  # Conv1D (in, out), Embedding (num, dim)
-        self.folded_weight = (w0 + (delta.t() if transposed else delta).to(w0.dtype)).detach()
 
     def unfold(self) -> None:
         self.folded_weight = None
