@@ -263,6 +263,19 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def memory(args: argparse.Namespace) -> int:
+    """Print what a run will hold in memory, from the base's config alone (no weights are loaded)."""
+    from .memory import DTYPES, estimate_memory, format_estimate, read_base_config
+
+    targets = "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
+    estimate = estimate_memory(read_base_config(args.base), args.experts, args.rank, dtype=DTYPES[args.dtype],
+                               quantization=args.quantization, batch=args.batch, context=args.context,
+                               target_modules=targets, layerwise=not args.broadcast_scalings,
+                               xlora_depth=args.xlora_depth, xlora_size=args.xlora_size)
+    print(format_estimate(estimate))
+    return 0
+
+
 VERBS = {
     "serve": (serve, "an OpenAI-compatible HTTP server for an X-LoRA model"),
     "demo": (demo, "the paper's experiment end to end, offline, with its figures"),
@@ -271,6 +284,7 @@ VERBS = {
     "generate": (generate, "complete a prompt with a saved X-LoRA model"),
     "train-expert": (train_expert, "train one LoRA expert (a PEFT adapter folder)"),
     "train": (train, "train the X-LoRA gate over frozen experts"),
+    "memory": (memory, "estimate the memory a run will hold, from the base's config alone"),
 }
 
 
@@ -345,6 +359,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="entropy of the scalings (positive sharpens the routing)")
     g.add_argument("--expert-field", help="field naming each row's expert (for --routing-loss-weight)")
     g.add_argument("--routing-loss-weight", type=float, default=0.0, help="supervised routing loss")
+    p = sub.add_parser("memory", help=VERBS["memory"][1])
+    p.add_argument("--base", required=True, help="base model folder or its config.json (only the config is read)")
+    p.add_argument("--experts", type=int, required=True, help="number of LoRA experts")
+    p.add_argument("--rank", type=int, required=True, help="rank of each expert")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--quantization", choices=["4bit", "8bit"], help="a bitsandbytes base")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--target-modules", default="all-linear", help="comma-separated module names")
+    p.add_argument("--xlora-depth", type=int, default=1)
+    p.add_argument("--xlora-size", type=int, default=2048)
+    p.add_argument("--broadcast-scalings", action="store_true", help="one scaling per expert for all layers")
     return parser
 
 

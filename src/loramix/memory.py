@@ -65,7 +65,7 @@ class MemoryEstimate:
 
 
 def read_base_config(base: str):
-    """The transformers config of a model folder or of a config.json file (only the config is read)."""
+    """The transformers config of a local model folder or of a config.json file (only the config is read)."""
     from transformers import AutoConfig
 
     if os.path.isfile(base):
@@ -75,7 +75,9 @@ def read_base_config(base: str):
             raise ValueError(f"{base}: no model_type field; is this a transformers config.json?")
         raw = dict(raw)
         return AutoConfig.for_model(raw.pop("model_type"), **raw)
-    if os.path.isdir(base) and not os.path.isfile(os.path.join(base, "config.json")):
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"{base}: neither a model folder nor a config.json file")
+    if not os.path.isfile(os.path.join(base, "config.json")):
         raise FileNotFoundError(f"{base}: no config.json in this folder")
     return AutoConfig.from_pretrained(base)
 
