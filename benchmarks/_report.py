@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md")
-ORDER = ["inference", "training", "serving"]
+ORDER = ["inference", "training", "serving", "scale"]
 
 
 def write_section(name: str, text: str, path: str = DEFAULT) -> None:
