@@ -12,8 +12,6 @@ so it is compared with a tolerance of that rounding (see its test).
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import VOCAB, make_experts
