@@ -25,8 +25,9 @@ elements of the compute dtype, counting each tensor autograd saves once (inputs 
 
 plus the LM head's logits per token (compute dtype) and the loss's float32 log-softmax and gradient (2 * 4 bytes
 per vocabulary entry). With gradient checkpointing only each layer's input (H) is kept, plus one layer's
-activations while it is recomputed. The SDPA kernel keeps no (t x t) score matrix; an eager attention would add
-heads * context per token and layer.
+activations while it is recomputed. The SDPA kernel keeps no (t x t) score matrix for the backward; an eager attention would
+add heads * context per token and layer. Generation's peak is the prefill: one layer's temporaries, including the
+(batch, heads, context, context) scores and their softmax, on top of the weights and caches.
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ def estimate_memory(config, n_experts: int, rank: int, *, dtype: torch.dtype = t
     logits = vocab * element + 2 * 4 * vocab  # per token: logits, float32 log-softmax and its gradient
     activations = tokens * (layers * per_layer * element + logits)
     activations_checkpointed = tokens * (layers * hidden * element + per_layer * element + logits)
-    prefill = tokens * (3 * intermediate + 4 * hidden) * element  # gate, up, SiLU and product; norms, residual
+    # one layer while the prompt is read: gate, up, SiLU and product; norms and residual; and the attention scores
+    # with their softmax, which PyTorch's CPU attention materialises when given a padding mask (b, heads, t, t)
+    prefill = tokens * (3 * intermediate + 4 * hidden + 2 * heads * context) * element
     shape = dict(hidden=hidden, layers=layers, vocab=vocab, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                  intermediate=intermediate, n_lora_layers=n_lora_layers, n_experts=n_experts, rank=rank,
                  dtype=str(dtype).removeprefix("torch."), quantization=quantization, batch=batch, context=context)
