@@ -408,6 +408,19 @@ def eval_(args: argparse.Namespace) -> int:
     return 0
 
 
+def memory(args: argparse.Namespace) -> int:
+    """Print what a run will hold in memory, from the base's config alone (no weights are loaded)."""
+    from .memory import DTYPES, estimate_memory, format_estimate, read_base_config
+
+    targets = "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
+    estimate = estimate_memory(read_base_config(args.base), args.experts, args.rank, dtype=DTYPES[args.dtype],
+                               quantization=args.quantization, batch=args.batch, context=args.context,
+                               target_modules=targets, layerwise=not args.broadcast_scalings,
+                               xlora_depth=args.xlora_depth, xlora_size=args.xlora_size)
+    print(format_estimate(estimate))
+    return 0
+
+
 VERBS = {
     "serve": (serve, "an OpenAI-compatible HTTP server for an X-LoRA model"),
     "demo": (demo, "the paper's experiment end to end, offline, with its figures"),
@@ -418,6 +431,7 @@ VERBS = {
     "train": (train, "train the X-LoRA gate over frozen experts"),
     "eval": (eval_, "lm-evaluation-harness tasks in process, with the routing per task"),
     "export": (export, "a PEFT LoRA, a merged model or a mistral.rs X-LoRA folder, to serve elsewhere"),
+    "memory": (memory, "estimate the memory a run will hold, from the base's config alone"),
 }
 
 
@@ -527,6 +541,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=non_negative_int)
     p.add_argument("--no-builtin-tasks", action="store_true", help="only --include-path's tasks (skips indexing lm-eval's)")
     p.add_argument("--output", help="folder for results.json, routing.csv, routing.png")
+    p = sub.add_parser("memory", help=VERBS["memory"][1])
+    p.add_argument("--base", required=True, help="base model folder or its config.json (only the config is read)")
+    p.add_argument("--experts", type=positive_int, required=True, help="number of LoRA experts")
+    p.add_argument("--rank", type=positive_int, required=True, help="rank of each expert")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--quantization", choices=["4bit", "8bit"], help="a bitsandbytes base")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--context", type=positive_int, default=2048, help="tokens per sequence")
+    p.add_argument("--target-modules", default="all-linear", help="comma-separated module names")
+    p.add_argument("--xlora-depth", type=positive_int, default=1)
+    p.add_argument("--xlora-size", type=positive_int, default=2048)
+    p.add_argument("--broadcast-scalings", action="store_true", help="one scaling per expert for all layers")
     return parser
 
 

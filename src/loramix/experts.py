@@ -200,7 +200,11 @@ def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xl
 def _check_same_base_weight(module_name: str, tensor: torch.Tensor, modules: dict, where: str) -> None:
     module = modules.get(module_name)
     weight = getattr(module, "weight", None)
-    if weight is None or weight.shape != tensor.shape or not torch.equal(weight.detach().cpu().to(tensor.dtype), tensor):
+    if weight is not None and weight.is_meta:  # offloaded to disk by accelerate: nothing to compare here
+        return
+    # compared in the base's dtype: a float32 adapter saved from a float32 base still matches the base in bf16
+    if weight is None or weight.shape != tensor.shape or not torch.equal(
+            weight.detach().cpu(), tensor.to(weight.dtype)):
         raise ValueError(f"{where}, module {module_name!r}: the adapter carries its own base weights for this "
                          f"module and they differ from the base model's (resized vocabulary?); not supported")
 

@@ -87,20 +87,21 @@ class XLoraModel(nn.Module):
         self._expert_configs = [e.config for e in experts]
         self._expert_dtypes = [e.dtype for e in experts]
         self._state = MixingState()
-        self.lora_layer_names = _swap_in_mixed_layers(base_model, experts, self._state, config)
+        self._state.dtype = compute_dtype = _compute_dtype(base_model)  # never a packed 4/8-bit weight's dtype
+        self.lora_layer_names = _swap_in_mixed_layers(base_model, experts, self._state, config, compute_dtype)
         flat_index, flat_scale = [], []
         for position, layer in enumerate(self.mixed_layers()):  # one gather per pass serves every layer
             layer.split_position = position
             self._state.layer_sizes.append(layer.lora_A.shape[0])
-            flat_index.append(layer.layer_index * len(experts) + layer.expert_of_rank)
-            flat_scale.append(layer.scale_of_rank)
+            flat_index.append(layer.layer_index * len(experts) + layer.expert_of_rank.cpu())  # layers may be sharded
+            flat_scale.append(layer.scale_of_rank.cpu())
         self._state.flat_index, self._state.flat_scale = torch.cat(flat_index), torch.cat(flat_scale)
         self.classifier = XLoraClassifier(
             config.hidden_size, len(experts), len(self.lora_layer_names), depth=config.xlora_depth,
             size=config.xlora_size, dropout_p=config.xlora_dropout_p,
             relu_and_dropout=config.enable_relu_and_dropout, bias=config.use_bias,
             layerwise=config.layerwise_scalings,
-        ).to(device=_param(base_model).device, dtype=_param(base_model).dtype)
+        ).to(device=_param(base_model).device, dtype=compute_dtype)  # follows the last hidden state when sharded
         for p in self.base.parameters():
             p.requires_grad_(False)
         for layer in self.mixed_layers():
@@ -280,6 +281,8 @@ class XLoraModel(nn.Module):
             raise ValueError(f"scalings: expected ({self.n_lora_layers}, {self.n_experts}) (LoRA layers, experts), "
                              f"got {tuple(scalings.shape)}")
         weights = self.mixing_weights(scalings, top_k_lora=top_k_lora)  # (L, E)
+        for layer in self.mixed_layers():  # refuse before any layer is folded (quantized or offloaded weights)
+            layer.check_foldable()
         with torch.no_grad():
             return FoldedWeights(tuple(layer.folded_weight(weights[layer.layer_index])
                                        for layer in self.mixed_layers()))
@@ -344,7 +347,8 @@ class XLoraModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return _param(self.base).dtype
+        """The compute dtype (a 4/8-bit base computes in its float dtype, not in its packed weights')."""
+        return self._state.dtype
 
     def get_latest_scalings(self) -> torch.Tensor | None:
         """Scalings (b, t, n_lora_layers, n_experts) of the latest scaling pass, or None."""
@@ -422,7 +426,7 @@ class XLoraModel(nn.Module):
 
 
 def _swap_in_mixed_layers(base: nn.Module, experts: list[Expert], state: MixingState,
-                          config: XLoraConfig) -> list[str]:
+                          config: XLoraConfig, dtype: torch.dtype) -> list[str]:
     """Replace every module that any expert adapts by a mixed layer, in module traversal order (PEFT's)."""
     targeted = set().union(*(e.modules for e in experts))
     names = [name for name, _ in base.named_modules() if name in targeted]
@@ -434,7 +438,7 @@ def _swap_in_mixed_layers(base: nn.Module, experts: list[Expert], state: MixingS
         dropout_p = max((float(e.config.get("lora_dropout", 0.0) or 0.0) for e in experts if name in e.modules),
                         default=0.0) if config.use_trainable_adapters else 0.0
         cls = MixedLoraEmbedding if supported_module(module) == "embedding" else MixedLoraLinear
-        setattr(parent, child, cls(module, per_expert, index, state, config.use_trainable_adapters, dropout_p))
+        setattr(parent, child, cls(module, per_expert, index, state, config.use_trainable_adapters, dropout_p, dtype))
     return names
 
 
@@ -455,6 +459,12 @@ def _is_number(v: Any) -> bool:
 
 
 def _param(module: nn.Module) -> torch.Tensor:
-    return next(module.parameters())
+    """The first parameter that holds data (parameters accelerate offloads to disk sit on "meta")."""
+    return next((p for p in module.parameters() if not p.is_meta), next(module.parameters()))
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the base computes in: its first float parameter's (bitsandbytes' packed weights are uint8/int8)."""
+    return next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), torch.float32)
 
 
