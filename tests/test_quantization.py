@@ -115,7 +115,7 @@ def test_4bit_generates_cached_as_uncached_and_frozen_refuses_to_fold(saved):
     assert torch.equal(frozen, reference.generate(prompt, max_new_tokens=8, freeze_scalings_after=2))
     with pytest.raises(ValueError, match="quantized.*freeze the scalings without folding"):
         quantized.generate(prompt[:1], max_new_tokens=8, freeze_scalings_after=2, fold_frozen=True)
-    assert all(layer.folded_weight is None for layer in quantized.mixed_layers())
+    assert torch.equal(quantized.generate(prompt, max_new_tokens=8), cached)  # no layer was left folded
 
 
 def test_4bit_gate_training_reduces_loss_and_round_trips(saved, tmp_path):
