@@ -14,7 +14,9 @@ copies take the memory of the adapted weights while the request runs.
 One decode core serves `generate` and the server's continuous-batching engine (serving.py), so each rule of
 decoding is written once:
 - `RowState`: one sequence (prompt, tokens so far, budget, sampling parameters, its own generator, its text);
-- `sample_next_token`: the next token of every row (penalties, greedy or sampling, failures kept per row);
+- `sample_next_token`: the next token of every row (penalties, greedy or sampling, failures kept per row), and
+  on request the log-probabilities of the distribution sampled from; `prompt_logprobs` gives the same for the
+  tokens of a prompt (one forward pass);
 - `finish_reason`: EOS against min_new_tokens, stop strings, the budget (max_new_tokens and the context);
 - `DecodeBatch`: rows decoded together with one KV cache per pass (prefill, decode, keep rows, merge batches),
   frozen scalings and folding; `select_cache_rows` / `merge_caches` are its cache surgery.
@@ -220,6 +222,55 @@ def sample_next_token(logits: torch.Tensor, rows: list[RowState], logprobs: int 
         sampled.logprobs = distribution.gather(-1, tokens[:, None])[:, 0]
         sampled.top_logprobs, sampled.top_ids = distribution.topk(logprobs, dim=-1)
     return sampled
+
+
+@dataclass
+class TokenLogprob:
+    """One token with its log-probability and the most likely alternatives at its position (largest first)."""
+
+    token: int
+    logprob: float | None  # None for a prompt's first token: nothing predicts it
+    top: list[tuple[int, float]]  # (token, log-probability)
+
+
+def sampling_temperature(params: SamplingParams) -> float:
+    """The temperature of the distribution a row samples from: its own, or 1 for greedy rows."""
+    return 1.0 if params.greedy else params.temperature
+
+
+def chosen_logprobs(sampled: Sampled, row: int, top: int) -> TokenLogprob:
+    """Row `row` of what `sample_next_token(..., logprobs=k)` returned, with its `top` <= k alternatives."""
+    if sampled.logprobs is None or sampled.top_logprobs.shape[-1] < top:
+        raise ValueError(f"top: {top} alternatives asked, the sampler kept "
+                         f"{0 if sampled.top_logprobs is None else sampled.top_logprobs.shape[-1]}")
+    alternatives = zip(sampled.top_ids[row, :top].tolist(), sampled.top_logprobs[row, :top].tolist())
+    return TokenLogprob(int(sampled.tokens[row]), float(sampled.logprobs[row]), list(alternatives))
+
+
+def prompt_logprobs(model, prompt: list[int], *, top: int = 0, temperature: float = 1.0,
+                    top_k_lora: int | None = None, softmax_temperature: float | None = None) -> list[TokenLogprob]:
+    """The log-probability of each prompt token given the ones before it, from one forward pass of the X-LoRA
+    model over the prompt: position t's logits predict token t + 1, so the first token has none (None).
+
+    The distribution is log_softmax(logits / temperature) (pass `sampling_temperature(params)`, i.e. 1 for
+    greedy), the same that `sample_next_token` reports for generated tokens; `top` adds that many alternatives
+    per position. The gate options are this call's, as in `DecodeBatch`."""
+    if not prompt:
+        raise ValueError("prompt: no tokens")
+    if not _finite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: got {temperature!r}, expected a finite number > 0")
+    ids = torch.tensor([prompt], device=model.device)  # (1, t)
+    with torch.no_grad():
+        logits = model(input_ids=ids, top_k_lora=top_k_lora, softmax_temperature=softmax_temperature).logits
+    distribution = torch.log_softmax(logits[0, :-1].float() / temperature, dim=-1)  # (t - 1, vocab)
+    chosen = distribution.gather(-1, ids[0, 1:, None])[:, 0].tolist()  # (t - 1,)
+    if top:
+        values, tokens = distribution.topk(top, dim=-1)  # (t - 1, top)
+        alternatives = [list(zip(t, v)) for t, v in zip(tokens.tolist(), values.tolist())]
+    else:
+        alternatives = [[] for _ in chosen]
+    return [TokenLogprob(prompt[0], None, [])] + [
+        TokenLogprob(token, lp, alt) for token, lp, alt in zip(prompt[1:], chosen, alternatives)]
 
 
 def _sample(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
