@@ -109,7 +109,8 @@ def test_generated_tokens_log_probabilities_are_those_of_the_sampled_distributio
     for t in range(1, len(sequence)):
         assert abs(logprobs["token_logprobs"][t] - reference[t - 1, sequence[t]].item()) < 1e-4
         best, second = reference[t - 1].topk(2).indices.tolist()
-        assert {tiny_tokenizer().decode([best]), tiny_tokenizer().decode([second])} <= logprobs["top_logprobs"][t].keys()
+        expected = {tiny_tokenizer().decode([best]), tiny_tokenizer().decode([second])}
+        assert expected <= logprobs["top_logprobs"][t].keys()
     if temperature == 0:  # greedy: every generated token is the argmax, as lm-eval's is_greedy reads it
         for t in range(len(ids), len(sequence)):
             assert logprobs["token_logprobs"][t] == max(logprobs["top_logprobs"][t].values())
@@ -139,7 +140,7 @@ def test_lm_evals_loglikelihood_request(live, model):
 
 # ---- prompt lists and n -----------------------------------------------------------------------------------------
 def test_prompt_lists_give_one_choice_per_prompt_in_order(live):
-    state, server = live
+    _, server = live
     prompts = ["a", "hello", "the gate", "0123"]
     answers = [_complete(server, prompt=p, max_tokens=6, temperature=0) for p in prompts]
     single = [a["choices"][0]["text"] for a in answers]
@@ -268,3 +269,26 @@ def test_max_tokens_0_needs_echo(live):
     assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
     out = _complete(server, prompt="ab", max_tokens=0, echo=True)  # no logprobs: the prompt alone
     assert out["choices"][0]["text"] == "ab" and out["choices"][0]["logprobs"] is None
+
+
+def test_a_client_that_hangs_up_frees_every_row_of_its_request(checkpoint, monkeypatch):  # noqa: F811
+    from test_server import _slow_engine, _wait
+
+    state, server = _start(checkpoint, max_batch=4, max_queue=0, max_tokens_cap=64)
+    _slow_engine(state, monkeypatch, 0.1)  # each row would hold its slot for over 6 s
+    body = {"model": MODEL, "prompt": ["busy", "also busy"], "n": 2, "max_tokens": 64, "temperature": 0,
+            "stop": ["never-appears-here"]}
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            _post(server, "/v1/completions", body, timeout=0.5)
+        assert _wait(lambda: state.engine.in_flight == 0, timeout=2.0) is not None  # all four rows freed
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # one chunk, then hang up
+        assert _wait(lambda: state.engine.in_flight == 0, timeout=2.0) is not None
+        out = _complete(server, **{**body, "max_tokens": 2})  # all four admitted again, not 429
+        assert len(out["choices"]) == 4 and out["usage"]["completion_tokens"] == 8
+    finally:
+        server.stop()
+        state.engine.shutdown()

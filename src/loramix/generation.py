@@ -220,7 +220,7 @@ def sample_next_token(logits: torch.Tensor, rows: list[RowState], logprobs: int 
                                     device=logits.device)  # (n, 1)
         distribution = torch.log_softmax(logits / temperatures, dim=-1)  # (n, vocab)
         sampled.logprobs = distribution.gather(-1, tokens[:, None])[:, 0]
-        sampled.top_logprobs, sampled.top_ids = distribution.topk(logprobs, dim=-1)
+        sampled.top_logprobs, sampled.top_ids = distribution.topk(min(logprobs, distribution.shape[-1]), dim=-1)
     return sampled
 
 
@@ -239,10 +239,10 @@ def sampling_temperature(params: SamplingParams) -> float:
 
 
 def chosen_logprobs(sampled: Sampled, row: int, top: int) -> TokenLogprob:
-    """Row `row` of what `sample_next_token(..., logprobs=k)` returned, with its `top` <= k alternatives."""
-    if sampled.logprobs is None or sampled.top_logprobs.shape[-1] < top:
-        raise ValueError(f"top: {top} alternatives asked, the sampler kept "
-                         f"{0 if sampled.top_logprobs is None else sampled.top_logprobs.shape[-1]}")
+    """Row `row` of what `sample_next_token(..., logprobs=k)` returned, with its `top` <= k alternatives (fewer
+    where the vocabulary is smaller)."""
+    if sampled.logprobs is None:
+        raise ValueError("sampled: no log-probabilities (sample_next_token was called without logprobs)")
     alternatives = zip(sampled.top_ids[row, :top].tolist(), sampled.top_logprobs[row, :top].tolist())
     return TokenLogprob(int(sampled.tokens[row]), float(sampled.logprobs[row]), list(alternatives))
 
@@ -265,7 +265,7 @@ def prompt_logprobs(model, prompt: list[int], *, top: int = 0, temperature: floa
     distribution = torch.log_softmax(logits[0, :-1].float() / temperature, dim=-1)  # (t - 1, vocab)
     chosen = distribution.gather(-1, ids[0, 1:, None])[:, 0].tolist()  # (t - 1,)
     if top:
-        values, tokens = distribution.topk(top, dim=-1)  # (t - 1, top)
+        values, tokens = distribution.topk(min(top, distribution.shape[-1]), dim=-1)  # (t - 1, top)
         alternatives = [list(zip(t, v)) for t, v in zip(tokens.tolist(), values.tolist())]
     else:
         alternatives = [[] for _ in chosen]

@@ -12,6 +12,10 @@ means, so rows are batched only with rows that have the same options (a *group*)
 model as arguments on each call, so one request's options never reach another's. Sampling is per row (its own
 generator, seeded when asked), and so are failures: a row whose sampling fails ends alone with an error; a
 failure of a whole step ends the requests of that step, never the engine.
+
+A request is one row (one prompt, one choice); an API call with several prompts or choices submits its rows all
+at once (`submit_all`). On request an event carries the new token's log-probabilities, and the first event the
+prompt's (`prompt_logprobs`, one forward pass before the prefill; with max_new_tokens 0 nothing is generated).
 """
 
 from __future__ import annotations
