@@ -63,7 +63,10 @@ def served(checkpoint, tmp_path_factory):  # noqa: F811
     for name, template, docs in (("loramix_gen", GEN_TASK, GEN_DOCS), ("loramix_mc", MC_TASK, MC_DOCS)):
         data = write_jsonl(tasks / f"{name}.jsonl", docs)
         (tasks / f"{name}.yaml").write_text(template.format(name=name, data=data))
-    yield server, tasks, XLoraModel.from_pretrained(str(checkpoint))
+    calls = []  # rows per request: lm-eval's batches arrive as prompt lists
+    submit_all = state.engine.submit_all
+    state.engine.submit_all = lambda jobs: (calls.append(len(jobs)), submit_all(jobs))[1]
+    yield server, tasks, XLoraModel.from_pretrained(str(checkpoint)), calls
     server.stop()
     state.engine.shutdown()
 
@@ -75,7 +78,8 @@ def _evaluate(server, tasks, model_type: str, task: str, **extra):
     api = "chat/completions" if "chat" in model_type else "completions"
     return simple_evaluate(model=model_type, model_args={"model": "tiny-xlora",
                                                          "base_url": f"{server.url}/v1/{api}", **extra},
-                           tasks=[task], task_manager=TaskManager(include_path=str(tasks)), log_samples=True,
+                           tasks=[task], log_samples=True, bootstrap_iters=0,
+                           task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
                            **({"apply_chat_template": True} if "chat" in model_type else {"batch_size": 4}))
 
 
@@ -93,8 +97,10 @@ def offline(monkeypatch):
 
 
 def test_multiple_choice_with_token_id_batches(served, checkpoint):  # noqa: F811
-    server, tasks, model = served
+    server, tasks, model, calls = served
+    calls.clear()
     results = _evaluate(server, tasks, "local-completions", "loramix_mc", tokenizer=str(checkpoint))
+    assert max(calls) == 4 and sum(calls) == 4 * len(MC_DOCS)  # --batch_size 4: four token-id lists a request
     tok = tiny_tokenizer()
     correct = []
     for sample in results["samples"]["loramix_mc"]:
@@ -115,8 +121,10 @@ def test_multiple_choice_with_token_id_batches(served, checkpoint):  # noqa: F81
 
 
 def test_generate_until_with_batches(served, checkpoint):  # noqa: F811
-    server, tasks, model = served
+    server, tasks, model, calls = served
+    calls.clear()
     results = _evaluate(server, tasks, "local-completions", "loramix_gen", tokenizer=str(checkpoint))
+    assert max(calls) > 1
     samples = results["samples"]["loramix_gen"]
     assert len(samples) == len(GEN_DOCS)
     for sample in samples:
@@ -127,7 +135,7 @@ def test_generate_until_with_batches(served, checkpoint):  # noqa: F811
 
 
 def test_chat_completions_with_the_servers_template(served):
-    server, tasks, model = served
+    server, tasks, model, _ = served
     results = _evaluate(server, tasks, "local-chat-completions", "loramix_gen")
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
