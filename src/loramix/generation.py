@@ -248,21 +248,26 @@ def chosen_logprobs(sampled: Sampled, row: int, top: int) -> TokenLogprob:
 
 
 def prompt_logprobs(model, prompt: list[int], *, top: int = 0, temperature: float = 1.0,
-                    top_k_lora: int | None = None, softmax_temperature: float | None = None) -> list[TokenLogprob]:
+                    top_k_lora: int | None = None, softmax_temperature: float | None = None,
+                    logits: torch.Tensor | None = None) -> list[TokenLogprob]:
     """The log-probability of each prompt token given the ones before it, from one forward pass of the X-LoRA
     model over the prompt: position t's logits predict token t + 1, so the first token has none (None).
 
     The distribution is log_softmax(logits / temperature) (pass `sampling_temperature(params)`, i.e. 1 for
     greedy), the same that `sample_next_token` reports for generated tokens; `top` adds that many alternatives
-    per position. The gate options are this call's, as in `DecodeBatch`."""
+    per position. The gate options are this call's, as in `DecodeBatch`. `logits` (t, vocab): that forward pass
+    already run by the caller (`DecodeBatch.prefill(..., keep_prompt_logits=True)` of this prompt alone)."""
     if not prompt:
         raise ValueError("prompt: no tokens")
     if not _finite(temperature) or temperature <= 0:
         raise ValueError(f"temperature: got {temperature!r}, expected a finite number > 0")
     ids = torch.tensor([prompt], device=model.device)  # (1, t)
-    with torch.no_grad():
-        logits = model(input_ids=ids, top_k_lora=top_k_lora, softmax_temperature=softmax_temperature).logits
-    distribution = torch.log_softmax(logits[0, :-1].float() / temperature, dim=-1)  # (t - 1, vocab)
+    if logits is None:
+        with torch.no_grad():
+            logits = model(input_ids=ids, top_k_lora=top_k_lora, softmax_temperature=softmax_temperature).logits[0]
+    if logits.shape[0] != len(prompt):
+        raise ValueError(f"logits: {logits.shape[0]} positions for a prompt of {len(prompt)} tokens")
+    distribution = torch.log_softmax(logits[:-1].float() / temperature, dim=-1)  # (t - 1, vocab)
     chosen = distribution.gather(-1, ids[0, 1:, None])[:, 0].tolist()  # (t - 1,)
     if top:
         values, tokens = distribution.topk(min(top, distribution.shape[-1]), dim=-1)  # (t - 1, top)
@@ -326,16 +331,18 @@ class DecodeBatch:
         self.frozen: torch.Tensor | None = None  # (n, 1, L, E) once every row is frozen
         self.folded = None  # FoldedWeights while the rows run folded
         self.last_sampled: Sampled | None = None  # what `choose` picked
+        self.prompt_logits: torch.Tensor | None = None  # (n, t, vocab) from `prefill(keep_prompt_logits=True)`
 
     @property
     def accepting(self) -> bool:
         """Whether rows may still join: the scaling pass (and its cache) is still running."""
         return self.scaling_cache is not None
 
-    def prefill(self, rows: list[RowState], input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, rows: list[RowState], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                keep_prompt_logits: bool = False) -> torch.Tensor:
         """Run the (left-padded) prompts through both passes; returns the logits of each row's first new token
-        (n, vocab). The batch must be empty."""
+        (n, vocab). The batch must be empty. `keep_prompt_logits` keeps every position's logits in
+        `prompt_logits` (for `prompt_logprobs`; the caller drops them when read)."""
         from transformers import DynamicCache
 
         if self.rows:
@@ -348,9 +355,10 @@ class DecodeBatch:
         top_k_lora, softmax_temperature, _, _ = self.options
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=self.mixed_cache, scaling_past_key_values=self.scaling_cache,
-                         use_cache=True, logits_to_keep=1, top_k_lora=top_k_lora,
+                         use_cache=True, logits_to_keep=0 if keep_prompt_logits else 1, top_k_lora=top_k_lora,
                          softmax_temperature=softmax_temperature)
         self.rows, self.mask, self.scalings = list(rows), mask, out.scalings[:, -1]
+        self.prompt_logits = out.logits if keep_prompt_logits else None
         return out.logits[:, -1]
 
     def choose(self, logits: torch.Tensor, logprobs: int | None = None) -> list[str | None]:

@@ -15,7 +15,7 @@ failure of a whole step ends the requests of that step, never the engine.
 
 A request is one row (one prompt, one choice); an API call with several prompts or choices submits its rows all
 at once (`submit_all`). On request an event carries the new token's log-probabilities, and the first event the
-prompt's (`prompt_logprobs`, one forward pass before the prefill; with max_new_tokens 0 nothing is generated).
+prompt's (`prompt_logprobs`, from the prefill's logits; with max_new_tokens 0 one forward pass, no generation).
 """
 
 from __future__ import annotations
@@ -28,8 +28,15 @@ from typing import Callable
 
 import torch
 
-from .generation import (DecodeBatch, RowState, SamplingParams, TokenLogprob, chosen_logprobs, prompt_logprobs,
-                         sampling_temperature)
+from .generation import (
+    DecodeBatch,
+    RowState,
+    SamplingParams,
+    TokenLogprob,
+    chosen_logprobs,
+    prompt_logprobs,
+    sampling_temperature,
+)
 
 
 class QueueFull(Exception):
@@ -176,12 +183,16 @@ class Engine:
             self._release(request)
             return
         gate = request.gate
-        if request.prompt_logprobs is not None:
-            request.emit(Event(prompt_logprobs=prompt_logprobs(
-                self.model, request.prompt_ids, top=request.prompt_logprobs,
-                temperature=sampling_temperature(request.params), top_k_lora=gate.top_k,
-                softmax_temperature=gate.softmax_temperature)))
-        if request.params.max_new_tokens == 0:  # the prompt alone (echo): nothing to generate
+
+        def report_prompt(logits=None) -> None:
+            if request.prompt_logprobs is not None:
+                request.emit(Event(prompt_logprobs=prompt_logprobs(
+                    self.model, request.prompt_ids, top=request.prompt_logprobs, logits=logits,
+                    temperature=sampling_temperature(request.params), top_k_lora=gate.top_k,
+                    softmax_temperature=gate.softmax_temperature)))
+
+        if request.params.max_new_tokens == 0:  # the prompt alone (echo): one forward pass, nothing generated
+            report_prompt()
             self._release(request)
             request.emit(Event(finish_reason="length"))
             return
@@ -190,7 +201,11 @@ class Engine:
         row = RowState.start(request.prompt_ids, request.params, device=self.model.device,
                              eos_token_ids=self.eos, tokenizer=self.tokenizer, context_length=self.context_length,
                              keep_text=True, owner=request)
-        logits = batch.prefill([row], torch.tensor([request.prompt_ids]))
+        logits = batch.prefill([row], torch.tensor([request.prompt_ids]),
+                               keep_prompt_logits=request.prompt_logprobs is not None)
+        if batch.prompt_logits is not None:  # the prefill's own logits: no second pass over the prompt
+            report_prompt(batch.prompt_logits[0])
+            batch.prompt_logits = None
         self._choose(batch, logits)
         if not batch.rows:
             return
