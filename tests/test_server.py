@@ -228,8 +228,17 @@ def _post(server, path, body, **kw):
     ({"model": "tiny-xlora", "prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
     ({"model": "tiny-xlora", "prompt": "a", "temperature": -0.5}, 400, "temperature"),
     ({"model": "tiny-xlora", "prompt": "a", "top_p": 1.5}, 400, "top_p"),
-    ({"model": "tiny-xlora", "prompt": "a", "n": 2}, 400, "n"),
-    ({"model": "tiny-xlora", "prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ({"model": "tiny-xlora", "prompt": "a", "n": 17}, 400, "n"),
+    ({"model": "tiny-xlora", "prompt": "a", "n": 0}, 400, "n"),
+    ({"model": "tiny-xlora", "prompt": ["a"] * 9, "n": 9}, 400, "prompt"),  # 81 rows > max_batch + max_queue
+    ({"model": "tiny-xlora", "prompt": "a", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "tiny-xlora", "prompt": "a", "logprobs": True}, 400, "logprobs"),
+    ({"model": "tiny-xlora", "prompt": "a", "echo": "yes"}, 400, "echo"),
+    ({"model": "tiny-xlora", "prompt": "a", "best_of": 2}, 400, "best_of"),
+    ({"model": "tiny-xlora", "prompt": ["a", ""]}, 400, "prompt"),
+    ({"model": "tiny-xlora", "prompt": ["a", [5]]}, 400, "prompt"),
+    ({"model": "tiny-xlora", "prompt": [[5], []]}, 400, "prompt"),
+    ({"model": "tiny-xlora", "prompt": [[5], [1000]]}, 400, "prompt"),
     ({"model": "tiny-xlora", "prompt": "a", "stop": [""]}, 400, "stop"),
     ({"model": "tiny-xlora", "prompt": "a", "stream": "yes"}, 400, "stream"),
     ({"model": "tiny-xlora", "prompt": "a" * 200}, 400, "prompt"),
@@ -294,7 +303,7 @@ def test_every_error_is_an_openai_json_body(live, monkeypatch):
     def broken(_):  # a bug inside the server: still a JSON 500, and the server lives on
         raise KeyError("a bug")
 
-    monkeypatch.setattr(state.engine, "submit", broken)
+    monkeypatch.setattr(state.engine, "submit_all", broken)
     response = _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
     assert response.status_code == 500 and _is_openai_error(response)
     assert response.json()["error"]["type"] == "server_error"

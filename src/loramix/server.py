@@ -25,6 +25,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import uvicorn
@@ -34,7 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .generation import SamplingParams
+from .generation import SamplingParams, TokenLogprob
 from .serving import Engine, Event, GateOptions, QueueFull, Request
 
 DEFAULT_MAX_TOKENS = 16
@@ -43,6 +44,10 @@ SHUTDOWN_GRACE_S = 5  # uvicorn's backstop: tasks still running this long after 
 DISCONNECT_POLL_S = 0.1
 SHUTTING_DOWN = "the server is shutting down"
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+MAX_CHOICES = 16  # n: choices per prompt
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
+MAX_STOP = 16  # stop strings (OpenAI allows 4; lm-eval adds the EOS text to a task's own)
+LOGPROB_FLOOR = -9999.0  # what -inf is reported as: JSON has no infinities
 
 
 class ApiError(Exception):
@@ -145,23 +150,55 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def sampling_from(body: dict, max_tokens_cap: int) -> SamplingParams:
-    """OpenAI fields -> SamplingParams; 400 naming the field for anything out of range."""
-    for unsupported in ("logprobs", "top_logprobs", "suffix", "tools", "functions", "logit_bias"):
+@dataclass(frozen=True)
+class Choices:
+    """What a request asks back besides text: `n` choices per prompt, log-probabilities (k alternatives per
+    token, or None) and, for completions, the prompt echoed before the completion."""
+
+    n: int = 1
+    logprobs: int | None = None
+    echo: bool = False
+
+
+def choices_from(body: dict, chat: bool) -> Choices:
+    """`n`, `logprobs` (completions: an integer 0-20; chat: true, with `top_logprobs` 0-20) and `echo`; 400
+    naming the field otherwise."""
+    n = body.get("n")
+    n = 1 if n is None else _integer(n, "n", 1, MAX_CHOICES)
+    if chat:
+        if body.get("echo"):
+            raise ApiError(400, "echo is not supported for chat completions", param="echo")
+        flag = body.get("logprobs")
+        if flag is not None and not isinstance(flag, bool):
+            raise ApiError(400, f"logprobs must be true or false for chat completions, got {_short(flag)}",
+                           param="logprobs")
+        top = body.get("top_logprobs")
+        top = 0 if top is None else _integer(top, "top_logprobs", 0, MAX_LOGPROBS)
+        if top and not flag:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return Choices(n=n, logprobs=top if flag else None)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = _integer(logprobs, "logprobs", 0, MAX_LOGPROBS)
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise ApiError(400, "echo must be true or false", param="echo")
+    return Choices(n=n, logprobs=logprobs, echo=bool(echo))
+
+
+def sampling_from(body: dict, max_tokens_cap: int, echo: bool = False) -> SamplingParams:
+    """OpenAI fields -> SamplingParams; 400 naming the field for anything out of range. `max_tokens` may be 0
+    only with `echo` (the prompt's log-probabilities alone)."""
+    for unsupported in ("suffix", "tools", "functions", "logit_bias"):
         if body.get(unsupported) not in (None, False, 0, {}, []):
             raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
     if body.get("best_of") not in (None, 1):
         raise ApiError(400, "best_of must be 1", param="best_of")
-    if body.get("echo"):
-        raise ApiError(400, "echo is not supported by this server", param="echo")
-    n = body.get("n", 1)
-    if n is not None and n != 1:
-        raise ApiError(400, f"n must be 1, got {_short(n)}", param="n")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(name)
     # the default obeys the cap too: a server capped below it answers that many tokens at most
     max_tokens = (min(DEFAULT_MAX_TOKENS, max_tokens_cap) if max_tokens is None
-                  else _integer(max_tokens, name, 1, max_tokens_cap))
+                  else _integer(max_tokens, name, 0 if echo else 1, max_tokens_cap))
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
@@ -177,8 +214,9 @@ def sampling_from(body: dict, max_tokens_cap: int) -> SamplingParams:
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "stop must be a non-empty string or a list of up to 4 non-empty strings", param="stop")
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} non-empty strings",
+                       param="stop")
     return SamplingParams(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
                           top_p=top_p, seed=seed, stop=stop)
 
@@ -209,7 +247,7 @@ def gate_from(body: dict, n_experts: int) -> GateOptions:
                        return_scalings=flag)
 
 
-def request_schemas(model_name: str, max_tokens_cap: int, n_experts: int) -> tuple[dict, dict]:
+def request_schemas(model_name: str, max_tokens_cap: int, n_experts: int, max_rows: int) -> tuple[dict, dict]:
     """JSON schemas of the /v1/completions and /v1/chat/completions bodies, for the OpenAPI document (the routes
     read raw bodies and validate them themselves, with OpenAI-style errors)."""
     def nullable(kind: str, **rules) -> dict:
@@ -222,26 +260,36 @@ def request_schemas(model_name: str, max_tokens_cap: int, n_experts: int) -> tup
         "top_p": nullable("number", exclusiveMinimum=0, maximum=1),
         "seed": nullable("integer", minimum=SEED_RANGE[0], maximum=SEED_RANGE[1]),
         "stop": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"},
-                           {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]},
+                           {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}]},
         "stream": {"type": "boolean"},
         "stream_options": nullable("object", properties={"include_usage": {"type": "boolean"}}),
-        "n": nullable("integer", minimum=1, maximum=1),
+        "n": nullable("integer", minimum=1, maximum=min(MAX_CHOICES, max_rows)),
         "xlora": {"type": "object", "additionalProperties": False, "properties": {
             "return_scalings": {"type": "boolean"},
             "top_k": nullable("integer", minimum=1, maximum=n_experts),
             "softmax_temperature": nullable("number", minimum=1e-3, maximum=100),
             "freeze_scalings_after": nullable("integer", minimum=0)}},
     }
-    prompt = {"anyOf": [{"type": "string", "minLength": 1},
-                        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
-                        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}
+    token_ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+    # several prompts: one choice each (n each), at most max_rows in all
+    prompt = {"anyOf": [{"type": "string", "minLength": 1}, token_ids,
+                        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                         "maxItems": max_rows},
+                        {"type": "array", "items": token_ids, "minItems": 1, "maxItems": max_rows}]}
     message = {"type": "object", "required": ["role", "content"],
                "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]},
                               "content": {"type": "string"}}}
-    completion = {"type": "object", "required": ["model", "prompt"], "properties": {"prompt": prompt, **common}}
+    completion = {"type": "object", "required": ["model", "prompt"], "properties": {
+        "prompt": prompt, **common,
+        "max_tokens": {**nullable("integer", minimum=0, maximum=max_tokens_cap),
+                       "description": "0 only with echo: the prompt's log-probabilities alone"},
+        "logprobs": nullable("integer", minimum=0, maximum=MAX_LOGPROBS),
+        "echo": nullable("boolean")}}
     chat = {"type": "object", "required": ["model", "messages"],
             "properties": {"messages": {"type": "array", "items": message, "minItems": 1},
-                           "max_completion_tokens": common["max_tokens"], **common}}
+                           "max_completion_tokens": common["max_tokens"], **common,
+                           "logprobs": nullable("boolean"),
+                           "top_logprobs": nullable("integer", minimum=0, maximum=MAX_LOGPROBS)}}
     return completion, chat
 
 
@@ -271,6 +319,7 @@ class ServerState:
         eos, _ = special_tokens(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.engine = Engine(model, tokenizer, eos, max_batch=max_batch, max_queue=max_queue,
                              context_length=self.context)
+        self.max_rows = max_batch + max_queue  # rows (prompts x n) one request may ask for
         if chat_template is not None:
             tokenizer.chat_template = chat_template
         self.created = int(time.time())
@@ -347,7 +396,8 @@ def create_app(state: ServerState, api_key: str | None = None):
         await asyncio.to_thread(state.close)
 
     app = FastAPI(title="loramix", version=_version(), lifespan=lifespan)
-    completion_schema, chat_schema = request_schemas(state.model_name, state.max_tokens_cap, state.model.n_experts)
+    completion_schema, chat_schema = request_schemas(state.model_name, state.max_tokens_cap, state.model.n_experts,
+                                                     state.max_rows)
     if api_key is not None:
         app.add_middleware(RequireKey, api_key=api_key)
 
@@ -389,30 +439,28 @@ def create_app(state: ServerState, api_key: str | None = None):
     @app.post("/v1/completions", openapi_extra=_openapi_body(completion_schema))
     async def completions(request: HttpRequest):
         body = await _read_json(request)
-        options = _options(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                       for t in prompt):
-            _check_length(len(prompt), chat=False)
-            if any(not 0 <= t < len(state.tokenizer) for t in prompt):
-                raise ApiError(400, "prompt: a token id is outside the vocabulary", param="prompt")
-            ids = list(prompt)
-        elif isinstance(prompt, str):
-            if not prompt:
-                raise ApiError(400, "prompt must not be empty", param="prompt")
-            _check_characters(prompt, "prompt")
-            ids = await _tokenize(prompt, "prompt")
-        else:
-            raise ApiError(400, "prompt must be a string (or one string in a list, or a list of token ids)",
-                           param="prompt")
-        return await _run(request, body, options, ids, chat=False)
+        options = _options(body, chat=False)
+        prompts = _prompt_list(body.get("prompt"))
+        _check_rows(len(prompts), options[3].n)
+        ids, texts = [], []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                _check_characters(prompt, "prompt")
+                ids.append(await _tokenize(prompt, "prompt"))
+                texts.append(prompt)
+            else:
+                _check_length(len(prompt), chat=False)
+                if any(not 0 <= t < len(state.tokenizer) for t in prompt):
+                    raise ApiError(400, "prompt: a token id is outside the vocabulary", param="prompt")
+                ids.append(list(prompt))
+                texts.append(None)  # decoded only when echoed
+        return await _run(request, body, options, ids, texts, chat=False)
 
     @app.post("/v1/chat/completions", openapi_extra=_openapi_body(chat_schema))
     async def chat_completions(request: HttpRequest):
         body = await _read_json(request)
-        options = _options(body)
+        options = _options(body, chat=True)
+        _check_rows(1, options[3].n)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -431,7 +479,7 @@ def create_app(state: ServerState, api_key: str | None = None):
             raise ApiError(400, f"messages: the chat template failed: {e}", param="messages") from None
         _check_characters(text, "messages")
         ids = await _tokenize(text, "messages", add_special_tokens=False)
-        return await _run(request, body, options, ids, chat=True)
+        return await _run(request, body, options, [ids], [text], chat=True)
 
     async def _read_json(http: HttpRequest) -> dict:
         """The body as a JSON object, refused (413) past max_request_bytes before it is all read."""
@@ -453,14 +501,25 @@ def create_app(state: ServerState, api_key: str | None = None):
         _check_model(body, state)
         return body
 
-    def _options(body: dict) -> tuple[SamplingParams, GateOptions, bool]:
+    def _options(body: dict, chat: bool) -> tuple[SamplingParams, GateOptions, bool, Choices]:
         """Every field but the prompt, checked before any tokenizing."""
-        params = sampling_from(body, state.max_tokens_cap)
+        choices = choices_from(body, chat)
+        params = sampling_from(body, state.max_tokens_cap, echo=choices.echo)
         gate = gate_from(body, state.model.n_experts)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", param="stream")
-        return params, gate, stream
+        return params, gate, stream, choices
+
+    def _check_rows(n_prompts: int, n: int) -> None:
+        """Each prompt x choice is a row of the engine: a request may not ask for more than it could ever hold."""
+        limit = state.max_rows
+        if n > limit:
+            raise ApiError(400, f"n must be at most {limit} on this server (--max-batch + --max-queue), got {n}",
+                           param="n")
+        if n_prompts * n > limit:
+            raise ApiError(400, f"{n_prompts} prompts x n = {n} ask for {n_prompts * n} sequences; this server "
+                                f"takes at most {limit} (--max-batch + --max-queue) in one request", param="prompt")
 
     def _check_characters(text: str, param: str) -> None:
         limit = state.max_prompt_chars
@@ -483,116 +542,267 @@ def create_app(state: ServerState, api_key: str | None = None):
         _check_length(len(ids), chat=param == "messages")
         return ids
 
-    async def _run(http: HttpRequest, body: dict, options, ids: list[int], chat: bool):
-        params, gate, stream = options
-        if state.closing:
-            raise shutting_down()
-        events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the client has gone
-        deliver = _deliverer(asyncio.get_running_loop(), events)
-        job = Request(prompt_ids=ids, params=params, gate=gate, emit=deliver)
+    def _submit(prompts: list[list[int]], params: SamplingParams, gate: GateOptions, choices: Choices,
+                events: asyncio.Queue) -> list[Request]:
+        """One engine row per prompt and choice (choice index = prompt x n + j), queued all or none. Choice j of a
+        seeded request samples with a seed derived from j, so its choices differ and each is reproducible."""
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for ids in prompts:
+            for j in range(choices.n):
+                seed = params.seed if params.seed is None or j == 0 else (params.seed + j) % (1 << 64)
+                jobs.append(Request(prompt_ids=ids, params=replace(params, seed=seed), gate=gate,
+                                    emit=_deliverer(loop, events, len(jobs)), logprobs=choices.logprobs,
+                                    prompt_logprobs=choices.logprobs if choices.echo else None))
         try:
-            state.engine.submit(job)
+            state.engine.submit_all(jobs)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry later", code="rate_limit_exceeded",
                            kind="rate_limit_error") from None
         except RuntimeError:  # the engine has stopped
             raise shutting_down() from None
-        state.running[id(job)] = (job, deliver)
+        for job in jobs:
+            state.running[id(job)] = (job, job.emit)
+        return jobs
+
+    def _forget(jobs: list[Request], finished: set[int]) -> None:
+        """The handler is done with its rows: unfinished ones (a client gone, a sibling failed) are cancelled."""
+        for index, job in enumerate(jobs):
+            state.running.pop(id(job), None)
+            if index not in finished:
+                state.engine.cancel(job)
+
+    async def _run(http: HttpRequest, body: dict, options, prompts: list[list[int]], texts: list[str | None],
+                   chat: bool):
+        params, gate, stream, choices = options
+        if state.closing:
+            raise shutting_down()
+        events: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()  # None: the client has gone
+        jobs = _submit(prompts, params, gate, choices, events)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        experts = list(state.model.expert_names)
+        reply = Reply(state, chat, choices, gate, prompts, texts)
         if stream:
-            return StreamingResponse(_stream(job, events, ident, chat, len(ids), gate, experts, body),
+            return StreamingResponse(_stream(jobs, events, ident, reply, body),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, scalings, reason, error = [], [], None, None
+        finished: set[int] = set()
+        error = None
         watcher = asyncio.create_task(_watch_disconnect(http, events))
         try:
-            while reason is None:
-                event = await events.get()
-                if event is None:
+            while len(finished) < len(jobs) and error is None:
+                item = await events.get()
+                if item is None:
                     break
-                text.append(event.text)
-                scalings += event.scalings or []
-                reason, error = event.finish_reason, event.error
+                index, event = item
+                reply.add(index, event)
+                if event.finish_reason is not None:
+                    finished.add(index)
+                    error = event.error if event.finish_reason == "error" else None
         finally:
             watcher.cancel()
-            state.running.pop(id(job), None)
-            if reason is None:  # the client went away while waiting
-                state.engine.cancel(job)
-        if reason is None:
-            return Response(status_code=499)  # nobody reads it; uvicorn drops it
-        if reason == "error":
+            _forget(jobs, finished)
+        if error is not None:
             if error == SHUTTING_DOWN:
                 raise shutting_down()
             raise ApiError(500, f"generation failed: {error}", kind="server_error")
-        answer = "".join(text)
-        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": answer}} if chat else {"text": answer})
+        if len(finished) < len(jobs):
+            return Response(status_code=499)  # the client went away; nobody reads it, uvicorn drops it
         response = {"id": ident, "object": "chat.completion" if chat else "text_completion",
-                    "created": int(time.time()), "model": state.model_name, "choices": [choice],
-                    "usage": {"prompt_tokens": len(ids), "completion_tokens": job.n_generated,
-                              "total_tokens": len(ids) + job.n_generated}}
+                    "created": int(time.time()), "model": state.model_name,
+                    "choices": [reply.choice(i) for i in range(len(jobs))], "usage": _usage(prompts, jobs)}
         if gate.return_scalings:
-            response["xlora"] = {"experts": experts, "scalings": scalings}
+            response["xlora"] = {"experts": list(state.model.expert_names), "scalings": reply.scalings[0]}
         return response
 
-    async def _stream(job, events, ident, chat, n_prompt, gate, experts, body):
+    async def _stream(jobs, events, ident, reply: Reply, body):
         created = int(time.time())
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(
-            body.get("stream_options"), dict) else False
+        kind = "chat.completion.chunk" if reply.chat else "text_completion"
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
 
-        def chunk(text: str | None, reason: str | None, first: bool = False, scalings=None) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
-                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        def chunk(choice: dict, scalings=None) -> str:
             data = {"id": ident, "object": kind, "created": created, "model": state.model_name, "choices": [choice]}
-            if gate.return_scalings and scalings is not None:
-                data["xlora"] = {"experts": experts, "scalings": scalings}
+            if reply.gate.return_scalings and scalings is not None:
+                data["xlora"] = {"experts": list(state.model.expert_names), "scalings": scalings}
             return f"data: {json.dumps(data)}\n\n"
 
-        finished = False
+        finished: set[int] = set()
         try:
-            if chat:
-                yield chunk(None, None, first=True)
-            while True:
-                event = await events.get()
+            for index in range(len(jobs)):
+                first = reply.first_delta(index)
+                if first is not None:
+                    yield chunk(first)
+            while len(finished) < len(jobs):
+                index, event = await events.get()
                 if event.finish_reason == "error":
+                    finished.add(index)
                     err = shutting_down() if event.error == SHUTTING_DOWN else ApiError(
                         500, f"generation failed: {event.error}", kind="server_error")
                     yield f"data: {json.dumps(err.body())}\n\n"
-                    finished = True
                     break
-                if event.text or event.scalings:
-                    yield chunk(event.text, None, scalings=event.scalings)
+                delta = reply.delta(index, event)
+                if delta is not None:
+                    yield chunk(delta, scalings=event.scalings)
                 if event.finish_reason is not None:
-                    finished = True
-                    yield chunk(None if chat else "", event.finish_reason)
-                    break
-            if include_usage:
-                usage = {"prompt_tokens": n_prompt, "completion_tokens": job.n_generated,
-                         "total_tokens": n_prompt + job.n_generated}
-                last = {"id": ident, "object": kind, "created": created, "model": state.model_name, "choices": [],
-                        "usage": usage}
-                yield f"data: {json.dumps(last)}\n\n"
+                    finished.add(index)
+                    yield chunk(reply.end(index, event.finish_reason))
+            else:
+                if include_usage:
+                    last = {"id": ident, "object": kind, "created": created, "model": state.model_name,
+                            "choices": [], "usage": _usage(reply.prompts, jobs)}
+                    yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            state.running.pop(id(job), None)
-            if not finished:  # the client disconnected mid-stream: free the slot
-                state.engine.cancel(job)
+            _forget(jobs, finished)  # a client that disconnected mid-stream frees its rows here
 
     return app
 
 
-def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
-    """The engine's emit: hand an event to the handler's loop (from any thread); dropped once the loop is closed."""
+def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int):
+    """The engine's emit for choice `index`: hand (index, event) to the handler's loop (from any thread); dropped
+    once the loop is closed."""
     def deliver(event: Event) -> None:
         try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            loop.call_soon_threadsafe(events.put_nowait, (index, event))
         except RuntimeError:  # the event loop has closed: nobody is waiting
             pass
     return deliver
+
+
+def _prompt_list(prompt: Any) -> list[str | list[int]]:
+    """A completions `prompt` as a list of prompts: a string, a list of strings, a list of token ids, or a list
+    of token-id lists (what lm-eval sends); 400 for anything else."""
+    def is_ids(value) -> bool:
+        return isinstance(value, list) and bool(value) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if isinstance(prompt, str) or is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt) or
+                                                  all(is_ids(p) for p in prompt)):
+        prompts = prompt
+    else:
+        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of "
+                            "token-id lists", param="prompt")
+    for i, p in enumerate(prompts):
+        if p == "":
+            raise ApiError(400, "prompt must not be empty" if len(prompts) == 1 else f"prompt[{i}] is empty",
+                           param="prompt")
+    return prompts
+
+
+def _usage(prompts: list[list[int]], jobs: list[Request]) -> dict:
+    """Token counts: each prompt once (whatever n), every choice's new tokens."""
+    n_prompt = sum(len(p) for p in prompts)
+    n_new = sum(job.n_generated for job in jobs)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
+
+
+def _floor(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+class Reply:
+    """The choices of one answer, built from the engine's events: text (the echoed prompt first), log-probabilities
+    in the completions or the chat format, scalings; whole (`add`, then `choice`) or as stream deltas."""
+
+    def __init__(self, state: ServerState, chat: bool, choices: Choices, gate: GateOptions,
+                 prompts: list[list[int]], texts: list[str | None]) -> None:
+        self.tokenizer, self.chat, self.choices, self.gate = state.tokenizer, chat, choices, gate
+        self.prompts, self.texts = prompts, texts
+        rows = len(prompts) * choices.n
+        self.parts: list[list[str]] = [[] for _ in range(rows)]
+        self.scalings: list[list] = [[] for _ in range(rows)]
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(rows)]  # echoed prompt's, then new tokens'
+        self.reasons: list[str | None] = [None] * rows
+        self.offsets = [0] * rows  # text_offset of the next streamed token
+        self._token_texts: dict[int, str] = {}
+
+    def token_text(self, token: int) -> str:
+        if token not in self._token_texts:
+            self._token_texts[token] = self.tokenizer.decode([token])
+        return self._token_texts[token]
+
+    def echo_text(self, index: int) -> str:
+        """The prompt of choice `index` as text (token-id prompts decoded)."""
+        p = index // self.choices.n
+        if self.texts[p] is None:
+            self.texts[p] = self.tokenizer.decode(self.prompts[p])
+        return self.texts[p]
+
+    def add(self, index: int, event: Event) -> None:
+        self.parts[index].append(event.text)
+        self.scalings[index] += event.scalings or []
+        self.logprobs[index] += (event.prompt_logprobs or []) + (event.logprobs or [])
+        self.reasons[index] = event.finish_reason or self.reasons[index]
+
+    def choice(self, index: int) -> dict:
+        """Choice `index` of the whole answer."""
+        text = "".join(self.parts[index])
+        if self.choices.echo:
+            text = self.echo_text(index) + text
+        choice = {"index": index, "finish_reason": self.reasons[index],
+                  "logprobs": self._logprobs(index, self.logprobs[index])}
+        choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+        if self.gate.return_scalings:
+            choice["xlora"] = {"scalings": self.scalings[index]}
+        return choice
+
+    def first_delta(self, index: int) -> dict | None:
+        """What a stream sends for a choice before any event: the chat role, or the echoed prompt when no
+        log-probabilities come with it (else it comes with the prompt's, in the first event)."""
+        if self.chat:
+            return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+        if self.choices.echo and self.choices.logprobs is None:
+            return {"index": index, "text": self.echo_text(index), "logprobs": None, "finish_reason": None}
+        return None
+
+    def delta(self, index: int, event: Event) -> dict | None:
+        """The stream chunk's choice for one event, or None when it carries nothing."""
+        text = event.text
+        if event.prompt_logprobs is not None:
+            text = self.echo_text(index) + text
+        entries = (event.prompt_logprobs or []) + (event.logprobs or [])
+        if not (text or entries or event.scalings):
+            return None
+        logprobs = self._logprobs(index, entries) if entries else None
+        if self.chat:
+            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                    "finish_reason": None}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
+
+    def end(self, index: int, reason: str) -> dict:
+        if self.chat:
+            return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": "", "logprobs": None, "finish_reason": reason}
+
+    def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict | None:
+        """Log-probabilities of these tokens of choice `index`: the chat format (`content`: token, logprob,
+        bytes, top_logprobs) or the completions format (`tokens`, `token_logprobs`, `top_logprobs` a dict per
+        position with the chosen token in it, `text_offset` into the choice's text, counted across chunks)."""
+        if self.choices.logprobs is None:
+            return None
+        if self.chat:
+            def item(token: int, logprob: float) -> dict:
+                text = self.token_text(token)
+                return {"token": text, "logprob": _floor(logprob), "bytes": list(text.encode("utf-8"))}
+            return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                                for e in entries]}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            text = self.token_text(e.token)
+            out["tokens"].append(text)
+            out["text_offset"].append(self.offsets[index])
+            self.offsets[index] += len(text)
+            if e.logprob is None:  # the prompt's first token: nothing predicts it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(_floor(e.logprob))
+            top = {self.token_text(t): _floor(lp) for t, lp in e.top}
+            top.setdefault(text, _floor(e.logprob))
+            out["top_logprobs"].append(top)
+        return out
 
 
 async def _watch_disconnect(http: HttpRequest, events: asyncio.Queue) -> None:
