@@ -158,6 +158,7 @@ def test_repetition_penalty_matches_transformers(experts):
     (dict(max_new_tokens=-1), "max_new_tokens"), (dict(top_k=-2), "top_k"),
     (dict(temperature=float("nan")), "temperature"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(fold_frozen=True), "fold_frozen"), (dict(stop=["x"]), "tokenizer"),
+    pytest.param(dict(temperature=10**400), "temperature", id="int-beyond-float-range"),  # not an OverflowError
 ])
 def test_invalid_parameters(kwargs, field, experts):
     model = build(experts, xlora_depth=1)

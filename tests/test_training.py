@@ -285,6 +285,7 @@ def test_train_expert_verb_writes_a_peft_adapter(workdir, tmp_path):
     ("weight_decay", -0.1, "weight_decay: must be a number >= 0"),
     ("lr", float("inf"), "lr: must be a positive number"),
     ("lr", float("nan"), "lr: must be a positive number"),
+    pytest.param("lr", 10**400, "lr: must be a positive number", id="lr-int-beyond-float-range"),
     ("epochs", float("inf"), "epochs: must be a positive number"),
     ("epochs", float("nan"), "epochs: must be a positive number"),
     ("batch_size", 2.5, "batch_size: must be an integer"),

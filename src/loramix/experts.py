@@ -44,7 +44,6 @@ class ExpertModule:
 @dataclass
 class Expert:
     name: str
-    source: str
     config: dict  # adapter_config.json as read, written back unchanged on save
     modules: dict[str, ExpertModule] = field(default_factory=dict)  # base-model module name -> weights
     dtype: torch.dtype = torch.float32  # dtype of the tensors in the file
@@ -159,7 +158,7 @@ def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xl
         pairs.setdefault(m["module"], {})[m["kind"]] = tensor
 
     rank_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    expert = Expert(name=name, source=source, config=config,
+    expert = Expert(name=name, config=config,
                     dtype=next(iter(state.values())).dtype if state else torch.float32)
     for module_name, ab in pairs.items():
         at = f"{where}, module {module_name!r}"
