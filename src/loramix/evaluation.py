@@ -35,6 +35,7 @@ def lm_class():
     if _LM_CLASS is not None:
         return _LM_CLASS
     try:
+        import lm_eval.models  # noqa: F401 - lm-eval's own models, registered before ours or never (lm-eval 0.4.13)
         from lm_eval.api.model import TemplateLM
         from lm_eval.api.registry import register_model
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
