@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_experts, tiny_base, tiny_tokenizer, write_jsonl
+from helpers import make_experts, tiny_base, tiny_tokenizer, write_jsonl
 
 from loramix import XLoraConfig, XLoraModel
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_experts, peft_reference, tiny_base, tiny_tokenizer
+from helpers import make_experts, peft_reference, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.generation import RowState, SamplingParams, finish_reason, sample_next_token

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_experts, peft_reference, tiny_base
+from helpers import make_experts, peft_reference, tiny_base
 
 from loramix import XLoraConfig, XLoraModel
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, make_experts
+from helpers import VOCAB, make_experts
 
 from loramix import XLoraConfig, XLoraModel
 
@@ -33,7 +33,7 @@ def saved(tmp_path_factory):
 
 
 def tiny_llama_64():
-    """conftest's tiny Llama at hidden size 64: bitsandbytes' CPU 4-bit kernel packs in_features in blocks of 64."""
+    """helpers' tiny Llama at hidden size 64: bitsandbytes' CPU 4-bit kernel packs in_features in blocks of 64."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import make_experts, tiny_base, tiny_tokenizer
+from helpers import make_experts, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.serving import wait_idle

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_tokenizer, write_jsonl
+from helpers import tiny_tokenizer, write_jsonl
 from test_server import CHAT_TEMPLATE, _start, checkpoint  # noqa: F401 - checkpoint: a fixture
 
 from loramix import XLoraModel

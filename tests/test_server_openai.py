@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from helpers import tiny_tokenizer
 from test_server import CHAT_TEMPLATE, _client, _post, _start, checkpoint  # noqa: F401 - checkpoint: a fixture
 
 from loramix import XLoraModel

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from conftest import make_experts, tiny_base, tiny_tokenizer
+from helpers import make_experts, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.generation import SamplingParams

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import VOCAB, synthetic_task, tiny_tokenizer, write_jsonl
+from helpers import VOCAB, synthetic_task, tiny_tokenizer, write_jsonl
 from safetensors.torch import load_file
 
 import loramix
@@ -315,7 +315,7 @@ def test_a_torn_metrics_line_is_dropped_only_at_the_end(tmp_path):
 def test_gradient_checkpointing_gives_the_gradients_of_the_plain_pass(tmp_path):
     import copy
 
-    from conftest import make_experts, tiny_base
+    from helpers import make_experts, tiny_base
 
     from loramix import XLoraConfig
     from loramix.layers import MixedLoraLinear
