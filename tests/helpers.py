@@ -140,3 +140,14 @@ def synthetic_task(name: str, n: int, seed: int) -> list[dict]:
             a, b = rnd.randint(10, 99), rnd.randint(10, 99)
             rows.append({"prompt": f"s {a}+{b}=", "completion": str(a + b), "task": "sum"})
     return rows
+
+
+def tiny_xlora(arch: str, folder, **config):
+    """A tiny base, its PEFT experts saved under `folder`, and an XLoraModel on a copy of the base:
+    (base, adapters, model)."""
+    from loramix import XLoraConfig, XLoraModel
+
+    base = tiny_base(arch)
+    adapters = make_experts(base, arch, folder)
+    model = XLoraModel.from_base(copy.deepcopy(base), XLoraConfig(adapters=adapters, **config))
+    return base, adapters, model
