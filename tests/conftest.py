@@ -6,8 +6,8 @@ import pytest
 import torch
 
 # make_experts and tiny_base are re-exported only for test modules on other branches that still write
-# `from helpers import ...` (test_demo.py, test_fast_decode.py); new code imports them from helpers
-from helpers import VOCAB, make_experts, tiny_base  # noqa: F401
+# `from conftest import ...` (test_demo.py, test_fast_decode.py); new code imports them from helpers
+from helpers import VOCAB, make_experts, save_served_checkpoint, tiny_base  # noqa: F401
 
 
 @pytest.fixture
@@ -15,3 +15,9 @@ def ids():
     """Two rows of nine random token ids (no special ids)."""
     torch.manual_seed(7)
     return torch.randint(3, VOCAB, (2, 9))
+
+
+@pytest.fixture(scope="module")
+def served_checkpoint(tmp_path_factory):
+    """A saved X-LoRA checkpoint with a chat template, for the server tests (one per test module)."""
+    return save_served_checkpoint(tmp_path_factory.mktemp("served"))

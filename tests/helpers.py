@@ -151,3 +151,103 @@ def tiny_xlora(arch: str, folder, **config):
     adapters = make_experts(base, arch, folder)
     model = XLoraModel.from_base(copy.deepcopy(base), XLoraConfig(adapters=adapters, **config))
     return base, adapters, model
+
+
+
+
+# ---- the server in a thread (test_server*.py) ----------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}|{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def save_served_checkpoint(root) -> str:
+    """A saved X-LoRA checkpoint (base saved under root/base, experts, the tokenizer with CHAT_TEMPLATE) as the
+    server loads it: returns root/tiny-xlora."""
+    from loramix import XLoraConfig, XLoraModel
+
+    base = tiny_base("llama")
+    base.save_pretrained(str(root / "base"))
+    adapters = make_experts(base, "llama", root)
+    model = XLoraModel.from_base(str(root / "base"), XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=16,
+                                                               layerwise_scalings=True))
+    model.save_pretrained(str(root / "tiny-xlora"))
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(root / "tiny-xlora"))
+    return root / "tiny-xlora"
+
+
+class LiveServer:
+    """The server (uvicorn) in a thread on 127.0.0.1, port chosen by the OS."""
+
+    def __init__(self, state, api_key=None) -> None:
+        import threading
+        import time
+
+        from loramix.server import make_server
+
+        self.server = make_server(state, host="127.0.0.1", port=0, api_key=api_key, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_server(checkpoint, **options):
+    """Load `checkpoint` with the server's options and serve it: (state, LiveServer)."""
+    from loramix.server import load_state
+
+    api_key = options.pop("api_key", None)
+    state = load_state(str(checkpoint), **options)
+    return state, LiveServer(state, api_key=api_key)
+
+
+def openai_client(server, **kw):
+    """The official OpenAI client on a LiveServer, without retries."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+
+def post_json(server, path, body, **kw):
+    """POST a body (a dict as JSON, or raw bytes/str as they are) to a LiveServer."""
+    import json
+
+    import httpx
+
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"},
+                      **{"timeout": 30, **kw})
+
+
+def slow_down_engine(state, monkeypatch, seconds: float) -> None:
+    """A slow model: every decode step takes `seconds` longer."""
+    import time
+
+    step = state.engine._step
+
+    def slow_step(group):
+        time.sleep(seconds)
+        step(group)
+
+    monkeypatch.setattr(state.engine, "_step", slow_step)
+
+
+def wait_until(condition, timeout: float) -> float | None:
+    """Seconds until condition() holds, or None after timeout."""
+    import time
+
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if condition():
+            return time.perf_counter() - start
+        time.sleep(0.01)
+    return None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import read_json_object
+from .config import is_finite_number, is_int, read_json_object
 from .hub import resolve_file
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -91,14 +91,7 @@ def _pattern_value(pattern: dict, module_name: str, default):
 def _check_lora_numbers(config: dict, path: str) -> None:
     """r, lora_alpha and the rank/alpha patterns must be numbers and valid patterns before any weight is read."""
     def is_number(v, positive_int: bool = False) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return False
-        if positive_int:
-            return isinstance(v, int) and v >= 1
-        try:
-            return math.isfinite(float(v))
-        except OverflowError:
-            return False
+        return is_int(v) and v >= 1 if positive_int else is_finite_number(v)
 
     if "r" in config and not is_number(config["r"], positive_int=True):
         raise ValueError(f"{path}: r is {config['r']!r}, expected an integer >= 1")
