@@ -132,7 +132,7 @@ def test_trainable_adapters_receive_gradients(tmp_path, ids):
     assert all(not p.requires_grad for n, p in model.base.named_parameters() if "lora_" not in n)
 
 
-def test_the_scaling_pass_computes_no_lora(tmp_path, ids, monkeypatch):
+def test_scaling_pass_at_zero_computes_no_lora(tmp_path, ids, monkeypatch):
     _, _, model = tiny_xlora("llama", tmp_path, xlora_depth=1)
     seen = []
     original = model._last_hidden_state
