@@ -154,3 +154,27 @@ def test_8bit_equals_xlora_over_dequantized_weights(saved, ids):
         plain = reference.base(input_ids=ids).logits
     assert (theirs.logits - plain).abs().max() > 2e-2
     torch.testing.assert_close(ours.logits, theirs.logits, atol=5e-3, rtol=0)
+
+
+def test_every_model_verb_loads_a_4bit_base_from_its_flag(saved, tmp_path, capsys):
+    """`--load-in-4bit` reaches the loader: `loramix generate` on a checkpoint of a float32 base prints what the
+    API gives with quantization="4bit", whose adapted layers sit on bitsandbytes' Linear4bit."""
+    from helpers import tiny_tokenizer
+
+    from loramix.cli import main
+
+    path, adapters, _ = saved
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(path)
+    XLoraModel.from_base(path, XLoraConfig(adapters=adapters, **CONFIG)).save_pretrained(str(tmp_path / "ck"))
+    quantized = XLoraModel.from_pretrained(str(tmp_path / "ck"), quantization="4bit")
+    linears = [layer.base_layer for layer in quantized.mixed_layers() if not isinstance(layer.base_layer, torch.nn.Embedding)]
+    assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
+    prompt = tokenizer("the cat", return_tensors="pt")["input_ids"]
+    expected = quantized.generate(prompt, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(expected[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert main(["generate", "--model", str(tmp_path / "ck"), "--load-in-4bit", "--prompt", "the cat",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == text + "\n"
+    assert main(["generate", "--model", str(tmp_path / "ck"), "--load-in-4bit", "--load-in-8bit", "--prompt",
+                 "x"]) == 2  # one or the other

@@ -51,7 +51,7 @@ def generate(args: argparse.Namespace) -> int:
     from .generation import SamplingParams, context_length, decode_steps, special_tokens
     from .loading import load_tokenizer
 
-    model = XLoraModel.from_pretrained(args.model, base=args.base)
+    model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
     tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
     ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -120,13 +120,47 @@ def _dtype(name: str | None):
                                       "float16": torch.float16}[name]
 
 
+def _add_placement_flags(p: argparse.ArgumentParser, *, inference: bool) -> None:
+    """How the base model is loaded: dtype, a bitsandbytes 4-bit / 8-bit base and (inference) a device map."""
+    g = p.add_argument_group("base model placement")
+    if inference:  # the training verbs have their own --dtype and --device
+        g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype to load the base model in")
+        g.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: where transformers puts it)")
+        g.add_argument("--device-map", help="transformers' device_map: auto, balanced, or a JSON object "
+                                            "{module: device}; with --offload-folder for 'disk'")
+        g.add_argument("--offload-folder", help="folder for weights a device map offloads to disk")
+    bits = g.add_mutually_exclusive_group()
+    bits.add_argument("--load-in-4bit", action="store_true", help="a 4-bit (NF4) bitsandbytes base")
+    bits.add_argument("--load-in-8bit", action="store_true", help="an 8-bit (LLM.int8) bitsandbytes base")
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """The loader's keyword arguments from the placement flags (see `loading.load_base`)."""
+    import json
+
+    placement = dict(dtype=_dtype(args.dtype),
+                     quantization="4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None)
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None and device_map.lstrip().startswith("{"):
+        try:
+            device_map = json.loads(device_map)
+        except ValueError as err:
+            raise ValueError(f"--device-map: not a JSON object ({err})") from None
+    for key, value in (("device", getattr(args, "device", None)), ("device_map", device_map),
+                       ("offload_folder", getattr(args, "offload_folder", None))):
+        if value is not None:
+            placement[key] = value
+    return placement
+
+
 def train_expert(args: argparse.Namespace) -> int:
     """Train one LoRA expert on its domain's data; writes a PEFT adapter folder."""
     from .training import train_expert as run
 
     result = run(args.base, args.data, args.output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                  target_modules=args.target_modules, eval_data=args.eval_data, data_weights=args.data_weights,
-                 tokenizer=args.tokenizer, dtype=_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
+                 tokenizer=args.tokenizer, dtype=_dtype(args.dtype), quantization=_placement(args)["quantization"],
+                 trust_remote_code=args.trust_remote_code,
                  **_training_options(args))
     print(json_line(result.metrics))
     return 0
@@ -152,6 +186,7 @@ def train(args: argparse.Namespace) -> int:
                  routing_weight=args.routing_weight, expert_field=args.expert_field)
     result = train_xlora(args.base, adapters, args.data, args.output, eval_data=args.eval_data,
                          data_weights=args.data_weights, tokenizer=args.tokenizer, dtype=_dtype(args.dtype),
+                         quantization=_placement(args)["quantization"],
                          trust_remote_code=args.trust_remote_code, **xlora, **_training_options(args))
     print(json_line(result.metrics))
     return 0
@@ -237,6 +272,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype to load the base model in")
     g.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    _add_placement_flags(p, inference=False)
     g.add_argument("--trust-remote-code", action="store_true")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the base's blocks in backward instead of keeping their activations")
@@ -274,7 +310,7 @@ def analyze(args: argparse.Namespace) -> int:
         from . import XLoraModel
         from .loading import load_tokenizer
 
-        model = XLoraModel.from_pretrained(args.model, base=args.base)
+        model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
         tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
         summary = run(args.out, model=model, tokenizer=tokenizer, prompt=args.prompt,
                       max_new_tokens=args.max_new_tokens)
@@ -294,7 +330,7 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"loramix serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    state = load_state(args.model, base=args.base, name=args.served_model_name,
+    state = load_state(args.model, base=args.base, name=args.served_model_name, placement=_placement(args),
                        trust_remote_code=args.trust_remote_code, chat_template_file=args.chat_template,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
                        max_request_bytes=args.max_request_bytes)
@@ -350,7 +386,7 @@ def export(args: argparse.Namespace) -> int:
     from .data import DataFormat
     from .export import export as run, mean_gate_scalings, scalings_from_json
 
-    model = XLoraModel.from_pretrained(args.model, base=args.base)
+    model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
     tokenizer = _maybe_tokenizer(args.model, args.base or model.base_model_id)
     if args.from_data and args.weights:
         raise ValueError("give --weights or --from-data, not both")
@@ -392,7 +428,7 @@ def eval_(args: argparse.Namespace) -> int:
     lm_class()  # a missing lm-eval is an ImportError that main() reports in one line, before the model loads
     from .loading import load_tokenizer
 
-    model = XLoraModel.from_pretrained(args.model, base=args.base)
+    model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
     tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     results = evaluate(model, tokenizer, args.tasks, include_path=args.include_path, limit=limit,
@@ -439,6 +475,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loramix", description="X-LoRA: a mixture of LoRA experts.")
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("serve", help=VERBS["serve"][1])
+    _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -460,6 +497,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser("analyze", help=VERBS["analyze"][1])
+    _add_placement_flags(p, inference=True)
     p.add_argument("--model", help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
     p.add_argument("--prompt", type=non_empty)
@@ -470,6 +508,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="loramix-quickstart", help="folder for the tiny base, experts and X-LoRA")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p = sub.add_parser("generate", help=VERBS["generate"][1])
+    _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
     p.add_argument("--prompt", required=True, type=non_empty)
@@ -515,6 +554,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--routing-weight", type=non_negative_float, default=0.0, help="supervised routing loss")
     _alias(g, "--routing-loss-weight", "routing_weight", type=non_negative_float)
     p = sub.add_parser("export", help=VERBS["export"][1])
+    _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
     p.add_argument("--to", required=True, choices=["peft", "merged", "mistralrs"])
@@ -532,6 +572,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--completion-template")
     g.add_argument("--max-length", type=positive_int, default=512)
     p = sub.add_parser("eval", help=VERBS["eval"][1])
+    _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")

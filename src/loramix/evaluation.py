@@ -35,7 +35,9 @@ def lm_class():
     if _LM_CLASS is not None:
         return _LM_CLASS
     try:
-        import lm_eval.models  # noqa: F401 - lm-eval's own models, registered before ours or never (lm-eval 0.4.13)
+        # lm-eval fills its model registry with its own models only while the registry is empty: import them
+        # first, or registering ours would hide `local-completions` and the rest from later lm-eval runs
+        import lm_eval.models  # noqa: F401
         from lm_eval.api.model import TemplateLM
         from lm_eval.api.registry import register_model
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

@@ -834,10 +834,12 @@ def _version() -> str:
 
 
 def load_state(model_dir: str, base: str | None = None, name: str | None = None, trust_remote_code: bool = False,
-               chat_template_file: str | None = None, **engine) -> ServerState:
+               chat_template_file: str | None = None, placement: dict | None = None, **engine) -> ServerState:
+    """Load the checkpoint (`placement`: dtype, quantization, device, device_map, ... as `from_pretrained` takes
+    them) and its tokenizer, and start the engine."""
     from . import XLoraModel
     from .loading import load_tokenizer
 
-    model = XLoraModel.from_pretrained(model_dir, base=base, trust_remote_code=trust_remote_code)
+    model = XLoraModel.from_pretrained(model_dir, base=base, trust_remote_code=trust_remote_code, **(placement or {}))
     tokenizer = load_tokenizer(model_dir, base or model.base_model_id, chat_template_file=chat_template_file)
     return ServerState(model, tokenizer, name or os.path.basename(os.path.normpath(model_dir)), **engine)

@@ -444,7 +444,8 @@ def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, arg
 def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, *, rank: int = 8,
                  alpha: float = 16, dropout: float = 0.05, target_modules: list[str] | str | None = None,
                  eval_data: str | list[str] | None = None, data_weights: list[float] | None = None,
-                 tokenizer=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                 tokenizer=None, dtype: torch.dtype | None = None, quantization: Any = None,
+                 trust_remote_code: bool = False,
                  log: Callable[[str], None] = print, **options) -> TrainResult:
     """Train one LoRA expert with PEFT and save it as a standard PEFT adapter folder in `output_dir`.
 
@@ -466,7 +467,7 @@ def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, 
         tok = load_tokenizer(tokenizer if tokenizer is not None else base_model_id(base))
         train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, None, dist, log)
         torch.manual_seed(args.seed)
-        model = load_base(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load_base(base, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
         targets = target_modules or "all-linear"
         if isinstance(targets, str) and targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -512,7 +513,8 @@ def train_base(model: nn.Module, tokenizer, data: str | list[str], output_dir: s
 
 def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | list[str], output_dir: str, *,
                 eval_data: str | list[str] | None = None, data_weights: list[float] | None = None,
-                tokenizer=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                tokenizer=None, dtype: torch.dtype | None = None, quantization: Any = None,
+                 trust_remote_code: bool = False,
                 log: Callable[[str], None] = print, **options) -> TrainResult:
     """Train the X-LoRA gate (and the experts with use_trainable_adapters) on a data mixture.
 
@@ -537,7 +539,8 @@ def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | lis
         train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, config.expert_names, dist, log)
         torch.manual_seed(args.seed)
         device = dist.device(args.device)
-        model = XLoraModel.from_base(load_base(base, dtype=dtype, trust_remote_code=trust_remote_code), config, device=device)
+        base_model = load_base(base, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
+        model = XLoraModel.from_base(base_model, config, device=device)
         if isinstance(base, str):
             model.base_model_id = base
         task = _GateTask(model, routing)
