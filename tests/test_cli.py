@@ -20,7 +20,7 @@ def test_quickstart_builds_saves_and_reloads(tmp_path, capsys):
 
 
 def test_generate_prints_the_greedy_completion(tmp_path, capsys):
-    from conftest import make_experts, tiny_base, tiny_tokenizer
+    from helpers import make_experts, tiny_base, tiny_tokenizer
 
     from loramix import XLoraConfig, XLoraModel
 

@@ -54,7 +54,7 @@ def test_defaults_are_peft_defaults_and_dict_round_trip():
 
 
 def test_setters_reject_non_finite_values(tmp_path):
-    from conftest import make_experts, tiny_base
+    from helpers import make_experts, tiny_base
 
     from loramix import XLoraModel
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_tokenizer, write_jsonl
+from helpers import tiny_tokenizer, write_jsonl
 
 from loramix.data import BatchPlan, DataError, DataFormat, collate, load_dataset, read_rows
 

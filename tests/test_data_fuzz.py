@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 
-from conftest import tiny_tokenizer
+from helpers import tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_experts, tiny_base, tiny_tokenizer, write_jsonl
+from helpers import make_experts, tiny_base, tiny_tokenizer, write_jsonl
 
 from loramix import XLoraConfig, XLoraModel
 
@@ -181,3 +181,18 @@ def test_cli_eval_writes_results_and_routing(model, tmp_path, capsys):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["results"]["tiny_mc"]["acc,none"] == pytest.approx(plain_mc_accuracy(model, tokenizer))
     assert list(saved["routing"]) == ["tiny_mc"] and "routing of tiny_mc" in capsys.readouterr().out
+
+
+def test_registering_our_model_keeps_lm_evals_own_models():
+    """lm-eval 0.4.13 fills its registry lazily: a model registered before its own are imported hid them all (so
+    `local-completions` against the server failed after any `loramix eval` in the same process). A fresh process,
+    since this one may have imported them already."""
+    import subprocess
+    import sys
+
+    code = ("from loramix.evaluation import lm_class; lm_class()\n"
+            "from lm_eval.api.registry import get_model\n"
+            "print(get_model('local-completions').__name__, get_model('loramix').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["LocalCompletionsAPI", "XLoraLM"]

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_experts, tiny_base
+from helpers import make_experts, tiny_base
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     make_experts,
     save_tiny_model,
     tiny_base,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_base
+from helpers import VOCAB, tiny_base
 
 from loramix import model as model_module
 from loramix.losses import (balance_loss, causal_lm_loss, entropy_loss, routing_log_probs, routing_loss,

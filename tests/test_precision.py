@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, make_experts, peft_reference, tiny_base
+from helpers import VOCAB, make_experts, peft_reference, tiny_base
 
 from loramix import XLoraConfig, XLoraModel
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, make_experts
+from helpers import VOCAB, make_experts
 
 from loramix import XLoraConfig, XLoraModel
 
@@ -33,7 +33,7 @@ def saved(tmp_path_factory):
 
 
 def tiny_llama_64():
-    """conftest's tiny Llama at hidden size 64: bitsandbytes' CPU 4-bit kernel packs in_features in blocks of 64."""
+    """helpers' tiny Llama at hidden size 64: bitsandbytes' CPU 4-bit kernel packs in_features in blocks of 64."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -159,7 +159,7 @@ def test_8bit_equals_xlora_over_dequantized_weights(saved, ids):
 def test_every_model_verb_loads_a_4bit_base_from_its_flag(saved, tmp_path, capsys):
     """`--load-in-4bit` reaches the loader: `loramix generate` on a checkpoint of a float32 base prints what the
     API gives with quantization="4bit", whose adapted layers sit on bitsandbytes' Linear4bit."""
-    from conftest import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     from loramix.cli import main
 

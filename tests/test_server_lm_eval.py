@@ -12,8 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_tokenizer, write_jsonl
-from test_server import CHAT_TEMPLATE, _start, checkpoint  # noqa: F401 - checkpoint: a fixture
+from helpers import CHAT_TEMPLATE, start_server, tiny_tokenizer, write_jsonl
 
 from loramix import XLoraModel
 
@@ -57,8 +56,8 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def served(checkpoint, tmp_path_factory):  # noqa: F811
-    state, server = _start(checkpoint, max_batch=8, max_queue=16, max_tokens_cap=32)
+def served(served_checkpoint, tmp_path_factory):
+    state, server = start_server(served_checkpoint, max_batch=8, max_queue=16, max_tokens_cap=32)
     tasks = tmp_path_factory.mktemp("tasks")
     for name, template, docs in (("loramix_gen", GEN_TASK, GEN_DOCS), ("loramix_mc", MC_TASK, MC_DOCS)):
         data = write_jsonl(tasks / f"{name}.jsonl", docs)
@@ -66,7 +65,7 @@ def served(checkpoint, tmp_path_factory):  # noqa: F811
     calls = []  # rows per request: lm-eval's batches arrive as prompt lists
     submit_all = state.engine.submit_all
     state.engine.submit_all = lambda jobs: (calls.append(len(jobs)), submit_all(jobs))[1]
-    yield server, tasks, XLoraModel.from_pretrained(str(checkpoint)), calls
+    yield server, tasks, XLoraModel.from_pretrained(str(served_checkpoint)), calls
     server.stop()
     state.engine.shutdown()
 
@@ -96,10 +95,10 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-def test_multiple_choice_with_token_id_batches(served, checkpoint):  # noqa: F811
+def test_multiple_choice_with_token_id_batches(served, served_checkpoint):
     server, tasks, model, calls = served
     calls.clear()
-    results = _evaluate(server, tasks, "local-completions", "loramix_mc", tokenizer=str(checkpoint))
+    results = _evaluate(server, tasks, "local-completions", "loramix_mc", tokenizer=str(served_checkpoint))
     assert max(calls) == 4 and sum(calls) == 4 * len(MC_DOCS)  # --batch_size 4: four token-id lists a request
     tok = tiny_tokenizer()
     correct = []
@@ -120,10 +119,10 @@ def test_multiple_choice_with_token_id_batches(served, checkpoint):  # noqa: F81
     assert results["results"]["loramix_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
 
-def test_generate_until_with_batches(served, checkpoint):  # noqa: F811
+def test_generate_until_with_batches(served, served_checkpoint):
     server, tasks, model, calls = served
     calls.clear()
-    results = _evaluate(server, tasks, "local-completions", "loramix_gen", tokenizer=str(checkpoint))
+    results = _evaluate(server, tasks, "local-completions", "loramix_gen", tokenizer=str(served_checkpoint))
     assert max(calls) > 1
     samples = results["samples"]["loramix_gen"]
     assert len(samples) == len(GEN_DOCS)

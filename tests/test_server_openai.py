@@ -5,33 +5,31 @@ of the X-LoRA model's logits on the same tokens."""
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import pytest
 import torch
-from conftest import tiny_tokenizer
-from test_server import CHAT_TEMPLATE, _client, _post, _start, checkpoint  # noqa: F401 - checkpoint: a fixture
+from helpers import (CHAT_TEMPLATE, openai_client, post_json, slow_down_engine, start_server, tiny_tokenizer,
+                     wait_until)
 
 from loramix import XLoraModel
-from loramix.generation import SamplingParams, prompt_logprobs
-from loramix.serving import Engine, GateOptions, QueueFull, Request
+from loramix.generation import prompt_logprobs
 
 MODEL = "tiny-xlora"
 
 
 @pytest.fixture(scope="module")
-def live(checkpoint):  # noqa: F811
-    state, server = _start(checkpoint, max_batch=8, max_queue=16, max_tokens_cap=32)
+def live(served_checkpoint):
+    state, server = start_server(served_checkpoint, max_batch=8, max_queue=16, max_tokens_cap=32)
     yield state, server
     server.stop()
     state.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint):  # noqa: F811
+def model(served_checkpoint):
     """An independent copy of the served model: the reference."""
-    return XLoraModel.from_pretrained(str(checkpoint))
+    return XLoraModel.from_pretrained(str(served_checkpoint))
 
 
 def _distribution(model, ids: list[int], temperature: float = 1.0, **gate) -> torch.Tensor:
@@ -42,7 +40,7 @@ def _distribution(model, ids: list[int], temperature: float = 1.0, **gate) -> to
 
 
 def _complete(server, **body) -> dict:
-    response = _post(server, "/v1/completions", {"model": MODEL, **body})
+    response = post_json(server, "/v1/completions", {"model": MODEL, **body})
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -173,26 +171,6 @@ def test_n_choices_are_separate_rows_with_derived_seeds(live):
     assert greedy[0]["text"] == greedy[1]["text"]
 
 
-def test_a_request_asks_for_its_rows_all_at_once(checkpoint):  # noqa: F811
-    """An engine with room for 2 rows refuses 3 rows of one call whole (nothing queued), takes 2."""
-    model = XLoraModel.from_pretrained(str(checkpoint))
-    engine = Engine(model, tiny_tokenizer(), [2], max_batch=1, max_queue=1)
-    done = threading.Semaphore(0)
-
-    def request():
-        return Request(prompt_ids=[5, 6], params=SamplingParams(max_new_tokens=2), gate=GateOptions(),
-                       emit=lambda e: done.release() if e.finish_reason else None)
-
-    try:
-        with pytest.raises(QueueFull):
-            engine.submit_all([request() for _ in range(3)])
-        assert engine.in_flight == 0 and not engine.waiting
-        engine.submit_all([request() for _ in range(2)])
-        assert done.acquire(timeout=30) and done.acquire(timeout=30)
-    finally:
-        engine.shutdown()
-
-
 # ---- chat and streaming -----------------------------------------------------------------------------------------
 def test_chat_logprobs_in_the_chat_format(live, model):
     _, server = live
@@ -201,7 +179,7 @@ def test_chat_logprobs_in_the_chat_format(live, model):
     tok.chat_template = CHAT_TEMPLATE
     ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
               add_special_tokens=False)["input_ids"]
-    out = _client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0.7,
+    out = openai_client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0.7,
                                                   seed=2, logprobs=True, top_logprobs=2, stop=["never-appears"])
     content = out.choices[0].logprobs.content
     generated = [tok.convert_tokens_to_ids(c.token) for c in content]
@@ -215,12 +193,12 @@ def test_chat_logprobs_in_the_chat_format(live, model):
         assert [t.token for t in entry.top_logprobs] == [tok.decode([k]) for k in tokens.tolist()]
         assert all(abs(t.logprob - v) < 1e-4 for t, v in zip(entry.top_logprobs, values.tolist()))
     # streamed: the same entries, spread over the chunks
-    chunks = list(_client(server).chat.completions.create(
+    chunks = list(openai_client(server).chat.completions.create(
         model=MODEL, messages=messages, max_tokens=6, temperature=0.7, seed=2, logprobs=True, top_logprobs=2,
         stop=["never-appears"], stream=True))
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
-    plain = _client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    plain = openai_client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
     assert plain.choices[0].logprobs is None
 
 
@@ -228,7 +206,7 @@ def test_streamed_completions_carry_the_same_logprobs_and_echo(live):
     _, server = live
     body = {"model": MODEL, "prompt": ["abc", "xy"], "n": 2, "max_tokens": 5, "temperature": 0.9, "seed": 4,
             "echo": True, "logprobs": 1, "stop": ["never-appears-here"]}
-    whole = _post(server, "/v1/completions", body).json()["choices"]
+    whole = post_json(server, "/v1/completions", body).json()["choices"]
     with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
@@ -258,35 +236,33 @@ def test_streamed_completions_carry_the_same_logprobs_and_echo(live):
 ])
 def test_bad_chat_fields_get_400_naming_them(live, body, param):
     _, server = live
-    response = _post(server, "/v1/chat/completions",
+    response = post_json(server, "/v1/chat/completions",
                      {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body})
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 
 
 def test_max_tokens_0_needs_echo(live):
     _, server = live
-    response = _post(server, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 0})
+    response = post_json(server, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 0})
     assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
     out = _complete(server, prompt="ab", max_tokens=0, echo=True)  # no logprobs: the prompt alone
     assert out["choices"][0]["text"] == "ab" and out["choices"][0]["logprobs"] is None
 
 
-def test_a_client_that_hangs_up_frees_every_row_of_its_request(checkpoint, monkeypatch):  # noqa: F811
-    from test_server import _slow_engine, _wait
-
-    state, server = _start(checkpoint, max_batch=4, max_queue=0, max_tokens_cap=64)
-    _slow_engine(state, monkeypatch, 0.1)  # each row would hold its slot for over 6 s
+def test_a_client_that_hangs_up_frees_every_row_of_its_request(served_checkpoint, monkeypatch):
+    state, server = start_server(served_checkpoint, max_batch=4, max_queue=0, max_tokens_cap=64)
+    slow_down_engine(state, monkeypatch, 0.1)  # each row would hold its slot for over 6 s
     body = {"model": MODEL, "prompt": ["busy", "also busy"], "n": 2, "max_tokens": 64, "temperature": 0,
             "stop": ["never-appears-here"]}
     try:
         with pytest.raises(httpx.ReadTimeout):
-            _post(server, "/v1/completions", body, timeout=0.5)
-        assert _wait(lambda: state.engine.in_flight == 0, timeout=2.0) is not None  # all four rows freed
+            post_json(server, "/v1/completions", body, timeout=0.5)
+        assert wait_until(lambda: state.engine.in_flight == 0, timeout=2.0) is not None  # all four rows freed
         with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     break  # one chunk, then hang up
-        assert _wait(lambda: state.engine.in_flight == 0, timeout=2.0) is not None
+        assert wait_until(lambda: state.engine.in_flight == 0, timeout=2.0) is not None
         out = _complete(server, **{**body, "max_tokens": 2})  # all four admitted again, not 429
         assert len(out["choices"]) == 4 and out["usage"]["completion_tokens"] == 8
     finally:

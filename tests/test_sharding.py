@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, make_experts, tiny_base
+from helpers import VOCAB, make_experts, tiny_base
 
 from loramix import XLoraConfig, XLoraModel
 

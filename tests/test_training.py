@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import VOCAB, synthetic_task, tiny_tokenizer, write_jsonl
+from helpers import VOCAB, synthetic_task, tiny_tokenizer, write_jsonl
 from safetensors.torch import load_file
 
 import loramix
@@ -285,6 +285,7 @@ def test_train_expert_verb_writes_a_peft_adapter(workdir, tmp_path):
     ("weight_decay", -0.1, "weight_decay: must be a number >= 0"),
     ("lr", float("inf"), "lr: must be a positive number"),
     ("lr", float("nan"), "lr: must be a positive number"),
+    pytest.param("lr", 10**400, "lr: must be a positive number", id="lr-int-beyond-float-range"),
     ("epochs", float("inf"), "epochs: must be a positive number"),
     ("epochs", float("nan"), "epochs: must be a positive number"),
     ("batch_size", 2.5, "batch_size: must be an integer"),
@@ -314,7 +315,7 @@ def test_a_torn_metrics_line_is_dropped_only_at_the_end(tmp_path):
 def test_gradient_checkpointing_gives_the_gradients_of_the_plain_pass(tmp_path):
     import copy
 
-    from conftest import make_experts, tiny_base
+    from helpers import make_experts, tiny_base
 
     from loramix import XLoraConfig
     from loramix.layers import MixedLoraLinear

@@ -86,19 +86,19 @@ class XLoraConfig:
             if not _ADAPTER_NAME.fullmatch(name) or name in (".", ".."):
                 raise ValueError(f"adapters: expert name {name!r} must be letters, digits, '_', '-', '.' (it names a folder)")
         n = len(self.adapters)
-        _check(self.hidden_size is None or (_is_int(self.hidden_size) and self.hidden_size > 0),
+        _check(self.hidden_size is None or (is_int(self.hidden_size) and self.hidden_size > 0),
                "hidden_size", self.hidden_size, "a positive integer or None")
-        _check(_is_int(self.xlora_depth) and self.xlora_depth >= 1, "xlora_depth", self.xlora_depth, "an integer >= 1")
-        _check(_is_int(self.xlora_size) and self.xlora_size >= 1, "xlora_size", self.xlora_size, "an integer >= 1")
-        _check(_is_num(self.xlora_dropout_p) and 0.0 <= self.xlora_dropout_p < 1.0,
+        _check(is_int(self.xlora_depth) and self.xlora_depth >= 1, "xlora_depth", self.xlora_depth, "an integer >= 1")
+        _check(is_int(self.xlora_size) and self.xlora_size >= 1, "xlora_size", self.xlora_size, "an integer >= 1")
+        _check(is_finite_number(self.xlora_dropout_p) and 0.0 <= self.xlora_dropout_p < 1.0,
                "xlora_dropout_p", self.xlora_dropout_p, "in [0, 1)")
-        _check(_is_num(self.softmax_temperature) and self.softmax_temperature > 0,
+        _check(is_finite_number(self.softmax_temperature) and self.softmax_temperature > 0,
                "softmax_temperature", self.softmax_temperature, "a finite number > 0")
-        _check(self.top_k_lora is None or (_is_int(self.top_k_lora) and 1 <= self.top_k_lora <= n),
+        _check(self.top_k_lora is None or (is_int(self.top_k_lora) and 1 <= self.top_k_lora <= n),
                "top_k_lora", self.top_k_lora, f"None or an integer in 1..{n} (the number of experts)")
-        _check(self.scaling_pass_value is None or _is_num(self.scaling_pass_value),
+        _check(self.scaling_pass_value is None or is_finite_number(self.scaling_pass_value),
                "scaling_pass_value", self.scaling_pass_value, "a finite number or None")
-        _check(_is_num(self.global_scaling_weight), "global_scaling_weight", self.global_scaling_weight, "a finite number")
+        _check(is_finite_number(self.global_scaling_weight), "global_scaling_weight", self.global_scaling_weight, "a finite number")
         for flag in ("enable_softmax", "enable_softmax_topk", "layerwise_scalings", "enable_relu_and_dropout",
                      "use_bias", "use_trainable_adapters"):
             _check(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "true or false")
@@ -161,11 +161,12 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, never a count or a size to us)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
+def is_finite_number(v: Any) -> bool:
     """A finite int or float (not a bool, NaN, an infinity or an int beyond float range)."""
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return False

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import read_json_object
+from .config import is_finite_number, is_int, read_json_object
 from .hub import resolve_file
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -44,7 +44,6 @@ class ExpertModule:
 @dataclass
 class Expert:
     name: str
-    source: str
     config: dict  # adapter_config.json as read, written back unchanged on save
     modules: dict[str, ExpertModule] = field(default_factory=dict)  # base-model module name -> weights
     dtype: torch.dtype = torch.float32  # dtype of the tensors in the file
@@ -92,14 +91,7 @@ def _pattern_value(pattern: dict, module_name: str, default):
 def _check_lora_numbers(config: dict, path: str) -> None:
     """r, lora_alpha and the rank/alpha patterns must be numbers and valid patterns before any weight is read."""
     def is_number(v, positive_int: bool = False) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return False
-        if positive_int:
-            return isinstance(v, int) and v >= 1
-        try:
-            return math.isfinite(float(v))
-        except OverflowError:
-            return False
+        return is_int(v) and v >= 1 if positive_int else is_finite_number(v)
 
     if "r" in config and not is_number(config["r"], positive_int=True):
         raise ValueError(f"{path}: r is {config['r']!r}, expected an integer >= 1")
@@ -159,7 +151,7 @@ def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xl
         pairs.setdefault(m["module"], {})[m["kind"]] = tensor
 
     rank_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    expert = Expert(name=name, source=source, config=config,
+    expert = Expert(name=name, config=config,
                     dtype=next(iter(state.values())).dtype if state else torch.float32)
     for module_name, ab in pairs.items():
         at = f"{where}, module {module_name!r}"

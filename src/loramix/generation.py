@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from .config import is_finite_number, is_int
+
 
 @dataclass
 class SamplingParams:
@@ -52,19 +54,19 @@ class SamplingParams:
         def bad(name, expected):
             raise ValueError(f"{name}: got {getattr(self, name)!r}, expected {expected}")
 
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             bad("max_new_tokens", "an integer >= 0")
-        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+        if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             bad("min_new_tokens", "an integer >= 0")
-        if not _finite(self.temperature) or self.temperature < 0:
+        if not is_finite_number(self.temperature) or self.temperature < 0:
             bad("temperature", "a finite number >= 0")
-        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_finite_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "a number in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "an integer >= 0 (0: off)")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not is_finite_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad("repetition_penalty", "a number > 0")
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             bad("seed", "an integer or None")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -259,7 +261,7 @@ def prompt_logprobs(model, prompt: list[int], *, top: int = 0, temperature: floa
     already run by the caller (`DecodeBatch.prefill(..., keep_prompt_logits=True)` of this prompt alone)."""
     if not prompt:
         raise ValueError("prompt: no tokens")
-    if not _finite(temperature) or temperature <= 0:
+    if not is_finite_number(temperature) or temperature <= 0:
         raise ValueError(f"temperature: got {temperature!r}, expected a finite number > 0")
     ids = torch.tensor([prompt], device=model.device)  # (1, t)
     if logits is None:
@@ -319,7 +321,7 @@ class DecodeBatch:
                  freeze_scalings_after: int | None = None, fold_frozen: bool = False) -> None:
         if fold_frozen and freeze_scalings_after is None:
             raise ValueError("fold_frozen: needs freeze_scalings_after")
-        if freeze_scalings_after is not None and (not _is_int(freeze_scalings_after) or freeze_scalings_after < 0):
+        if freeze_scalings_after is not None and (not is_int(freeze_scalings_after) or freeze_scalings_after < 0):
             raise ValueError(f"freeze_scalings_after: got {freeze_scalings_after!r}, expected an integer >= 0")
         self.model = model
         self.options = (top_k_lora, softmax_temperature, freeze_scalings_after, fold_frozen)
@@ -625,13 +627,3 @@ def context_length(model) -> int | None:
         if isinstance(value, int):
             return value
     return None
-
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-

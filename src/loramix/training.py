@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, truncate_metrics
-from .config import XLoraConfig
+from .config import XLoraConfig, is_finite_number, is_int
 from .data import BatchPlan, DataError, DataFormat, Dataset, collate, load_dataset
 from .compat import enable_activation_checkpointing
 from .distributed import Distributed
@@ -81,19 +81,19 @@ class TrainingArgs:
             optional = name not in ("batch_size", "grad_accum", "logging_steps", "warmup_steps", "seed")
             if value is None and optional:
                 continue
-            if not _is_int(value):
+            if not is_int(value):
                 raise ValueError(f"{name}: must be an integer, got {value!r}")
             least = 0 if name in ("warmup_steps", "seed") else 1
             if value < least:
                 raise ValueError(f"{name}: must be at least {least}, got {value}")
-        if self.epochs is not None and not (_is_number(self.epochs) and 0 < self.epochs < math.inf):
+        if self.epochs is not None and not (is_finite_number(self.epochs) and self.epochs > 0):
             raise ValueError(f"epochs: must be a positive number, got {self.epochs!r}")
-        if not (_is_number(self.lr) and 0 < self.lr < math.inf):
+        if not (is_finite_number(self.lr) and self.lr > 0):
             raise ValueError(f"lr: must be a positive number, got {self.lr!r}")
-        if not (_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):
+        if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay: must be a number >= 0, got {self.weight_decay!r}")
-        if self.max_grad_norm is not None and not (_is_number(self.max_grad_norm)
-                                                   and 0 <= self.max_grad_norm < math.inf):
+        if self.max_grad_norm is not None and not (is_finite_number(self.max_grad_norm)
+                                                   and self.max_grad_norm >= 0):
             raise ValueError(f"max_grad_norm: must be a number >= 0 (0 or None: no clipping), "
                              f"got {self.max_grad_norm!r}")
         if self.lr_scheduler not in ("linear", "cosine", "constant"):
@@ -102,13 +102,6 @@ class TrainingArgs:
             raise ValueError(f"mixed_precision: None, 'bf16' or 'fp16', got {self.mixed_precision!r}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A real number that is not NaN (the callers bound it, which also rules out infinities)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 @dataclass
