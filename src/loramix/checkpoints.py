@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import read_jsonl, write_jsonl
+from .files import read_jsonl, replace_dir, write_jsonl
 
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable.safetensors"
@@ -53,9 +53,7 @@ def save_checkpoint(folder: str, step: int, task, optimizer: torch.optim.Optimiz
             if grad_scaler is not None:  # fp16: the loss scale and its growth counter (numbers only)
                 state["grad_scaler"] = grad_scaler.state_dict()
             json.dump(state, f, indent=2)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)  # an older folder of the same step stays until the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
