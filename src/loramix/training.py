@@ -103,10 +103,22 @@ class RoutingLosses:
     balance_weight: float = 0.0
     entropy_weight: float = 0.0
     routing_weight: float = 0.0
+    routing_anneal_steps: int = 0  # > 0: the routing term's weight falls linearly to 0 over this many steps (a
+    # warm start, then the paper's cross-entropy alone, so the gate may learn to mix where mixing helps)
+
+    def __post_init__(self) -> None:
+        if self.routing_anneal_steps < 0:
+            raise ValueError(f"routing_anneal_steps: must be >= 0, got {self.routing_anneal_steps}")
 
     @property
     def any(self) -> bool:
         return bool(self.balance_weight or self.entropy_weight or self.routing_weight)
+
+    def routing_weight_at(self, step: int) -> float:
+        """The routing term's weight at optimizer step `step` (0-based): constant, or annealed linearly to 0."""
+        if not self.routing_anneal_steps:
+            return self.routing_weight
+        return self.routing_weight * max(0.0, 1.0 - step / self.routing_anneal_steps)
 
 
 # ---- what is trained: an expert or the gate -------------------------------------------------------------------
@@ -149,6 +161,8 @@ class _LanguageModelTask(_ExpertTask):
 
 
 class _GateTask(_Task):
+    step = 0  # the optimizer step being computed (run_training sets it), for the annealed routing weight
+
     def __init__(self, xlora: nn.Module, routing: RoutingLosses) -> None:
         self.model, self.routing = xlora, routing
 
@@ -160,7 +174,7 @@ class _GateTask(_Task):
             aux = routing_losses(out.scalings, batch["attention_mask"], batch["expert"],
                                  self.model.config.enable_softmax)
             for name, weight in (("balance", self.routing.balance_weight), ("entropy", self.routing.entropy_weight),
-                                 ("routing", self.routing.routing_weight)):
+                                 ("routing", self.routing.routing_weight_at(self.step))):
                 if weight and name in aux:
                     loss = loss + weight * aux[name] / n_micro
                     stats[f"{name}_loss"] = aux[name].detach() / n_micro
@@ -172,7 +186,8 @@ class _GateTask(_Task):
 
 def routing_losses(scalings: torch.Tensor, attention_mask: torch.Tensor, expert: torch.Tensor,
                    softmaxed: bool) -> dict[str, torch.Tensor]:
-    """The optional gate terms (see RoutingLosses) over the attended tokens. scalings: (b, t, L, E)."""
+    """The optional gate terms (see RoutingLosses) over the attended tokens. scalings: (b, t, L, E); expert: the
+    routing label of each position (b, t), or one per row (b,) for all its positions; negative: no label."""
     valid = attention_mask.bool()  # (b, t)
     if softmaxed:
         probs = scalings
@@ -185,9 +200,10 @@ def routing_losses(scalings: torch.Tensor, attention_mask: torch.Tensor, expert:
     mean_p = tokens.mean(0)  # (L, E)
     out = {"balance": n_experts * (mean_p ** 2).sum(-1).mean() - 1,
            "entropy": -(tokens * log_probs[valid]).sum(-1).mean()}
-    labelled = valid & (expert >= 0)[:, None]  # (b, t)
+    expert = expert[:, None].expand_as(valid) if expert.dim() == 1 else expert  # (b, t)
+    labelled = valid & (expert >= 0)  # (b, t): per-token labels; unlabelled tokens train on cross-entropy only
     if labelled.any():
-        target = expert[:, None].expand_as(labelled)[labelled]  # (n,)
+        target = expert[labelled]  # (n,)
         picked = log_probs[labelled].gather(-1, target[:, None, None].expand(-1, scalings.shape[2], 1))
         out["routing"] = -picked.mean()
     return out
@@ -303,6 +319,7 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
         extra: dict[str, float] = {}
         for k in range(dist.rank, micro_per_step, dist.world):
             torch.manual_seed(args.seed * 1_000_003 + first + k)  # dropout depends on the position only
+            task.step = step  # (used by the gate's annealed routing weight)
             batch = {key: v.to(task.model_device) for key, v in
                      collate([train.examples[i] for i in batches[k]], pad_id).items()}
             loss, stats = task.loss(batch, n_tokens, micro_per_step)
