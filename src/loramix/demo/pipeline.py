@@ -125,6 +125,7 @@ def _run_demo(out: str, quick: bool, fresh: bool, seed: int, log: Callable[[str]
         log("  the gate trained on cross-entropy alone:")
         ablation = evaluate_xlora(base, paper_gate, data, domains)
         ablation = {k: ablation[k] for k in ("scores", "routing", "mixing")}
+        log("  " + ", ".join(f"{task} {value:.2f}" for task, value in ablation["scores"].items()))
         _write_json(os.path.join(out, "ablation.json"), ablation)
     timings["evaluate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
