@@ -181,3 +181,21 @@ def test_quick_demo_reruns_to_the_same_scores(quick_demo, tmp_path):
     rerun = json.loads((again / "results.json").read_text())
     for key in ("domains", "composed", "routing", "r2", "mixing", "history", "composed_figure"):
         assert rerun[key] == results[key], key
+
+
+def test_the_readme_table_script_rewrites_only_its_block_from_results(quick_demo, tmp_path):
+    from loramix.demo.report import summary_table
+
+    out, results = quick_demo
+    readme = tmp_path / "README.md"
+    start, end = "<!-- demo-table:start (scripts/demo_table.py writes this block) -->", "<!-- demo-table:end -->"
+    readme.write_text(f"# head\n{start}\nold table\n{end}\ntail\n")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "demo_table.py")
+    run = subprocess.run([sys.executable, script, str(out / "results.json"), str(readme)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    text = readme.read_text()
+    assert text.startswith(f"# head\n{start}\n") and text.endswith(f"\n{end}\ntail\n") and "old table" not in text
+    assert summary_table(results) in text
+    assert all(f"{name} {version}" in text for name, version in results["versions"].items())
+    assert set(results["versions"]) == {"loramix", "torch", "transformers", "peft"}
