@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from loramix.demo.domains import (domain_rows, make_domains, material_table, score_exact, score_forward,
-                                  score_inverse, unfolding_force)
+from loramix.demo.domains import (COMPOSED, composed_rows, domain_rows, make_domains, material_table, score_exact,
+                                  score_forward, score_inverse, unfolding_force)
 
 
 def test_the_force_rule_by_hand():
@@ -36,6 +36,25 @@ def test_domains_are_deterministic_and_held_out():
             answer = row["completion"].strip()
             assert domain.score(answer, row["reference"]) == 1.0, (domain.name, row)
     assert material_table(3) == material_table(3) != material_table(4)
+
+
+def test_composed_rows_score_each_part_and_hold_out_materials():
+    table = material_table(3)
+    train, test = composed_rows(3, "train", 40), composed_rows(3, "test")
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in test}) and len(test) == len(table) // 2
+    for row in test:
+        material = row["prompt"].split()[2]
+        sequence = table[material]["sequence"]
+        force = unfolding_force(sequence)
+        assert row["completion"] == f" {sequence} = {force}" and row["reference"] == f"{sequence} {force}"
+        text = row["prompt"] + row["completion"]  # the spans hand over from recall to protein_forward at the force
+        (start, handover, first), (_, end, second) = row["expert"]
+        assert (start, first, second, end) == (0, "recall", "protein_forward", len(text))
+        assert text[handover:] == f" {force}" and text[:handover].endswith(f" {sequence} =")
+        assert COMPOSED.score(row["completion"].strip(), row["reference"]) == 1.0
+        assert COMPOSED.score(f"{sequence} =", row["reference"]) == 0.5  # the recall expert's answer alone
+        assert COMPOSED.score(f"GG = {force + 5}", row["reference"]) == 0.5  # a wrong sequence, a force within 5
+        assert COMPOSED.score(f"{sequence} = {force + 6}", row["reference"]) == 0.5
 
 
 def test_static_merge_is_xlora_with_constant_scalings(tmp_path):

@@ -15,13 +15,22 @@ Protein mechanics uses one fixed rule for the unfolding force of a sequence over
 * logic: two rules and a fact about invented cells and proteins ("zel makes bor . kip makes dun . the cell
   vam has kip . vam makes") -> the protein the fact's rule gives; exact match.
 * recall: "recall <material> <property> =" -> the value in a fixed table of invented materials (stiffness,
-  colour, origin and a residue sequence); exact match.
+  colour, origin and a residue sequence), then " =", which marks where the value ends; exact match of the value.
 
 The composed task needs two experts in one answer, and no expert is trained on it:
 
 * material_force: "fold recall <material> sequence =" -> "<the material's sequence> = <its force>": the
-  sequence is recall's knowledge, the force protein_forward's rule. Half credit for the sequence (exact), half
-  for the force (within 5 pN of the force of the right sequence).
+  sequence (and its end mark " =") is recall's knowledge, the force protein_forward's rule, which reads
+  "fold ... <sequence> =" as in its own prompts. Half credit for the sequence (exact), half for the force (within
+  5 pN of the force of the right sequence).
+
+Why recall's answers end with " =": X-LoRA's gate reads the base model's hidden states, which do not know a
+material's sequence, so without a mark it cannot tell where a recalled sequence (3 to 8 residues) ends and has to
+guess when to hand over to protein_forward (measured in an earlier version: it handed over after about three
+residues and garbled the rest). The mark is written by the recall expert and seen by the gate. It is also the
+text protein_forward expects before a force: an answer may hold only what some expert writes, since the gate
+mixes experts and cannot add a word none of them gives (measured: before the mark, no expert gave " =" a
+probability of 0.01 after a recalled sequence).
 """
 
 from __future__ import annotations
@@ -142,7 +151,7 @@ def make_domains(seed: int) -> list[Domain]:
     def recall(rnd: random.Random) -> tuple[str, str]:
         material, prop = rnd.choice(facts)
         value = table[material][prop]
-        return f"recall {material} {prop} =", value, value
+        return f"recall {material} {prop} =", f"{value} =", value  # " =" marks the value's end (see above)
 
     return [
         Domain("protein_forward", "sequence -> unfolding force (pN), by the rule above", _forward, score_forward, 4),
@@ -198,8 +207,8 @@ def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
     the other, so each expert sees text it knows; no expert is trained on these rows, only the gate, whose rows
     ("train") ask about half of the materials, while the held-out rows ("test") ask about the other half.
 
-    Each row labels its spans: the prompt and the sequence are recall's to write, "= force" protein_forward's
-    (the `expert` field, [start, end, expert] over prompt + completion; see loramix.data.DataFormat)."""
+    Each row labels its spans: the prompt, the sequence and its end mark " =" are recall's to write, the force
+    protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.data.DataFormat)."""
     table = material_table(seed)
     materials = sorted(table)[0 if split == "train" else 1::2]
     if n is not None:
@@ -209,7 +218,7 @@ def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
     for material in materials:
         sequence = table[material]["sequence"]
         force = unfolding_force(sequence)
-        prompt, recalled, computed = f"fold recall {material} sequence =", f" {sequence}", f" = {force}"
+        prompt, recalled, computed = f"fold recall {material} sequence =", f" {sequence} =", f" {force}"
         handover = len(prompt) + len(recalled)
         rows.append({"prompt": prompt, "completion": recalled + computed, "reference": f"{sequence} {force}",
                      "domain": COMPOSED.name,
