@@ -186,7 +186,7 @@ def test_expert_labels_are_optional_per_row_but_must_exist(tmp_path):
             {"prompt": "e", "completion": "f", "task": ""}, {"prompt": "g", "completion": "h", "task": "bio"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     ds = _load([path], DataFormat(expert_field="task"), expert_names=["bio", "math"])
-    assert [e.expert for e in ds.examples] == [1, -1, -1, 0]  # unlabelled rows train with cross-entropy only
+    assert [set(e.routing[:-1]) for e in ds.examples] == [{1}, {-100}, {-100}, {0}]  # unlabelled: cross-entropy only
     unlabelled = write_jsonl(tmp_path / "u.jsonl", rows[1:3])
     with pytest.raises(DataError, match="expert field 'task': no row .* names an expert"):
         _load([unlabelled], DataFormat(expert_field="task"), expert_names=["bio", "math"])
@@ -288,3 +288,56 @@ def test_a_lone_surrogate_is_one_bad_row(tmp_path):  # found by tests/test_data_
     ds = _load([path])
     assert len(ds.examples) == 1 and _reasons(ds) == [
         (f"{path}:1", "the text holds a lone surrogate (e.g. \\ud800), which is not valid Unicode")]
+
+
+# ---- routing labels per token: spans of a prompt/completion row, messages of a chat (issue 15) ------------------
+def _routing_by_token(example) -> list[tuple[str, int]]:
+    """(token text, routing label of the position *before* it): the expert that should write each token."""
+    tok = tiny_tokenizer()
+    return [(tok.decode([i]), r) for i, r in zip(example.input_ids[1:], example.routing[:-1])]
+
+
+def test_expert_spans_label_the_tokens_they_cover_and_leave_the_rest_unlabelled(tmp_path):
+    # prompt + completion = "fold ab = xy = 7": "xy" is expert 0's to write, " = 7" expert 1's, the prompt nobody's
+    row = {"prompt": "fold ab =", "completion": " xy = 7", "task": [[9, 12, "recall"], [12, 16, "forward"]]}
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    (example,) = _load([path], DataFormat(expert_field="task"), expert_names=["recall", "forward"]).examples
+    tok = tiny_tokenizer()
+    assert tok.decode(example.input_ids, skip_special_tokens=False) == "fold ab = xy = 7</s>"  # cut, not changed
+    written = _routing_by_token(example)
+    assert "".join(t for t, r in written if r == 0) == " xy"
+    assert "".join(t for t, r in written if r == 1) == " = 7</s>"
+    assert "".join(t for t, r in written if r == -100) == "old ab ="  # (the first token is nobody's to write)
+    assert example.routing[-1] == -100  # the last position predicts nothing
+    assert _trained_text(example) == " xy = 7</s>"  # the loss mask is the completion's, spans or not
+
+
+def test_expert_spans_that_are_malformed_name_the_field(tmp_path):
+    rows = [{"prompt": "ab", "completion": " c", "task": [[0, 9, "recall"]]},
+            {"prompt": "ab", "completion": " c", "task": [[0, 2, "recall"], [1, 3, "recall"]]},
+            {"prompt": "ab", "completion": " c", "task": [[0, 2, "chem"]]},
+            {"prompt": "ab", "completion": " c", "task": [[0, 2, "recall"]]}]
+    ds = _load([write_jsonl(tmp_path / "d.jsonl", rows)], DataFormat(expert_field="task"), expert_names=["recall"])
+    assert [b.reason.split(":")[0].split("=")[0] for b in ds.bad_rows] == ["task", "task", "task"]
+    assert "0 <= start < end <= 4" in ds.bad_rows[0].reason and "overlap" in ds.bad_rows[1].reason
+    assert "'chem' is not one of the experts" in ds.bad_rows[2].reason and len(ds.examples) == 1
+
+
+def test_chat_messages_carry_their_own_expert_label(tmp_path):
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}|{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "expert": "a"},
+            {"role": "user", "content": "bye", "expert": "b"}, {"role": "assistant", "content": "ciao"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": chat}, {"messages": [dict(m, expert=None) for m in chat]}])
+    labelled, plain = load_dataset([path], tok, DataFormat(messages_field="messages"), expert_names=["a", "b"],
+                                   log=_quiet).examples
+    assert tok.decode(labelled.input_ids) == tok.decode(plain.input_ids)
+    written = _routing_by_token(labelled)
+    assert "".join(t for t, r in written if r == 0) == "<assistant>hello|"  # the lead-in goes with its turn
+    assert "".join(t for t, r in written if r == 1) == "<user>bye|"
+    assert "".join(t for t, r in written if r == -100) == "user>hi|<assistant>ciao|"
+    assert set(plain.routing) == {-100}  # an unlabelled chat trains on cross-entropy only
+    assert labelled.labels == plain.labels  # and the loss mask does not depend on the labels
+    batch = collate([labelled, plain], pad_id=0)
+    assert batch["expert"].tolist()[0] == labelled.routing and batch["expert"].shape == batch["input_ids"].shape

@@ -7,8 +7,8 @@ import torch
 from helpers import VOCAB, tiny_base
 
 from loramix import model as model_module
-from loramix.losses import (balance_loss, causal_lm_loss, entropy_loss, routing_log_probs, routing_loss,
-                            routing_losses, shift_labels)
+from loramix.losses import (RoutingLosses, balance_loss, causal_lm_loss, entropy_loss, routing_log_probs,
+                            routing_loss, routing_losses, shift_labels)
 
 
 def test_causal_lm_loss_equals_the_loss_transformers_computes():
@@ -59,3 +59,26 @@ def test_raw_scalings_are_softmaxed_and_unlabelled_batches_take_no_routing_loss(
     assert float(balance_loss(uniform)) == pytest.approx(0.0, abs=1e-6)
     assert float(balance_loss(collapsed)) == pytest.approx(2.0)
     assert float(entropy_loss(uniform, uniform.log())) == pytest.approx(torch.log(torch.tensor(3.0)).item())
+
+
+# ---- routing labels per token and the annealed routing term (issue 15) -------------------------------------------
+def test_routing_loss_takes_a_label_per_token():
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(2, 3, 4, 2), -1)  # (b, t, L, E)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    expert = torch.tensor([[0, 1, 1], [-100, 1, 0]])  # the padded position's label and -100 are ignored
+    out = routing_losses(probs, mask, expert, softmaxed=True)
+    picked = [probs[0, 0, :, 0], probs[0, 1, :, 1], probs[1, 1, :, 1], probs[1, 2, :, 0]]  # each (L,)
+    assert torch.allclose(out["routing"], -torch.stack(picked).log().mean())
+    row_labels = routing_losses(probs, mask, torch.tensor([1, -1]), softmaxed=True)["routing"]
+    assert torch.allclose(row_labels, routing_losses(probs, mask, torch.tensor([[1, 1, 1], [-1, -1, -1]]),
+                                                     softmaxed=True)["routing"])  # a row label = all its tokens
+    assert "routing" not in routing_losses(probs, mask, torch.full((2, 3), -100), softmaxed=True)
+
+
+def test_the_routing_weight_anneals_linearly_to_zero():
+    annealed = RoutingLosses(routing_weight=2.0, routing_anneal_steps=4)
+    assert [annealed.routing_weight_at(s) for s in range(6)] == [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]
+    assert RoutingLosses(routing_weight=2.0).routing_weight_at(1000) == 2.0
+    with pytest.raises(ValueError, match="routing_anneal_steps: must be >= 0"):
+        RoutingLosses(routing_anneal_steps=-1)

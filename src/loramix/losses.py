@@ -7,7 +7,9 @@ is its own function over the scalings of the attended tokens, so that one can be
             E - 1 when every token goes to one expert (against collapse onto one expert);
 * entropy   the mean per-token entropy of the scalings (a positive weight sharpens the routing, a negative one
             spreads it);
-* routing   cross-entropy of the scalings against the expert that a row names, to warm-start the gate.
+* routing   cross-entropy of the scalings against the expert labelled for each position (a row's one label,
+            or per span / per chat message), to warm-start the gate; optionally annealed to 0 over training
+            (`routing_anneal_steps`), after which the paper's cross-entropy alone shapes the routing.
 """
 
 from __future__ import annotations
@@ -42,10 +44,21 @@ class RoutingLosses:
     balance_weight: float = 0.0
     entropy_weight: float = 0.0
     routing_weight: float = 0.0
+    routing_anneal_steps: int = 0  # > 0: the routing weight falls linearly to 0 over this many optimizer steps
+
+    def __post_init__(self) -> None:
+        if self.routing_anneal_steps < 0:
+            raise ValueError(f"routing_anneal_steps: must be >= 0, got {self.routing_anneal_steps}")
 
     @property
     def any(self) -> bool:
         return bool(self.balance_weight or self.entropy_weight or self.routing_weight)
+
+    def routing_weight_at(self, step: int) -> float:
+        """The routing term's weight at optimizer step `step` (0-based): constant, or annealed linearly to 0."""
+        if not self.routing_anneal_steps:
+            return self.routing_weight
+        return self.routing_weight * max(0.0, 1.0 - step / self.routing_anneal_steps)
 
 
 def routing_log_probs(scalings: torch.Tensor, softmaxed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,14 +84,16 @@ def entropy_loss(token_probs: torch.Tensor, token_log_probs: torch.Tensor) -> to
 
 
 def routing_loss(log_probs: torch.Tensor, valid: torch.Tensor, expert: torch.Tensor) -> torch.Tensor | None:
-    """Supervised routing: mean over the attended tokens of labelled rows (and over layers) of -log p[expert].
+    """Supervised routing: mean over the attended, labelled positions (and over layers) of -log p[expert].
 
-    log_probs: (b, t, L, E); valid: (b, t) attended tokens; expert: (b,) the expert index each row names, -1 for an
-    unlabelled row. None when no row in the batch is labelled."""
-    labelled = valid & (expert >= 0)[:, None]  # (b, t)
+    log_probs: (b, t, L, E); valid: (b, t) attended tokens; expert: (b, t) the expert labelled for each position
+    (the one that should write the next token), or (b,) one label for all of a row's positions; negative: no
+    label (those positions train on cross-entropy only). None when nothing in the batch is labelled."""
+    expert = expert[:, None].expand_as(valid) if expert.dim() == 1 else expert  # (b, t)
+    labelled = valid & (expert >= 0)  # (b, t)
     if not labelled.any():
         return None
-    target = expert[:, None].expand_as(labelled)[labelled]  # (n,)
+    target = expert[labelled]  # (n,)
     n_lora_layers = log_probs.shape[2]
     picked = log_probs[labelled].gather(-1, target[:, None, None].expand(-1, n_lora_layers, 1))  # (n, L, 1)
     return -picked.mean()
@@ -87,7 +102,7 @@ def routing_loss(log_probs: torch.Tensor, valid: torch.Tensor, expert: torch.Ten
 def routing_losses(scalings: torch.Tensor, attention_mask: torch.Tensor, expert: torch.Tensor,
                    softmaxed: bool) -> dict[str, torch.Tensor]:
     """The gate terms over the attended tokens: {"balance", "entropy"} and "routing" when a row is labelled.
-    scalings: (b, t, L, E); attention_mask: (b, t); expert: (b,)."""
+    scalings: (b, t, L, E); attention_mask: (b, t); expert: (b, t) per-position labels or (b,) per row."""
     valid = attention_mask.bool()  # (b, t)
     probs, log_probs = routing_log_probs(scalings, softmaxed)
     out = {"balance": balance_loss(probs[valid]), "entropy": entropy_loss(probs[valid], log_probs[valid])}

@@ -158,6 +158,8 @@ class _LanguageModelTask(_ExpertTask):
 
 
 class _GateTask(_Task):
+    step = 0  # the optimizer step being computed (run_training sets it), for the annealed routing weight
+
     def __init__(self, xlora: nn.Module, routing: RoutingLosses) -> None:
         self.model, self.routing = xlora, routing
 
@@ -169,7 +171,7 @@ class _GateTask(_Task):
             aux = routing_losses(out.scalings, batch["attention_mask"], batch["expert"],
                                  self.model.config.enable_softmax)
             for name, weight in (("balance", self.routing.balance_weight), ("entropy", self.routing.entropy_weight),
-                                 ("routing", self.routing.routing_weight)):
+                                 ("routing", self.routing.routing_weight_at(self.step))):
                 if weight and name in aux:
                     loss = loss + weight * aux[name] / n_micro
                     stats[f"{name}_loss"] = aux[name].detach() / n_micro
@@ -297,6 +299,7 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
         extra: dict[str, float] = {}
         for k in range(dist.rank, micro_per_step, dist.world):
             torch.manual_seed(args.seed * 1_000_003 + first + k)  # dropout depends on the position only
+            task.step = step  # (used by the gate's annealed routing weight)
             batch = {key: v.to(task.model_device) for key, v in
                      collate([train.examples[i] for i in batches[k]], pad_id).items()}
             with precision.autocast():
