@@ -256,8 +256,10 @@ def test_lists_and_objects_are_bad_rows_numbers_and_booleans_keep_their_text(tmp
     assert _reasons(_load([listed], template)) == [(f"{listed}:1", "field 'a' is a list, expected text")]
     expert = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a", "completion": "b", "task": ["bio"]},
                                                 {"prompt": "a", "completion": "b", "task": "bio"}])
+    # the expert field may hold a list, of [start, end, expert] spans (issue 15); any other list is a bad row
     assert _reasons(_load([expert], DataFormat(expert_field="task"), expert_names=["bio"])) == [
-        (f"{expert}:1", "field 'task' is a list, expected text")]
+        (f"{expert}:1", "task: a span must be [start, end, expert] with 0 <= start < end <= 2 (characters of "
+                        "prompt + completion), got 'bio'")]
 
 
 def test_a_csv_field_over_the_csv_modules_default_limit_is_one_long_row(tmp_path):
