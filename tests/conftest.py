@@ -1,148 +1,23 @@
-"""Tiny random models and PEFT experts built on the spot: no network, no downloads."""
+"""Fixtures the tests share; the builders they use live in helpers.py."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-VOCAB = 97
-
-
-def tiny_base(arch: str = "llama", seed: int = 0):
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                           pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    else:
-        raise ValueError(arch)
-    return model.eval()
-
-
-# (rank, alpha, target modules, extra LoraConfig fields): experts deliberately unlike each other
-EXPERT_SPECS = {
-    "llama": [
-        (4, 8, ["q_proj", "v_proj"], {}),
-        (8, 16, ["q_proj", "k_proj", "down_proj", "embed_tokens"], {"use_rslora": True}),
-        (6, 4, ["o_proj", "gate_proj", "up_proj", "v_proj"],
-         {"rank_pattern": {"up_proj": 2}, "alpha_pattern": {"o_proj": 12}}),
-    ],
-    "gpt2": [
-        (4, 8, ["c_attn"], {}),
-        (8, 16, ["c_attn", "c_fc", "c_proj"], {}),
-        (2, 4, ["c_proj", "wte"], {"use_rslora": True}),
-    ],
-}
-EXPERT_SPECS["mistral"] = EXPERT_SPECS["qwen2"] = EXPERT_SPECS["llama"]
-
-
-def make_experts(base, arch: str, folder, n: int | None = None) -> dict[str, str]:
-    """Save PEFT LoRA adapters with random (non-zero) A and B for `base`; returns name -> folder."""
-    specs = EXPERT_SPECS[arch][: n or None]
-    adapters = {}
-    for i, (r, alpha, targets, extra) in enumerate(specs):
-        torch.manual_seed(100 + i)
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                              init_lora_weights=False, **extra))
-        with torch.no_grad():  # make the updates large enough to move the logits visibly
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.mul_(3.0)
-        path = folder / f"expert_{i}"
-        model.save_pretrained(str(path))
-        adapters[f"expert_{i}"] = str(path)
-    return adapters
+# make_experts and tiny_base are re-exported only for test modules on other branches that still write
+# `from conftest import ...` (test_demo.py, test_fast_decode.py); new code imports them from helpers
+from helpers import VOCAB, make_experts, save_served_checkpoint, tiny_base  # noqa: F401
 
 
 @pytest.fixture
 def ids():
+    """Two rows of nine random token ids (no special ids)."""
     torch.manual_seed(7)
     return torch.randint(3, VOCAB, (2, 9))
 
 
-def peft_reference(base, adapters: dict[str, str], ours, **config):
-    """PEFT's XLoraModel on a copy of `base` with the same experts and our classifier's weights."""
-    from peft import XLoraConfig as PeftXLoraConfig
-
-    base = copy.deepcopy(base)
-    base.config.use_cache = False  # PEFT refuses the KV cache
-    # PEFT's X-LoRA only works with experts named "0", "1", ... (it loads them under those names)
-    peft_adapters = {str(i): path for i, path in enumerate(adapters.values())}
-    model = get_peft_model(base, PeftXLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size,
-                                                  adapters=peft_adapters, **config))
-    model.eval()
-    linears = [m for m in model.base_model.internal_xlora_classifier.layers if isinstance(m, torch.nn.Linear)]
-    mine = ours.classifier.hidden_linears() + [ours.classifier.last]
-    assert len(linears) == len(mine)
-    with torch.no_grad():
-        for theirs, own in zip(linears, mine):
-            theirs.weight.copy_(own.weight)
-            theirs.bias.copy_(own.bias)
-    return model
-
-
-def tiny_tokenizer():
-    """A character-level fast tokenizer over the tiny vocabulary (ids 0-2 special), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(c) for c in range(32, 32 + VOCAB - 3)]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-def save_tiny_model(folder, arch: str = "llama", seed: int = 0, hidden_size: int = 32) -> str:
-    """A tiny random base model with the char-level tokenizer, saved as a Hugging Face folder."""
-    base = tiny_base(arch, seed)
-    if hidden_size != 32:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(seed)
-        cfg = base.config.to_dict()
-        cfg.update(hidden_size=hidden_size, intermediate_size=2 * hidden_size)
-        base = LlamaForCausalLM(LlamaConfig(**cfg))
-    base.save_pretrained(str(folder))
-    tiny_tokenizer().save_pretrained(str(folder))
-    return str(folder)
-
-
-def write_jsonl(path, rows) -> str:
-    import json
-
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return str(path)
-
-
-def synthetic_task(name: str, n: int, seed: int) -> list[dict]:
-    """Two tasks a tiny model tells apart: 'rev' reverses lowercase words, 'sum' adds digit strings."""
-    import random
-
-    rnd = random.Random(f"{name}-{seed}")
-    rows = []
-    for _ in range(n):
-        if name == "rev":
-            word = "".join(rnd.choice("abcdefgh") for _ in range(rnd.randint(3, 6)))
-            rows.append({"prompt": f"r {word}=", "completion": word[::-1], "task": "rev"})
-        else:
-            a, b = rnd.randint(10, 99), rnd.randint(10, 99)
-            rows.append({"prompt": f"s {a}+{b}=", "completion": str(a + b), "task": "sum"})
-    return rows
+@pytest.fixture(scope="module")
+def served_checkpoint(tmp_path_factory):
+    """A saved X-LoRA checkpoint with a chat template, for the server tests (one per test module)."""
+    return save_served_checkpoint(tmp_path_factory.mktemp("served"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_experts, tiny_base, tiny_tokenizer
+from helpers import make_experts, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.analysis import ScalingsLog, analyze, plot_history, plot_scalings, scalings_of_ids

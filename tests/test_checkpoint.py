@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_experts, peft_reference, tiny_base
+from helpers import make_experts, peft_reference, tiny_base
 from safetensors.torch import load_file, save_file
 
 from loramix import XLoraConfig, XLoraModel

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_tokenizer, write_jsonl
+from helpers import tiny_tokenizer, write_jsonl
 
 from loramix.data import BatchPlan, DataError, DataFormat, collate, load_dataset, read_rows
 
@@ -186,10 +186,160 @@ def test_expert_labels_are_optional_per_row_but_must_exist(tmp_path):
             {"prompt": "e", "completion": "f", "task": ""}, {"prompt": "g", "completion": "h", "task": "bio"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     ds = _load([path], DataFormat(expert_field="task"), expert_names=["bio", "math"])
-    assert [e.expert for e in ds.examples] == [1, -1, -1, 0]  # unlabelled rows train with cross-entropy only
+    assert [set(e.routing[:-1]) for e in ds.examples] == [{1}, {-100}, {-100}, {0}]  # unlabelled: cross-entropy only
     unlabelled = write_jsonl(tmp_path / "u.jsonl", rows[1:3])
     with pytest.raises(DataError, match="expert field 'task': no row .* names an expert"):
         _load([unlabelled], DataFormat(expert_field="task"), expert_names=["bio", "math"])
     bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "a", "completion": "b", "task": "chem"}] + rows[:1])
     assert [b.reason for b in _load([bad], DataFormat(expert_field="task"), expert_names=["bio", "math"]).bad_rows] \
         == ["task='chem' is not one of the experts ['bio', 'math']"]
+
+
+# ---- defects of issue 10: each row-level fault is one bad row, never an aborted load ------------------------------
+def _reasons(ds):
+    return [(b.source, b.reason) for b in ds.bad_rows]
+
+
+def test_a_deeply_nested_jsonl_line_is_one_bad_row(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
+    with open(path, "a") as f:
+        f.write("[" * 100_000 + "]" * 100_000 + "\n")
+        f.write('{"prompt": "c", "completion": "d"}\n')
+    ds = _load([path])
+    assert len(ds.examples) == 2 and _reasons(ds) == [(f"{path}:2", "JSON nested too deeply")]
+    with pytest.raises(DataError, match=f"{path}:2: JSON nested too deeply"):
+        _load([path], DataFormat(strict=True))
+    whole = tmp_path / "d.json"
+    whole.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=f"{whole}: JSON nested too deeply"):
+        _load([whole])
+
+
+def test_a_chat_row_whose_template_raises_is_one_bad_row(tmp_path):
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('no boom here') }}"
+                         "{% endif %}<{{ m.role }}>{{ m.content }}|{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    bad = [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "hello"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": good}, {"messages": bad}, {"messages": good}])
+    ds = load_dataset([path], tok, DataFormat(messages_field="messages"), log=_quiet)
+    assert len(ds.examples) == 2
+    assert _reasons(ds) == [(f"{path}:2", "the chat template failed: TemplateError: no boom here")]
+
+
+def test_a_utf8_bom_is_not_part_of_the_data(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
+    reference = [e.input_ids for e in _load([write_jsonl(tmp_path / "plain.jsonl", rows)]).examples]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + "prompt,completion\n".encode()
+                                       + "".join(f"{r['prompt']},{r['completion']}\n" for r in rows).encode())
+    for name in ("bom.jsonl", "bom.json", "bom.csv"):
+        ds = _load([tmp_path / name])
+        assert [e.input_ids for e in ds.examples] == reference and not ds.bad_rows, name
+
+
+def test_lists_and_objects_are_bad_rows_numbers_and_booleans_keep_their_text(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": ["a", "b"], "completion": "c"},
+                                              {"prompt": "a", "completion": {"x": 1}},
+                                              {"prompt": "a", "completion": True}])
+    with open(path, "a") as f:
+        f.write('{"prompt": 1e5, "completion": -0.10}\n')
+    ds = _load([path])
+    assert _reasons(ds) == [(f"{path}:1", "field 'prompt' is a list, expected text"),
+                            (f"{path}:2", "field 'completion' is an object, expected text")]
+    assert [tiny_tokenizer().decode(e.input_ids) for e in ds.examples] == ["atrue</s>", "1e5-0.10</s>"]
+    template = DataFormat(prompt_template="{q}", completion_template="{a}")
+    listed = write_jsonl(tmp_path / "t.jsonl", [{"q": "x", "a": [1]}, {"q": "x", "a": "y"}])
+    assert _reasons(_load([listed], template)) == [(f"{listed}:1", "field 'a' is a list, expected text")]
+    expert = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a", "completion": "b", "task": ["bio"]},
+                                                {"prompt": "a", "completion": "b", "task": "bio"}])
+    # the expert field may hold a list, of [start, end, expert] spans (issue 15); any other list is a bad row
+    assert _reasons(_load([expert], DataFormat(expert_field="task"), expert_names=["bio"])) == [
+        (f"{expert}:1", "task: a span must be [start, end, expert] with 0 <= start < end <= 2 (characters of "
+                        "prompt + completion), got 'bio'")]
+
+
+def test_a_csv_field_over_the_csv_modules_default_limit_is_one_long_row(tmp_path):
+    import csv as csv_module
+
+    limit = csv_module.field_size_limit()
+    path = tmp_path / "d.csv"
+    with open(path, "w", newline="") as f:
+        w = csv_module.writer(f)
+        w.writerows([["prompt", "completion"], ["a", "b"], ["a", "x" * 200_000], ["c", "d"]])
+    ds = _load([path])
+    assert len(ds.examples) == 2
+    assert _reasons(ds) == [(f"{path}:3", "200002 tokens, over max_length 512")]
+    assert csv_module.field_size_limit() == limit  # the process-wide setting is left as it was
+
+
+def test_a_line_that_is_not_utf8_is_one_bad_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n'
+                     b'{"prompt": "c", "completion": "d"}\n')
+    ds = _load([path])
+    assert len(ds.examples) == 2 and _reasons(ds) == [(f"{path}:2", "not valid UTF-8")]
+
+
+def test_a_lone_surrogate_is_one_bad_row(tmp_path):  # found by tests/test_data_fuzz.py
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a\\ud800", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
+    ds = _load([path])
+    assert len(ds.examples) == 1 and _reasons(ds) == [
+        (f"{path}:1", "the text holds a lone surrogate (e.g. \\ud800), which is not valid Unicode")]
+
+
+# ---- routing labels per token: spans of a prompt/completion row, messages of a chat (issue 15) ------------------
+def _routing_by_token(example) -> list[tuple[str, int]]:
+    """(token text, routing label of the position *before* it): the expert that should write each token."""
+    tok = tiny_tokenizer()
+    return [(tok.decode([i]), r) for i, r in zip(example.input_ids[1:], example.routing[:-1])]
+
+
+def test_expert_spans_label_the_tokens_they_cover_and_leave_the_rest_unlabelled(tmp_path):
+    # prompt + completion = "fold ab = xy = 7": "xy" is expert 0's to write, " = 7" expert 1's, the prompt nobody's
+    row = {"prompt": "fold ab =", "completion": " xy = 7", "task": [[9, 12, "recall"], [12, 16, "forward"]]}
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    (example,) = _load([path], DataFormat(expert_field="task"), expert_names=["recall", "forward"]).examples
+    tok = tiny_tokenizer()
+    assert tok.decode(example.input_ids, skip_special_tokens=False) == "fold ab = xy = 7</s>"  # cut, not changed
+    written = _routing_by_token(example)
+    assert "".join(t for t, r in written if r == 0) == " xy"
+    assert "".join(t for t, r in written if r == 1) == " = 7</s>"
+    assert "".join(t for t, r in written if r == -100) == "old ab ="  # (the first token is nobody's to write)
+    assert example.routing[-1] == -100  # the last position predicts nothing
+    assert _trained_text(example) == " xy = 7</s>"  # the loss mask is the completion's, spans or not
+
+
+def test_expert_spans_that_are_malformed_name_the_field(tmp_path):
+    rows = [{"prompt": "ab", "completion": " c", "task": [[0, 9, "recall"]]},
+            {"prompt": "ab", "completion": " c", "task": [[0, 2, "recall"], [1, 3, "recall"]]},
+            {"prompt": "ab", "completion": " c", "task": [[0, 2, "chem"]]},
+            {"prompt": "ab", "completion": " c", "task": [[0, 2, "recall"]]}]
+    ds = _load([write_jsonl(tmp_path / "d.jsonl", rows)], DataFormat(expert_field="task"), expert_names=["recall"])
+    assert [b.reason.split(":")[0].split("=")[0] for b in ds.bad_rows] == ["task", "task", "task"]
+    assert "0 <= start < end <= 4" in ds.bad_rows[0].reason and "overlap" in ds.bad_rows[1].reason
+    assert "'chem' is not one of the experts" in ds.bad_rows[2].reason and len(ds.examples) == 1
+
+
+def test_chat_messages_carry_their_own_expert_label(tmp_path):
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}|{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "expert": "a"},
+            {"role": "user", "content": "bye", "expert": "b"}, {"role": "assistant", "content": "ciao"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": chat}, {"messages": [dict(m, expert=None) for m in chat]}])
+    labelled, plain = load_dataset([path], tok, DataFormat(messages_field="messages"), expert_names=["a", "b"],
+                                   log=_quiet).examples
+    assert tok.decode(labelled.input_ids) == tok.decode(plain.input_ids)
+    written = _routing_by_token(labelled)
+    assert "".join(t for t, r in written if r == 0) == "<assistant>hello|"  # the lead-in goes with its turn
+    assert "".join(t for t, r in written if r == 1) == "<user>bye|"
+    assert "".join(t for t, r in written if r == -100) == "user>hi|<assistant>ciao|"
+    assert set(plain.routing) == {-100}  # an unlabelled chat trains on cross-entropy only
+    assert labelled.labels == plain.labels  # and the loss mask does not depend on the labels
+    batch = collate([labelled, plain], pad_id=0)
+    assert batch["expert"].tolist()[0] == labelled.routing and batch["expert"].shape == batch["input_ids"].shape

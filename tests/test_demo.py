@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from loramix.demo.domains import (domain_rows, make_domains, material_table, score_exact, score_forward,
-                                  score_inverse, unfolding_force)
+from loramix.demo.domains import (COMPOSED, composed_rows, domain_rows, make_domains, material_table, score_exact,
+                                  score_forward, score_inverse, unfolding_force)
 
 
 def test_the_force_rule_by_hand():
@@ -34,6 +36,25 @@ def test_domains_are_deterministic_and_held_out():
             answer = row["completion"].strip()
             assert domain.score(answer, row["reference"]) == 1.0, (domain.name, row)
     assert material_table(3) == material_table(3) != material_table(4)
+
+
+def test_composed_rows_score_each_part_and_hold_out_materials():
+    table = material_table(3)
+    train, test = composed_rows(3, "train", 40), composed_rows(3, "test")
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in test}) and len(test) == len(table) // 2
+    for row in test:
+        material = row["prompt"].split()[2]
+        sequence = table[material]["sequence"]
+        force = unfolding_force(sequence)
+        assert row["completion"] == f" {sequence} = {force}" and row["reference"] == f"{sequence} {force}"
+        text = row["prompt"] + row["completion"]  # the spans hand over from recall to protein_forward at the force
+        (start, handover, first), (_, end, second) = row["expert"]
+        assert (start, first, second, end) == (0, "recall", "protein_forward", len(text))
+        assert text[handover:] == f" {force}" and text[:handover].endswith(f" {sequence} =")
+        assert COMPOSED.score(row["completion"].strip(), row["reference"]) == 1.0
+        assert COMPOSED.score(f"{sequence} =", row["reference"]) == 0.5  # the recall expert's answer alone
+        assert COMPOSED.score(f"GG = {force + 5}", row["reference"]) == 0.5  # a wrong sequence, a force within 5
+        assert COMPOSED.score(f"{sequence} = {force + 6}", row["reference"]) == 0.5
 
 
 def test_static_merge_is_xlora_with_constant_scalings(tmp_path):
@@ -77,7 +98,12 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_writes_every_file_with_the_documented_schema(quick_demo):
     out, results = quick_demo
     names = [d.name for d in make_domains(0)]
-    assert set(results) == {"domains", "routing", "seconds", "quick"} and results["quick"] is True
+    assert set(results) == {"domains", "composed", "routing", "r2", "mixing", "history", "composed_figure",
+                            "seconds", "cpu_seconds", "cpus", "quick", "seed", "versions"} and results["quick"] is True
+    assert set(results["composed"]) == {"material_force"}
+    assert set(results["composed"]["material_force"]) == {"base", "experts", "static_merge", "xlora"}
+    assert set(results["r2"]["protein_forward"]["experts"]) == set(names)
+    assert results["history"]["turns"] == 5
     for domain in names:
         row = results["domains"][domain]
         assert set(row) == {"base", "experts", "static_merge", "xlora"}
@@ -88,7 +114,8 @@ def test_quick_demo_writes_every_file_with_the_documented_schema(quick_demo):
     for domain in names:
         figure = out / "figures" / f"scalings_{domain}.png"
         assert figure.read_bytes()[:4] == b"\x89PNG" and f"figures/scalings_{domain}.png" in report
-    assert (out / "figures" / "history.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("history", "composed_history", "composed_scalings"):
+        assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and f"figures/{name}.png" in report
     assert "| **mean** |" in report and "How this compares to the paper" in report
 
 
@@ -140,3 +167,54 @@ def test_demo_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(target)]) == 2
     assert f"--out {target}: exists and is not a folder" in capsys.readouterr().err
     assert target.read_text() == "keep me"
+
+
+# ---- reproducibility: the same seed gives the same results, whatever the process's hash seed -----------------------
+def _run(args: list[str], hash_seed: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    return subprocess.run([sys.executable, "-m", "loramix.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_demo_data_does_not_depend_on_the_hash_seed(tmp_path):
+    """The logic domain once drew its names from a set, whose order follows PYTHONHASHSEED: two runs with the
+    same --seed trained on different data, and the whole table changed."""
+    code = ("import sys; from loramix.demo.pipeline import _make_data, SCALES; from loramix.demo.domains import "
+            "make_domains; _make_data(sys.argv[1], make_domains(0), dict(SCALES['quick'], train_rows=60), 0)")
+    files = {}
+    for hash_seed in ("1", "2"):
+        folder = tmp_path / hash_seed
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", code, str(folder)], env=env, check=True, timeout=120)
+        files[hash_seed] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    assert files["1"].keys() == files["2"].keys() and "logic_train.jsonl" in files["1"]
+    assert files["1"] == files["2"]
+
+
+def test_quick_demo_reruns_to_the_same_scores(quick_demo, tmp_path):
+    """A second quick run from scratch, in a process with another hash seed, writes the same scores."""
+    _, results = quick_demo
+    again = tmp_path / "again"
+    run = _run(["demo", "--quick", "--out", str(again), "--no-progress"], hash_seed="12345")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rerun = json.loads((again / "results.json").read_text())
+    for key in ("domains", "composed", "routing", "r2", "mixing", "history", "composed_figure"):
+        assert rerun[key] == results[key], key
+
+
+def test_the_readme_table_script_rewrites_only_its_block_from_results(quick_demo, tmp_path):
+    from loramix.demo.report import summary_table
+
+    out, results = quick_demo
+    readme = tmp_path / "README.md"
+    start, end = "<!-- demo-table:start (scripts/demo_table.py writes this block) -->", "<!-- demo-table:end -->"
+    readme.write_text(f"# head\n{start}\nold table\n{end}\ntail\n")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "demo_table.py")
+    run = subprocess.run([sys.executable, script, str(out / "results.json"), str(readme)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    text = readme.read_text()
+    assert text.startswith(f"# head\n{start}\n") and text.endswith(f"\n{end}\ntail\n") and "old table" not in text
+    assert summary_table(results) in text
+    assert all(f"{name} {version}" in text for name, version in results["versions"].items())
+    assert set(results["versions"]) == {"loramix", "torch", "transformers", "peft"}

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_experts, tiny_base
+from helpers import make_experts, tiny_base
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -86,3 +86,63 @@ def test_rank_and_alpha_patterns_give_per_module_scales(tmp_path):
     q = layers["model.layers.0.self_attn.q_proj"]  # expert_0 rank 4 alpha 8; expert_1 rank 8 alpha 16 rsLoRA
     assert q.expert_of_rank.tolist() == [0] * 4 + [1] * 8
     assert torch.allclose(q.scale_of_rank, torch.tensor([2.0] * 4 + [16 / 8 ** 0.5] * 8))
+
+
+def _one_expert(tmp_path):
+    base = tiny_base("llama")
+    adapters = make_experts(base, "llama", tmp_path, n=1)
+    return base, adapters, os.path.join(adapters["expert_0"], "adapter_config.json")
+
+
+def _edit(path, **changes):
+    raw = json.load(open(path))
+    raw.update(changes)
+    json.dump(raw, open(path, "w"))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(lora_alpha="16"), r"adapter_config.json: lora_alpha is '16', expected a finite number"),
+    (dict(lora_alpha=None), r"adapter_config.json: lora_alpha is None"),
+    (dict(lora_alpha=float("nan")), r"adapter_config.json: lora_alpha is nan"),
+    (dict(r=0), r"adapter_config.json: r is 0, expected an integer >= 1"),
+    (dict(rank_pattern={"q_proj(": 4}), r"adapter_config.json: rank_pattern key 'q_proj\(' is not a valid pattern"),
+    (dict(rank_pattern={"(?i)q_proj": 4}), r"rank_pattern key '\(\?i\)q_proj' is not a valid pattern"),
+    (dict(alpha_pattern={"q_proj": "big"}), r"alpha_pattern\['q_proj'\] is 'big'"),
+    (dict(rank_pattern=[4]), r"rank_pattern is \[4\], expected an object"),
+])
+def test_bad_adapter_config_fields_name_the_field(tmp_path, changes, message):
+    base, adapters, config_path = _one_expert(tmp_path)
+    _edit(config_path, **changes)
+    with pytest.raises(ValueError, match=message):
+        XLoraModel.from_base(base, XLoraConfig(adapters=adapters))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2]", "adapter_config.json: expected a JSON object, got a list"),
+    (b'{"r": 4, "note": "\xff"}', "adapter_config.json: not UTF-8"),
+    (b"{", "adapter_config.json: not valid JSON"),
+])
+def test_unreadable_adapter_config_names_the_file(tmp_path, content, message):
+    base, adapters, config_path = _one_expert(tmp_path)
+    open(config_path, "wb").write(content)
+    with pytest.raises(ValueError, match=message):
+        XLoraModel.from_base(base, XLoraConfig(adapters=adapters))
+
+
+@pytest.mark.parametrize("cut", [0, 8, -1])
+def test_empty_or_truncated_expert_weights_name_the_file(tmp_path, cut):
+    base, adapters, _ = _one_expert(tmp_path)
+    path = os.path.join(adapters["expert_0"], "adapter_model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:cut])
+    with pytest.raises(ValueError, match=r"expert_0/adapter_model.safetensors: not a readable safetensors file"):
+        XLoraModel.from_base(base, XLoraConfig(adapters=adapters))
+
+
+def test_missing_local_expert_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail(f"sent to the hub: {a}"))
+    missing = str(tmp_path / "experts" / "bio")
+    with pytest.raises(FileNotFoundError, match=rf"expert 'bio': '{missing}' does not exist"):
+        XLoraModel.from_base(tiny_base("llama"), XLoraConfig(adapters={"bio": missing}))

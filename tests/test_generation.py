@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_experts, peft_reference, tiny_base, tiny_tokenizer
+from helpers import make_experts, peft_reference, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.generation import RowState, SamplingParams, finish_reason, sample_next_token
@@ -158,6 +158,7 @@ def test_repetition_penalty_matches_transformers(experts):
     (dict(max_new_tokens=-1), "max_new_tokens"), (dict(top_k=-2), "top_k"),
     (dict(temperature=float("nan")), "temperature"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(fold_frozen=True), "fold_frozen"), (dict(stop=["x"]), "tokenizer"),
+    pytest.param(dict(temperature=10**400), "temperature", id="int-beyond-float-range"),  # not an OverflowError
 ])
 def test_invalid_parameters(kwargs, field, experts):
     model = build(experts, xlora_depth=1)

@@ -1,14 +1,12 @@
-"""XLoraModel against PEFT's XLoraModel (the reference semantics) and against a plain loop (GPT-2)."""
+"""XLoraModel against PEFT's XLoraModel (the reference semantics): both passes' logits and scalings, loss and
+gradients, the knobs, the scalings log, and the two KV caches. The mixed layers (and GPT-2, which PEFT cannot
+mix) are tested in test_layers.py, the scaling head and the mixing weights in test_classifier.py."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import make_experts, peft_reference, tiny_base
-
-from loramix import XLoraConfig, XLoraModel
+from helpers import peft_reference, tiny_xlora
 
 TOL = 1e-5
 
@@ -26,13 +24,6 @@ VARIANTS = {
 }
 
 
-def build(arch, tmp_path, **config):
-    base = tiny_base(arch)
-    adapters = make_experts(base, arch, tmp_path)
-    model = XLoraModel.from_base(copy.deepcopy(base), XLoraConfig(adapters=adapters, **config))
-    return base, adapters, model
-
-
 # the full grid on Llama; Mistral and Qwen2 take two variants each
 CASES = [("llama", v) for v in VARIANTS] + [(a, v) for a in ("mistral", "qwen2")
                                             for v in ("layerwise-depth2", "softmax-topk")]
@@ -41,7 +32,7 @@ CASES = [("llama", v) for v in VARIANTS] + [(a, v) for a in ("mistral", "qwen2")
 @pytest.mark.parametrize("arch,variant", CASES)
 def test_logits_and_scalings_match_peft(arch, variant, tmp_path, ids):
     config = VARIANTS[variant]
-    base, adapters, model = build(arch, tmp_path, **config)
+    base, adapters, model = tiny_xlora(arch, tmp_path, **config)
     reference = peft_reference(base, adapters, model, **config)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # a left-padded row
@@ -56,7 +47,7 @@ def test_logits_and_scalings_match_peft(arch, variant, tmp_path, ids):
 
 
 def test_lora_layer_order_is_peft_order(tmp_path):
-    base, adapters, model = build("llama", tmp_path, xlora_depth=1)
+    base, adapters, model = tiny_xlora("llama", tmp_path, xlora_depth=1)
     reference = peft_reference(base, adapters, model, xlora_depth=1)
     from peft.tuners.lora import LoraLayer
 
@@ -69,7 +60,7 @@ def test_lora_layer_order_is_peft_order(tmp_path):
 
 def test_loss_and_classifier_gradients_match_peft(tmp_path, ids):
     config = dict(layerwise_scalings=True, xlora_depth=2, xlora_size=16, xlora_dropout_p=0.0)
-    base, adapters, model = build("llama", tmp_path, **config)
+    base, adapters, model = tiny_xlora("llama", tmp_path, **config)
     reference = peft_reference(base, adapters, model, **config)
     labels = ids.clone()
     labels[:, :4] = -100
@@ -87,32 +78,9 @@ def test_loss_and_classifier_gradients_match_peft(tmp_path, ids):
     assert trainable and all(n.startswith("classifier.") for n in trainable)
 
 
-def test_trainable_adapters_receive_gradients(tmp_path, ids):
-    _, _, model = build("llama", tmp_path, xlora_depth=1, use_trainable_adapters=True)
-    model(input_ids=ids, labels=ids).loss.backward()
-    layer = model.mixed_layers()[1]
-    assert layer.lora_A.requires_grad and layer.lora_A.grad.abs().sum() > 0
-    assert all(not p.requires_grad for n, p in model.base.named_parameters() if "lora_" not in n)
-
-
-def test_scaling_pass_at_zero_computes_no_lora(tmp_path, ids, monkeypatch):
-    _, _, model = build("llama", tmp_path, xlora_depth=1)
-    seen = []
-    original = model._last_hidden_state
-
-    def spy(**inputs):
-        seen.append(model._state.rank_weights)
-        return original(**inputs)
-
-    monkeypatch.setattr(model, "_last_hidden_state", spy)
-    with torch.no_grad():
-        model(input_ids=ids)
-    assert seen == [None]
-
-
 def test_knobs_match_peft_setters(tmp_path, ids):
     config = dict(layerwise_scalings=True, xlora_depth=2, xlora_size=16)
-    base, adapters, model = build("llama", tmp_path, **config)
+    base, adapters, model = tiny_xlora("llama", tmp_path, **config)
     reference = peft_reference(base, adapters, model, **config)
     model.set_topk_lora(1)
     reference.set_topk_lora(1)
@@ -132,7 +100,7 @@ def test_knobs_match_peft_setters(tmp_path, ids):
 
 
 def test_scalings_log(tmp_path, ids):
-    _, _, model = build("llama", tmp_path, xlora_depth=1)
+    _, _, model = tiny_xlora("llama", tmp_path, xlora_depth=1)
     with torch.no_grad():
         model(input_ids=ids)
         assert model.get_scalings_log() == []
@@ -150,77 +118,9 @@ def test_scalings_log(tmp_path, ids):
     assert model.get_scalings_log() == []
 
 
-# ---- GPT-2: PEFT cannot load its experts into an X-LoRA, so a plain loop is the reference ----------------------
-
-def plain_loop_reference(base, adapters, classifier, config, ids):
-    """X-LoRA written the slow obvious way: one expert at a time, module by module."""
-    import json
-    import math
-
-    from safetensors.torch import load_file
-
-    base = copy.deepcopy(base)
-    experts = []
-    for path in adapters.values():
-        cfg = json.load(open(f"{path}/adapter_config.json"))
-        weights = load_file(f"{path}/adapter_model.safetensors")
-        per_module = {}
-        for key, t in weights.items():
-            if ".lora_" not in key:
-                continue
-            module, kind = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
-            per_module.setdefault(module, {})[kind.split(".")[0].replace("embedding_", "")] = t
-        for module, ab in per_module.items():
-            r = ab["A"].shape[0]
-            ab["scale"] = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
-        experts.append(per_module)
-    names = [n for n, _ in base.named_modules() if any(n in e for e in experts)]
-    with torch.no_grad():
-        hidden = base(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-        scalings = classifier(hidden, enable_softmax=config.enable_softmax, temperature=config.softmax_temperature)
-    for layer, name in enumerate(names):
-        parent, _, child = name.rpartition(".")
-        module = base.get_submodule(name)
-
-        class Looped(torch.nn.Module):
-            def __init__(self, inner, layer, name):
-                super().__init__()
-                self.inner, self.layer, self.name = inner, layer, name
-
-            def forward(self, x):
-                out = self.inner(x)
-                for e, expert in enumerate(experts):
-                    if self.name not in expert:
-                        continue
-                    ab = expert[self.name]
-                    if isinstance(self.inner, torch.nn.Embedding):
-                        low = torch.nn.functional.embedding(x, ab["A"].T)
-                    else:
-                        low = x @ ab["A"].T
-                    out = out + scalings[:, :, self.layer, e, None] * ab["scale"] * (low @ ab["B"].T)
-                return out
-
-        setattr(base.get_submodule(parent), child, Looped(module, layer, name))
-    with torch.no_grad():
-        return base(input_ids=ids).logits, scalings
-
-
-@pytest.mark.parametrize("layerwise", [False, True])
-def test_gpt2_conv1d_and_embedding_match_plain_loop(layerwise, tmp_path, ids):
-    base, adapters, model = build("gpt2", tmp_path, layerwise_scalings=layerwise, xlora_depth=2, xlora_size=8)
-    assert "transformer.wte" in model.lora_layer_names and "transformer.h.0.attn.c_attn" in model.lora_layer_names
-    with torch.no_grad():
-        ours = model(input_ids=ids)
-        plain = base(input_ids=ids).logits
-    logits, scalings = plain_loop_reference(base, adapters, model.classifier, model.config, ids)
-    assert (ours.logits - plain).abs().max() > 1e-2
-    torch.testing.assert_close(ours.scalings, scalings, atol=TOL, rtol=0)
-    torch.testing.assert_close(ours.logits, logits, atol=TOL, rtol=0)
-
-
 def test_each_pass_carries_its_own_kv_cache(tmp_path, ids):
     """Prompt then one token with both caches equals one full forward (the basis of cached generation)."""
-    _, _, model = build("llama", tmp_path, layerwise_scalings=True, xlora_depth=2, xlora_size=16)
+    _, _, model = tiny_xlora("llama", tmp_path, layerwise_scalings=True, xlora_depth=2, xlora_size=16)
     with torch.no_grad():
         full = model(input_ids=ids)
         first = model(input_ids=ids[:, :-1], use_cache=True)

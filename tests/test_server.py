@@ -5,77 +5,31 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-from conftest import make_experts, tiny_base, tiny_tokenizer
+from helpers import (CHAT_TEMPLATE, openai_client, post_json, slow_down_engine, start_server, tiny_tokenizer,
+                     wait_until)
 
-from loramix import XLoraConfig, XLoraModel
+from loramix import XLoraModel
 from loramix.serving import wait_idle
 
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}|{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-class LiveServer:
-    """The server (uvicorn) in a thread on 127.0.0.1, port chosen by the OS."""
-
-    def __init__(self, state, api_key=None) -> None:
-        from loramix.server import make_server
-
-        self.server = make_server(state, host="127.0.0.1", port=0, api_key=api_key, log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    base = tiny_base("llama")
-    base.save_pretrained(str(root / "base"))
-    adapters = make_experts(base, "llama", root)
-    model = XLoraModel.from_base(str(root / "base"), XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=16,
-                                                               layerwise_scalings=True))
-    model.save_pretrained(str(root / "tiny-xlora"))
-    tok = tiny_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(str(root / "tiny-xlora"))
-    return root / "tiny-xlora"
-
-
-def _start(checkpoint, **options):
-    from loramix.server import load_state
-
-    api_key = options.pop("api_key", None)
-    state = load_state(str(checkpoint), **options)
-    return state, LiveServer(state, api_key=api_key)
-
-
-@pytest.fixture(scope="module")
-def live(checkpoint):
-    state, server = _start(checkpoint, max_batch=8, max_queue=64, max_tokens_cap=64)
+def live(served_checkpoint):
+    state, server = start_server(served_checkpoint, max_batch=8, max_queue=64, max_tokens_cap=64)
     yield state, server
     server.stop()
     state.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
+def reference(served_checkpoint):
     """An independent copy of the served model, for one-at-a-time references."""
-    return XLoraModel.from_pretrained(str(checkpoint)), tiny_tokenizer()
+    return XLoraModel.from_pretrained(str(served_checkpoint)), tiny_tokenizer()
 
 
 def _greedy(reference, prompt_ids, n, **gate):
@@ -93,15 +47,9 @@ def _greedy(reference, prompt_ids, n, **gate):
     return tok.decode(new, skip_special_tokens=True), scalings, result.finish_reasons[0]
 
 
-def _client(server, **kw):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
-
-
 def test_models_and_health(live):
     state, server = live
-    client = _client(server)
+    client = openai_client(server)
     assert [m.id for m in client.models.list().data] == ["tiny-xlora"]
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny-xlora"
@@ -113,7 +61,7 @@ def test_completion_equals_generate(live, reference):
     for prompt in prompts:
         ids = tiny_tokenizer()(prompt)["input_ids"]
         text, _, reason = _greedy(reference, ids, 12)
-        out = _client(server).completions.create(model="tiny-xlora", prompt=prompt, max_tokens=12, temperature=0)
+        out = openai_client(server).completions.create(model="tiny-xlora", prompt=prompt, max_tokens=12, temperature=0)
         assert out.choices[0].text == text
         assert out.choices[0].finish_reason == ("stop" if reason == "stop" else "length")
         assert out.usage.prompt_tokens == len(ids)
@@ -128,7 +76,7 @@ def test_chat_uses_the_template_and_streams_the_same_text(live, reference):
     ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
               add_special_tokens=False)["input_ids"]
     text, _, _ = _greedy(reference, ids, 10)
-    client = _client(server)
+    client = openai_client(server)
     out = client.chat.completions.create(model="tiny-xlora", messages=messages, max_tokens=10, temperature=0)
     assert out.choices[0].message.content == text and out.choices[0].message.role == "assistant"
     assert out.usage.prompt_tokens == len(ids)
@@ -146,7 +94,7 @@ def test_chat_uses_the_template_and_streams_the_same_text(live, reference):
 
 def test_xlora_extension_returns_the_generation_scalings_and_sets_top_k(live, reference):
     _, server = live
-    client = _client(server)
+    client = openai_client(server)
     ids = tiny_tokenizer()("abcdef")["input_ids"]
     for gate in ({"return_scalings": True}, {"return_scalings": True, "top_k": 1},
                  {"return_scalings": True, "softmax_temperature": 0.25}):
@@ -175,7 +123,7 @@ def test_frozen_scalings_match_generate(live, reference):
                                 freeze_scalings_after=after, return_scalings=True)
         n = result.n_new_tokens[0]
         text = tok.decode(result.sequences[0, len(ids):len(ids) + n].tolist(), skip_special_tokens=True)
-        out = _client(server).completions.create(model="tiny-xlora", prompt="frozen gate", max_tokens=10,
+        out = openai_client(server).completions.create(model="tiny-xlora", prompt="frozen gate", max_tokens=10,
                                                  temperature=0, extra_body={"xlora": {"freeze_scalings_after": after,
                                                                                       "return_scalings": True}})
         assert out.choices[0].text == text
@@ -194,7 +142,7 @@ def test_concurrent_requests_are_batched_and_each_equals_its_own_generation(live
     before = state.engine.stats["max_rows_in_step"]
     state.engine.stats["max_rows_in_step"] = 0
     with ThreadPoolExecutor(len(prompts)) as pool:
-        answers = list(pool.map(lambda i: _client(server).completions.create(
+        answers = list(pool.map(lambda i: openai_client(server).completions.create(
             model="tiny-xlora", prompt=prompts[i], max_tokens=6 + i, temperature=0,
             extra_body={"xlora": gates[i]} if gates[i] else None).choices[0].text, range(len(prompts))))
     assert answers == expected
@@ -204,16 +152,10 @@ def test_concurrent_requests_are_batched_and_each_equals_its_own_generation(live
 
 def test_seeded_sampling_is_reproducible(live):
     _, server = live
-    client = _client(server)
+    client = openai_client(server)
     runs = [client.completions.create(model="tiny-xlora", prompt="sample", max_tokens=12, temperature=1.0,
                                       seed=5).choices[0].text for _ in range(2)]
     assert runs[0] == runs[1]
-
-
-def _post(server, path, body, **kw):
-    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"},
-                      **{"timeout": 30, **kw})
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -228,8 +170,17 @@ def _post(server, path, body, **kw):
     ({"model": "tiny-xlora", "prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
     ({"model": "tiny-xlora", "prompt": "a", "temperature": -0.5}, 400, "temperature"),
     ({"model": "tiny-xlora", "prompt": "a", "top_p": 1.5}, 400, "top_p"),
-    ({"model": "tiny-xlora", "prompt": "a", "n": 2}, 400, "n"),
-    ({"model": "tiny-xlora", "prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ({"model": "tiny-xlora", "prompt": "a", "n": 17}, 400, "n"),
+    ({"model": "tiny-xlora", "prompt": "a", "n": 0}, 400, "n"),
+    ({"model": "tiny-xlora", "prompt": ["a"] * 9, "n": 9}, 400, "prompt"),  # 81 rows > max_batch + max_queue
+    ({"model": "tiny-xlora", "prompt": "a", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "tiny-xlora", "prompt": "a", "logprobs": True}, 400, "logprobs"),
+    ({"model": "tiny-xlora", "prompt": "a", "echo": "yes"}, 400, "echo"),
+    ({"model": "tiny-xlora", "prompt": "a", "best_of": 2}, 400, "best_of"),
+    ({"model": "tiny-xlora", "prompt": ["a", ""]}, 400, "prompt"),
+    ({"model": "tiny-xlora", "prompt": ["a", [5]]}, 400, "prompt"),
+    ({"model": "tiny-xlora", "prompt": [[5], []]}, 400, "prompt"),
+    ({"model": "tiny-xlora", "prompt": [[5], [1000]]}, 400, "prompt"),
     ({"model": "tiny-xlora", "prompt": "a", "stop": [""]}, 400, "stop"),
     ({"model": "tiny-xlora", "prompt": "a", "stream": "yes"}, 400, "stream"),
     ({"model": "tiny-xlora", "prompt": "a" * 200}, 400, "prompt"),
@@ -251,7 +202,7 @@ def _post(server, path, body, **kw):
 ])
 def test_bad_completions_get_openai_errors(live, body, status, param):
     _, server = live
-    response = _post(server, "/v1/completions", body)
+    response = post_json(server, "/v1/completions", body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
@@ -263,9 +214,9 @@ def test_bad_completions_get_openai_errors(live, body, status, param):
 def test_bad_chats_get_openai_errors(live):
     _, server = live
     for messages in (None, [], [{"role": "user"}], [{"role": "user", "content": 3}], "hi"):
-        response = _post(server, "/v1/chat/completions", {"model": "tiny-xlora", "messages": messages})
+        response = post_json(server, "/v1/chat/completions", {"model": "tiny-xlora", "messages": messages})
         assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
-    response = _post(server, "/v1/chat/completions",  # a lone surrogate was a 500
+    response = post_json(server, "/v1/chat/completions",  # a lone surrogate was a 500
                      b'{"model": "tiny-xlora", "messages": [{"role": "user", "content": "hi \\ud800"}]}')
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0].content"
 
@@ -273,7 +224,7 @@ def test_bad_chats_get_openai_errors(live):
 def test_a_seed_at_the_edge_of_64_bits_is_accepted_and_reproducible(live):
     _, server = live
     body = {"model": "tiny-xlora", "prompt": "sample", "max_tokens": 6, "temperature": 1.0, "seed": 2 ** 64 - 1}
-    texts = [_post(server, "/v1/completions", body).json()["choices"][0]["text"] for _ in range(2)]
+    texts = [post_json(server, "/v1/completions", body).json()["choices"][0]["text"] for _ in range(2)]
     assert texts[0] == texts[1]
 
 
@@ -294,27 +245,27 @@ def test_every_error_is_an_openai_json_body(live, monkeypatch):
     def broken(_):  # a bug inside the server: still a JSON 500, and the server lives on
         raise KeyError("a bug")
 
-    monkeypatch.setattr(state.engine, "submit", broken)
-    response = _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
+    monkeypatch.setattr(state.engine, "submit_all", broken)
+    response = post_json(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
     assert response.status_code == 500 and _is_openai_error(response)
     assert response.json()["error"]["type"] == "server_error"
     monkeypatch.undo()
-    assert _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a", "max_tokens": 2}).status_code == 200
+    assert post_json(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a", "max_tokens": 2}).status_code == 200
 
 
-def test_chat_without_a_template_is_a_clear_400(checkpoint, tmp_path):
+def test_chat_without_a_template_is_a_clear_400(served_checkpoint, tmp_path):
     import shutil
 
     folder = tmp_path / "no-template"
-    shutil.copytree(checkpoint, folder)
+    shutil.copytree(served_checkpoint, folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     for extra in ("chat_template.jinja", "chat_template.json"):
         (folder / extra).unlink(missing_ok=True)
-    state, server = _start(folder)
+    state, server = start_server(folder)
     try:
-        response = _post(server, "/v1/chat/completions", {"model": "no-template",
+        response = post_json(server, "/v1/chat/completions", {"model": "no-template",
                                                           "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 400 and "no chat template" in response.json()["error"]["message"]
     finally:
@@ -322,14 +273,14 @@ def test_chat_without_a_template_is_a_clear_400(checkpoint, tmp_path):
         state.engine.shutdown()
 
 
-def test_api_key_guards_every_route_but_health(checkpoint):
-    state, server = _start(checkpoint, api_key="s3cret")
+def test_api_key_guards_every_route_but_health(served_checkpoint):
+    state, server = start_server(served_checkpoint, api_key="s3cret")
     try:
         assert httpx.get(server.url + "/health").status_code == 200
         for path in ("/v1/models",):
             assert httpx.get(server.url + path).status_code == 401
             assert httpx.get(server.url + path, headers={"Authorization": "Bearer nope"}).status_code == 401
-        response = _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
+        response = post_json(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
         # the scheme is case-insensitive (RFC 7235); the key is not
         for header, code in (("bearer s3cret", 200), ("BEARER s3cret", 200), ("Bearer  s3cret", 200),
@@ -338,7 +289,7 @@ def test_api_key_guards_every_route_but_health(checkpoint):
             response = httpx.get(server.url + "/v1/models", headers={"Authorization": header.encode("latin-1")})
             assert response.status_code == code, header
             assert code == 200 or _is_openai_error(response)
-        out = _client(server, api_key="s3cret").completions.create(model="tiny-xlora", prompt="a", max_tokens=3)
+        out = openai_client(server, api_key="s3cret").completions.create(model="tiny-xlora", prompt="a", max_tokens=3)
         assert out.usage.completion_tokens >= 1
     finally:
         server.stop()
@@ -361,8 +312,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
     assert state.engine.in_flight == 0
 
 
-def test_queue_overflow_gets_429_and_the_server_recovers(checkpoint, monkeypatch):
-    state, server = _start(checkpoint, max_batch=1, max_queue=1, max_tokens_cap=64)
+def test_queue_overflow_gets_429_and_the_server_recovers(served_checkpoint, monkeypatch):
+    state, server = start_server(served_checkpoint, max_batch=1, max_queue=1, max_tokens_cap=64)
     step = state.engine._step
 
     def slow_step(group):  # a slow model: each request holds its slot for about 0.7 s
@@ -374,11 +325,11 @@ def test_queue_overflow_gets_429_and_the_server_recovers(checkpoint, monkeypatch
         body = {"model": "tiny-xlora", "prompt": "busy", "max_tokens": 32, "temperature": 0,
                 "stop": ["never-appears-here"]}
         with ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(lambda _: _post(server, "/v1/completions", body).status_code, range(8)))
+            codes = list(pool.map(lambda _: post_json(server, "/v1/completions", body).status_code, range(8)))
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
         assert codes.count(200) >= 2  # one running + one waiting always fit
         assert wait_idle(state.engine) and state.engine.in_flight == 0
-        assert _post(server, "/v1/completions", body).status_code == 200
+        assert post_json(server, "/v1/completions", body).status_code == 200
     finally:
         server.stop()
         state.engine.shutdown()
@@ -390,7 +341,7 @@ def test_load_64_concurrent_requests_no_server_errors(live):
     def one(i):
         body = {"model": "tiny-xlora", "prompt": f"request {i}", "max_tokens": 4 + i % 8,
                 "temperature": 0 if i % 2 else 0.8, "seed": i, "stream": i % 3 == 0}
-        response = _post(server, "/v1/completions", body)
+        response = post_json(server, "/v1/completions", body)
         return response.status_code, response.text
 
     with ThreadPoolExecutor(64) as pool:
@@ -400,87 +351,21 @@ def test_load_64_concurrent_requests_no_server_errors(live):
     assert wait_idle(state.engine) and state.engine.in_flight == 0
 
 
-def test_engine_batches_a_sliding_window_model_exactly(tmp_path):
-    """Mistral with a 4-token window: rows joined by padding give what each gives alone."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from loramix.generation import SamplingParams
-    from loramix.serving import Engine, GateOptions, Request
-
-    torch.manual_seed(0)
-    base = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                            pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=4)).eval()
-    model = XLoraModel.from_base(base, XLoraConfig(adapters=make_experts(base, "mistral", tmp_path, 2)))
-    tok = tiny_tokenizer()
-    engine = Engine(model, tok, [2], max_batch=4)
-    prompts = ["hello world again", "abc", "a much longer prompt than the window"]
-    texts = {i: [] for i in range(len(prompts))}
-    done = [threading.Event() for _ in prompts]
-
-    def emitter(i):
-        def emit(event):
-            texts[i].append(event.text)
-            if event.finish_reason:
-                done[i].set()
-        return emit
-
-    try:
-        for i, p in enumerate(prompts):
-            engine.submit(Request(prompt_ids=tok(p)["input_ids"], params=SamplingParams(max_new_tokens=12),
-                                  gate=GateOptions(), emit=emitter(i)))
-        assert all(d.wait(30) for d in done)
-    finally:
-        engine.shutdown()
-    assert engine.stats["max_rows_in_step"] > 1
-    for i, p in enumerate(prompts):
-        ids = torch.tensor([tok(p)["input_ids"]])
-        sequence = model.generate(ids, max_new_tokens=12, eos_token_id=2)
-        new = sequence[0, ids.shape[1]:].tolist()
-        new = new[:new.index(2)] if 2 in new else new
-        assert "".join(texts[i]) == tok.decode(new, skip_special_tokens=True)
-        with torch.no_grad():  # and the cached generation is what a full recomputation predicts
-            predicted = model(input_ids=sequence).logits[0, ids.shape[1] - 1:-1].argmax(-1)
-        n = len(new)
-        assert torch.equal(predicted[:n], sequence[0, ids.shape[1]:ids.shape[1] + n])
-
-
 # ---- limits, disconnects, shutdown (issue 10) ---------------------------------------------------------------------
-def _slow_engine(state, monkeypatch, seconds: float) -> None:
-    """A slow model: every decode step takes `seconds` longer."""
-    step = state.engine._step
-
-    def slow_step(group):
-        time.sleep(seconds)
-        step(group)
-
-    monkeypatch.setattr(state.engine, "_step", slow_step)
-
-
-def _wait(condition, timeout: float) -> float | None:
-    """Seconds until condition() holds, or None after timeout."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if condition():
-            return time.perf_counter() - start
-        time.sleep(0.01)
-    return None
-
-
 LONG = {"model": "tiny-xlora", "prompt": "busy", "max_tokens": 64, "temperature": 0, "stop": ["never-appears-here"]}
 
 
-def test_a_non_streaming_client_that_hangs_up_frees_its_slot(checkpoint, monkeypatch):
-    state, server = _start(checkpoint, max_batch=1, max_queue=0, max_tokens_cap=64)
-    _slow_engine(state, monkeypatch, 0.1)  # the generation would hold its slot for over 6 s
+def test_a_non_streaming_client_that_hangs_up_frees_its_slot(served_checkpoint, monkeypatch):
+    state, server = start_server(served_checkpoint, max_batch=1, max_queue=0, max_tokens_cap=64)
+    slow_down_engine(state, monkeypatch, 0.1)  # the generation would hold its slot for over 6 s
     tokens = state.engine.stats["tokens"]
     try:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s and closes its connection
-            _post(server, "/v1/completions", LONG, timeout=0.5)
-        freed = _wait(lambda: state.engine.in_flight == 0, timeout=2.0)
+            post_json(server, "/v1/completions", LONG, timeout=0.5)
+        freed = wait_until(lambda: state.engine.in_flight == 0, timeout=2.0)
         assert freed is not None  # within 2 s of the hang-up
         assert state.engine.stats["tokens"] - tokens < LONG["max_tokens"]  # cut short, not run to its end
-        response = _post(server, "/v1/completions", {**LONG, "max_tokens": 2})  # admitted, not 429
+        response = post_json(server, "/v1/completions", {**LONG, "max_tokens": 2})  # admitted, not 429
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
     finally:
         server.stop()
@@ -503,9 +388,9 @@ class SlowTokenizer:
 
 
 @pytest.fixture(scope="module")
-def strict(checkpoint):
+def strict(served_checkpoint):
     """A server with small limits: 2 KiB bodies, 4 tokens at most."""
-    state, server = _start(checkpoint, max_tokens_cap=4, max_request_bytes=2048)
+    state, server = start_server(served_checkpoint, max_tokens_cap=4, max_request_bytes=2048)
     yield state, server
     server.stop()
     state.engine.shutdown()
@@ -514,7 +399,7 @@ def strict(checkpoint):
 def test_a_body_over_the_limit_gets_413_before_it_is_read(strict):
     _, server = strict
     body = json.dumps({"model": "tiny-xlora", "prompt": "a", "user": "x" * 3000})
-    response = _post(server, "/v1/completions", body)
+    response = post_json(server, "/v1/completions", body)
     assert response.status_code == 413 and _is_openai_error(response)
     assert "2048 bytes" in response.json()["error"]["message"]
 
@@ -537,7 +422,7 @@ def test_a_prompt_too_long_in_characters_is_refused_without_tokenizing(strict, m
                        ("/v1/chat/completions", {"model": "tiny-xlora",
                                                  "messages": [{"role": "user", "content": too_long}]})):
         start = time.perf_counter()
-        response = _post(server, path, body)
+        response = post_json(server, path, body)
         assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
         assert time.perf_counter() - start < 1.5
     assert slow.calls == 0
@@ -548,8 +433,8 @@ def test_health_answers_while_a_prompt_is_tokenized(strict, monkeypatch):
     slow = SlowTokenizer(state.tokenizer, 1.5)
     monkeypatch.setattr(state, "tokenizer", slow)
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(_post, server, "/v1/completions", {"model": "tiny-xlora", "prompt": "x y " * 20})
-        assert _wait(lambda: slow.calls == 1, timeout=5) is not None
+        pending = pool.submit(post_json, server, "/v1/completions", {"model": "tiny-xlora", "prompt": "x y " * 20})
+        assert wait_until(lambda: slow.calls == 1, timeout=5) is not None
         start = time.perf_counter()
         assert httpx.get(server.url + "/health", timeout=5).json()["status"] == "ok"
         assert time.perf_counter() - start < 0.5  # the event loop is free while the tokenizer works
@@ -561,17 +446,17 @@ def test_the_default_max_tokens_obeys_the_cap(strict, reference):
     _, server = strict
     ids = tiny_tokenizer()("hello wor")["input_ids"]
     assert len(_greedy(reference, ids, 16)[0]) > 4  # the default (16) would give more than the cap
-    out = _client(server).completions.create(model="tiny-xlora", prompt="hello wor", temperature=0)
+    out = openai_client(server).completions.create(model="tiny-xlora", prompt="hello wor", temperature=0)
     assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
     assert out.choices[0].text == _greedy(reference, ids, 4)[0]
 
 
-def test_stopping_ends_running_requests_at_once_and_refuses_new_ones(checkpoint, monkeypatch):
-    state, server = _start(checkpoint, max_tokens_cap=64)
-    _slow_engine(state, monkeypatch, 0.05)
+def test_stopping_ends_running_requests_at_once_and_refuses_new_ones(served_checkpoint, monkeypatch):
+    state, server = start_server(served_checkpoint, max_tokens_cap=64)
+    slow_down_engine(state, monkeypatch, 0.05)
     try:
         with ThreadPoolExecutor(2) as pool:
-            waiting = pool.submit(_post, server, "/v1/completions", LONG)
+            waiting = pool.submit(post_json, server, "/v1/completions", LONG)
 
             def stream():
                 with httpx.stream("POST", server.url + "/v1/completions", json={**LONG, "stream": True},
@@ -579,18 +464,18 @@ def test_stopping_ends_running_requests_at_once_and_refuses_new_ones(checkpoint,
                     return [line for line in response.iter_lines() if line]
 
             streaming = pool.submit(stream)
-            assert _wait(lambda: state.engine.active_rows() == 2, timeout=10) is not None
+            assert wait_until(lambda: state.engine.active_rows() == 2, timeout=10) is not None
             state.drain()  # what shutdown does first
             assert waiting.result(timeout=5).status_code == 503
             assert _is_openai_error(waiting.result())
             lines = streaming.result(timeout=5)
         error = json.loads(lines[-2][len("data: "):])["error"]
         assert error["message"] == "the server is shutting down" and lines[-1] == "data: [DONE]"
-        response = _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
+        response = post_json(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a"})
         assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
         response = httpx.get(server.url + "/health")
         assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
-        assert _wait(lambda: state.engine.in_flight == 0, timeout=2) is not None
+        assert wait_until(lambda: state.engine.in_flight == 0, timeout=2) is not None
     finally:
         server.stop()
         state.engine.shutdown()
@@ -605,7 +490,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_the_serve_verb_serves_a_guarded_model_and_stops_on_sigterm_mid_generation(checkpoint, tmp_path):
+def test_the_serve_verb_serves_a_guarded_model_and_stops_on_sigterm_mid_generation(served_checkpoint, tmp_path):
     """`loramix serve` as a supervisor runs it: the key guards the routes, the cap holds, and SIGTERM while a long
     generation streams ends it with an error chunk and exits with code 0 within 10 s (not at max_tokens)."""
     import signal
@@ -613,12 +498,12 @@ def test_the_serve_verb_serves_a_guarded_model_and_stops_on_sigterm_mid_generati
     import sys
 
     base = tmp_path / "base-long"  # the same base with a long context, so a generation can last minutes
-    shutil.copytree(checkpoint.parent / "base", base)
+    shutil.copytree(served_checkpoint.parent / "base", base)
     config = json.loads((base / "config.json").read_text())
     config["max_position_embeddings"] = 1 << 15
     (base / "config.json").write_text(json.dumps(config))
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loramix.cli", "serve", "--model", str(checkpoint), "--base",
+    proc = subprocess.Popen([sys.executable, "-m", "loramix.cli", "serve", "--model", str(served_checkpoint), "--base",
                              str(base), "--port", str(port), "--api-key", "k", "--max-tokens-cap", "30000",
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -626,7 +511,7 @@ def test_the_serve_verb_serves_a_guarded_model_and_stops_on_sigterm_mid_generati
     lines: list[str] = []
     sent = None
     try:
-        assert _wait(lambda: _healthy(url), timeout=60) is not None
+        assert wait_until(lambda: _healthy(url), timeout=60) is not None
         assert httpx.get(url + "/v1/models").status_code == 401
         assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == "tiny-xlora"
         body = {"model": "tiny-xlora", "prompt": "abc", "max_tokens": 30001}
@@ -702,14 +587,14 @@ def test_serve_refuses_a_template_that_is_not_utf8_and_a_busy_port(tmp_path, cap
         assert "--port" in capsys.readouterr().err
 
 
-def test_fuzzing_from_the_openapi_schema_finds_no_server_error(checkpoint):
+def test_fuzzing_from_the_openapi_schema_finds_no_server_error(served_checkpoint):
     """schemathesis draws requests from the server's own OpenAPI document, fitting it and not (bounded: a fixed
     number of derandomized examples, no shrinking): no 5xx, every error an OpenAI-style JSON body, healthy after."""
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
-    state, server = _start(checkpoint, max_batch=4, max_tokens_cap=4)
+    state, server = start_server(served_checkpoint, max_batch=4, max_tokens_cap=4)
     statuses: dict[int, int] = {}
     try:
         schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
@@ -735,9 +620,9 @@ def test_fuzzing_from_the_openapi_schema_finds_no_server_error(checkpoint):
 
         fuzz()
         assert statuses.get(200) and statuses.get(400)  # it reached generation and the validation alike
-        assert _post(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a", "max_tokens": 2}).json()[
+        assert post_json(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a", "max_tokens": 2}).json()[
             "usage"]["completion_tokens"] == 2
-        assert wait_idle(state.engine) and _wait(lambda: state.engine.in_flight == 0, timeout=5) is not None
+        assert wait_idle(state.engine) and wait_until(lambda: state.engine.in_flight == 0, timeout=5) is not None
     finally:
         server.stop()
         state.engine.shutdown()

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from conftest import make_experts, tiny_base, tiny_tokenizer
+from helpers import make_experts, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.generation import SamplingParams
-from loramix.serving import Engine, Event, GateOptions, Request
+from loramix.serving import Engine, Event, GateOptions, QueueFull, Request
 
 EOS = 2
 
@@ -253,3 +253,64 @@ def test_a_row_joining_a_group_later_freezes_on_its_own_schedule(model, tok):
     assert engine.stats["max_rows_in_step"] == 2 and 2 in partial_steps
     assert (first.text, first.reason) == reference(model, tok, "early", params, gate)
     assert (late.text, late.reason) == reference(model, tok, "a later one", params, gate)
+
+
+def test_engine_batches_a_sliding_window_model_exactly(tmp_path):
+    """Mistral with a 4-token window: rows joined by padding give what each gives alone."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    base = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                            pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=4)).eval()
+    model = XLoraModel.from_base(base, XLoraConfig(adapters=make_experts(base, "mistral", tmp_path, 2)))
+    tok = tiny_tokenizer()
+    engine = Engine(model, tok, [2], max_batch=4)
+    prompts = ["hello world again", "abc", "a much longer prompt than the window"]
+    texts = {i: [] for i in range(len(prompts))}
+    done = [threading.Event() for _ in prompts]
+
+    def emitter(i):
+        def emit(event):
+            texts[i].append(event.text)
+            if event.finish_reason:
+                done[i].set()
+        return emit
+
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(Request(prompt_ids=tok(p)["input_ids"], params=SamplingParams(max_new_tokens=12),
+                                  gate=GateOptions(), emit=emitter(i)))
+        assert all(d.wait(30) for d in done)
+    finally:
+        engine.shutdown()
+    assert engine.stats["max_rows_in_step"] > 1
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([tok(p)["input_ids"]])
+        sequence = model.generate(ids, max_new_tokens=12, eos_token_id=2)
+        new = sequence[0, ids.shape[1]:].tolist()
+        new = new[:new.index(2)] if 2 in new else new
+        assert "".join(texts[i]) == tok.decode(new, skip_special_tokens=True)
+        with torch.no_grad():  # and the cached generation is what a full recomputation predicts
+            predicted = model(input_ids=sequence).logits[0, ids.shape[1] - 1:-1].argmax(-1)
+        n = len(new)
+        assert torch.equal(predicted[:n], sequence[0, ids.shape[1]:ids.shape[1] + n])
+
+
+def test_a_request_asks_for_its_rows_all_at_once(model, tok):
+    """An engine with room for 2 rows refuses 3 rows of one call whole (nothing queued), takes 2."""
+    engine = Engine(model, tok, [2], max_batch=1, max_queue=1)
+    done = threading.Semaphore(0)
+
+    def request():
+        return Request(prompt_ids=[5, 6], params=SamplingParams(max_new_tokens=2), gate=GateOptions(),
+                       emit=lambda e: done.release() if e.finish_reason else None)
+
+    try:
+        with pytest.raises(QueueFull):
+            engine.submit_all([request() for _ in range(3)])
+        assert engine.in_flight == 0 and not engine.waiting
+        engine.submit_all([request() for _ in range(2)])
+        assert done.acquire(timeout=30) and done.acquire(timeout=30)
+    finally:
+        engine.shutdown()

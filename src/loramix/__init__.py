@@ -1,9 +1,46 @@
-"""loramix: X-LoRA, a mixture of LoRA experts gated per token and per layer (Buehler & Buehler, 2024)."""
+"""loramix: X-LoRA, a mixture of LoRA experts gated per token and per layer (Buehler & Buehler, 2024).
+
+The package is lazy: `import loramix` (and `loramix --help`) loads neither torch nor transformers; each public
+name below imports its module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .config import XLoraConfig  # noqa: E402
-from .model import XLoraModel, XLoraOutput  # noqa: E402
-from .training import TrainResult, train_expert, train_xlora  # noqa: E402
+_LAZY = {  # public name -> the module that defines it
+    "XLoraConfig": "config",
+    "XLoraModel": "model",
+    "XLoraOutput": "model",
+    "TrainResult": "training",
+    "train_expert": "training",
+    "train_xlora": "training",
+    "load_base": "loading",
+    "load_tokenizer": "loading",
+    "evaluate": "evaluation",
+}
 
-__all__ = ["XLoraConfig", "XLoraModel", "XLoraOutput", "TrainResult", "train_expert", "train_xlora", "__version__"]
+__all__ = ["XLoraConfig", "XLoraModel", "XLoraOutput", "TrainResult", "train_expert", "train_xlora", "load_base",
+           "load_tokenizer", "evaluate", "__version__"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never executed
+    from .config import XLoraConfig
+    from .evaluation import evaluate
+    from .loading import load_base, load_tokenizer
+    from .model import XLoraModel, XLoraOutput
+    from .training import TrainResult, train_expert, train_xlora
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'loramix' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

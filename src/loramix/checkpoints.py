@@ -13,12 +13,12 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_text
+from .files import read_jsonl, replace_dir, write_jsonl
 
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable.safetensors"
@@ -36,7 +36,7 @@ def latest_checkpoint(folder: str) -> str | None:
 
 
 def save_checkpoint(folder: str, step: int, task, optimizer: torch.optim.Optimizer,
-                    signature: dict[str, Any], tokenizer=None) -> str:
+                    signature: dict[str, Any], tokenizer=None, grad_scaler=None) -> str:
     """Write checkpoint-<step> atomically: everything goes into a temporary folder that is renamed last."""
     target = os.path.join(folder, f"checkpoint-{step}")
     tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=folder)
@@ -49,17 +49,20 @@ def save_checkpoint(folder: str, step: int, task, optimizer: torch.optim.Optimiz
         tensors, meta = _flatten_optimizer(optimizer)
         save_file(tensors, os.path.join(tmp, OPTIMIZER_NAME))
         with open(os.path.join(tmp, STATE_NAME), "w", encoding="utf-8") as f:
-            json.dump({"step": step, "optimizer": meta, "signature": signature}, f, indent=2)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            state = {"step": step, "optimizer": meta, "signature": signature}
+            if grad_scaler is not None:  # fp16: the loss scale and its growth counter (numbers only)
+                state["grad_scaler"] = grad_scaler.state_dict()
+            json.dump(state, f, indent=2)
+        replace_dir(tmp, target)  # an older folder of the same step stays until the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def load_checkpoint(folder: str, task, optimizer: torch.optim.Optimizer,
-                     signature: dict[str, Any]) -> int:
+                    signature: dict[str, Any], grad_scaler=None) -> int:
+    """Load the trainable tensors, the optimizer state (and the fp16 loss scale) of `folder`; returns its step.
+    Raises ValueError when the checkpoint was made with other run settings (`signature`)."""
     with open(os.path.join(folder, STATE_NAME), encoding="utf-8") as f:
         state = json.load(f)
     saved = state.get("signature", {})
@@ -76,6 +79,8 @@ def load_checkpoint(folder: str, task, optimizer: torch.optim.Optimizer,
             p.copy_(tensors[name])
     optimizer.load_state_dict(_unflatten_optimizer(load_file(os.path.join(folder, OPTIMIZER_NAME)),
                                                    state["optimizer"]))
+    if grad_scaler is not None and "grad_scaler" in state:
+        grad_scaler.load_state_dict(state["grad_scaler"])
     return int(state["step"])
 
 
@@ -110,29 +115,10 @@ def prune_checkpoints(folder: str, keep: int | None) -> None:
         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
-def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def write_jsonl(path: str, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def truncate_metrics(path: str, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (the resumed run writes them again)."""
+def truncate_metrics(path: str, step: int, warn: Callable[[str], None] | None = None) -> None:
+    """Drop log lines written after the checkpoint we resume from (the resumed run writes them again), and a torn
+    last line that a crash mid-append left (`warn` is told)."""
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(path, warn)
     write_jsonl(path, [r for r in records if r.get("step", 0) <= step])
-
-
-def move_into(tmp: str, folder: str) -> None:
-    """Move every file of the finished temporary folder `tmp` into `folder` (each by an atomic rename)."""
-    for name in os.listdir(tmp):
-        src, dst = os.path.join(tmp, name), os.path.join(folder, name)
-        if os.path.isdir(src):
-            if os.path.isdir(dst):
-                shutil.rmtree(dst)
-        os.replace(src, dst)

@@ -9,6 +9,10 @@ one weight per expert (and per LoRA layer with `layerwise_scalings`):
 `inner` is depth-1 blocks of Linear (+ ReLU + Dropout); the module keeps the original `xlora` library's
 attribute names (`inner.{i}`, `last`) so its published checkpoints load as they are.
 
+Precision: the Linear layers run in the model's compute dtype, but the softmax (and `mixing_weights`' top-k and
+re-normalisation) run in float32: bf16 keeps 8 bits of mantissa, so a bf16 softmax over nine experts rounds each
+weight to about 0.4% of itself and can tie the top-k. The model casts the mixing weights to the compute dtype once.
+
 The layers then use mixing weights, derived from the scalings the way PEFT's XLoraLayer does it, per token and
 per LoRA layer: keep the top-k experts (others set to 0), optionally re-normalise the kept ones with a softmax,
 and multiply by the global scaling weight.
@@ -35,19 +39,24 @@ class XLoraClassifier(nn.Module):
         self.last = nn.Linear(width, n_experts * (n_lora_layers if layerwise else 1), bias=bias)
 
     def forward(self, hidden: torch.Tensor, *, enable_softmax: bool, temperature: float) -> torch.Tensor:
-        """hidden: (b, t, hidden_size) -> scalings (b, t, n_lora_layers, n_experts)."""
+        """hidden: (b, t, hidden_size) -> scalings (b, t, n_lora_layers, n_experts), float32.
+
+        The head sits on the device of the hidden states it reads (with a sharded base, the last layer's device):
+        it moves there on the first call."""
         b, t, _ = hidden.shape
+        if hidden.device != self.last.weight.device:
+            self.to(hidden.device)
         x = hidden.to(self.last.weight.dtype)
         for module in self.inner:
             x = module(x)
-        logits = self.last(x)  # (b, t, L*E) or (b, t, E)
+        logits = self.last(x).float()  # (b, t, L*E) or (b, t, E)
         if self.layerwise:
             logits = logits.reshape(b, t, self.n_lora_layers, self.n_experts)
         else:
             logits = logits.unsqueeze(2).expand(b, t, self.n_lora_layers, self.n_experts)
-        if enable_softmax:
-            logits = torch.softmax(logits / temperature, dim=-1)
-        return logits
+        if not enable_softmax:
+            return logits
+        return torch.softmax(logits / temperature, dim=-1)  # (b, t, L, E), float32 probabilities
 
     def hidden_linears(self) -> list[nn.Linear]:
         return [m for m in self.inner if isinstance(m, nn.Linear)]
@@ -55,8 +64,9 @@ class XLoraClassifier(nn.Module):
 
 def mixing_weights(scalings: torch.Tensor, *, top_k: int | None, softmax_topk: bool,
                    global_weight: float) -> torch.Tensor:
-    """Scalings (..., n_experts) -> the weights the layers apply, per token and LoRA layer (PEFT's semantics)."""
-    w = scalings
+    """Scalings (..., n_experts) -> the weights the layers apply, per token and LoRA layer (PEFT's semantics).
+    Computed in float32 whatever the scalings' dtype (a caller may pass edited bf16 scalings)."""
+    w = scalings.float()
     if top_k is not None and top_k < w.shape[-1]:
         kept = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.topk(top_k, dim=-1).indices, True)
         w = w * kept.to(w.dtype)

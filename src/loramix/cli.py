@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -48,8 +49,9 @@ def generate(args: argparse.Namespace) -> int:
     """Complete a prompt; --stream prints tokens as they come, --show-experts marks each token's top expert."""
     from . import XLoraModel
     from .generation import SamplingParams, context_length, decode_steps, special_tokens
+    from .loading import load_tokenizer
 
-    model = XLoraModel.from_pretrained(args.model, base=args.base)
+    model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
     tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
     ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -89,20 +91,6 @@ def paint(text: str, expert: int, colour: bool) -> str:
     return f"\x1b[{_COLOURS[expert % len(_COLOURS)]}m{text}\x1b[0m" if colour else text
 
 
-def load_tokenizer(model_dir: str, base: str | None):
-    """The tokenizer saved beside the X-LoRA checkpoint, else the base model's."""
-    from transformers import AutoTokenizer
-
-    for source in (model_dir, base):
-        if not source:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError):
-            continue
-    raise SystemExit(f"loramix: no tokenizer in {model_dir!r} or the base model {base!r}; save one there")
-
-
 def _training_options(args: argparse.Namespace) -> dict:
     options = dict(prompt_field=args.prompt_field, completion_field=args.completion_field, text_field=args.text_field,
                    messages_field=args.messages_field, prompt_template=_unescape(args.prompt_template),
@@ -112,7 +100,9 @@ def _training_options(args: argparse.Namespace) -> dict:
                    warmup_steps=args.warmup_steps, lr_scheduler=args.lr_scheduler, weight_decay=args.weight_decay,
                    max_grad_norm=args.max_grad_norm or None, seed=args.seed, logging_steps=args.logging_steps,
                    eval_steps=args.eval_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-                   resume=args.resume, progress=not args.no_progress, device=args.device)
+                   resume=args.resume, progress=not args.no_progress, device=args.device,
+                   gradient_checkpointing=args.gradient_checkpointing,
+                   mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None)
     if args.lr is not None:
         options["lr"] = args.lr
     return options
@@ -130,13 +120,47 @@ def _dtype(name: str | None):
                                       "float16": torch.float16}[name]
 
 
+def _add_placement_flags(p: argparse.ArgumentParser, *, inference: bool) -> None:
+    """How the base model is loaded: dtype, a bitsandbytes 4-bit / 8-bit base and (inference) a device map."""
+    g = p.add_argument_group("base model placement")
+    if inference:  # the training verbs have their own --dtype and --device
+        g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype to load the base model in")
+        g.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: where transformers puts it)")
+        g.add_argument("--device-map", help="transformers' device_map: auto, balanced, or a JSON object "
+                                            "{module: device}; with --offload-folder for 'disk'")
+        g.add_argument("--offload-folder", help="folder for weights a device map offloads to disk")
+    bits = g.add_mutually_exclusive_group()
+    bits.add_argument("--load-in-4bit", action="store_true", help="a 4-bit (NF4) bitsandbytes base")
+    bits.add_argument("--load-in-8bit", action="store_true", help="an 8-bit (LLM.int8) bitsandbytes base")
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """The loader's keyword arguments from the placement flags (see `loading.load_base`)."""
+    import json
+
+    placement = dict(dtype=_dtype(args.dtype),
+                     quantization="4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None)
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None and device_map.lstrip().startswith("{"):
+        try:
+            device_map = json.loads(device_map)
+        except ValueError as err:
+            raise ValueError(f"--device-map: not a JSON object ({err})") from None
+    for key, value in (("device", getattr(args, "device", None)), ("device_map", device_map),
+                       ("offload_folder", getattr(args, "offload_folder", None))):
+        if value is not None:
+            placement[key] = value
+    return placement
+
+
 def train_expert(args: argparse.Namespace) -> int:
     """Train one LoRA expert on its domain's data; writes a PEFT adapter folder."""
     from .training import train_expert as run
 
     result = run(args.base, args.data, args.output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                  target_modules=args.target_modules, eval_data=args.eval_data, data_weights=args.data_weights,
-                 tokenizer=args.tokenizer, dtype=_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
+                 tokenizer=args.tokenizer, dtype=_dtype(args.dtype), quantization=_placement(args)["quantization"],
+                 trust_remote_code=args.trust_remote_code,
                  **_training_options(args))
     print(json_line(result.metrics))
     return 0
@@ -157,11 +181,12 @@ def train(args: argparse.Namespace) -> int:
     xlora = dict(xlora_depth=args.xlora_depth, xlora_size=args.xlora_size, layerwise_scalings=args.layerwise_scalings,
                  top_k_lora=args.top_k_lora, enable_softmax_topk=args.enable_softmax_topk,
                  softmax_temperature=args.softmax_temperature, use_trainable_adapters=args.use_trainable_adapters,
-                 xlora_dropout_p=args.xlora_dropout, scaling_pass_value=args.scaling_pass_value,
-                 balance_weight=args.balance_loss_weight, entropy_weight=args.entropy_loss_weight,
-                 routing_weight=args.routing_loss_weight, expert_field=args.expert_field)
+                 xlora_dropout_p=args.xlora_dropout_p, scaling_pass_value=args.scaling_pass_value,
+                 balance_weight=args.balance_weight, entropy_weight=args.entropy_weight,
+                 routing_weight=args.routing_weight, expert_field=args.expert_field)
     result = train_xlora(args.base, adapters, args.data, args.output, eval_data=args.eval_data,
                          data_weights=args.data_weights, tokenizer=args.tokenizer, dtype=_dtype(args.dtype),
+                         quantization=_placement(args)["quantization"],
                          trust_remote_code=args.trust_remote_code, **xlora, **_training_options(args))
     print(json_line(result.metrics))
     return 0
@@ -173,11 +198,54 @@ def json_line(record: dict) -> str:
     return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
 
 
+# ---- argument types: every number is checked at parse time, so bad flags fail before any model is loaded ----------
+def _number(kind: type, ok, expected: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}, expected {expected}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+non_negative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+finite_float = _number(float, lambda v: True, "a finite number")
+dropout_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+top_p_float = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def non_empty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line naming the flag (exit code 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _alias(group, old: str, dest: str, **kwargs) -> None:
+    """An old spelling of a flag, kept working but hidden from --help."""
+    group.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model folder or hub id")
     p.add_argument("--data", required=True, action="append",
                    help="JSONL/JSON/CSV/Parquet file, save_to_disk folder or hub dataset name[:split] (repeatable)")
-    p.add_argument("--data-weights", type=float, nargs="+", help="relative share of each --data source in the mix")
+    p.add_argument("--data-weights", type=positive_float, nargs="+",
+                   help="relative share of each --data source in the mix")
     p.add_argument("--eval-data", action="append", help="held-out data for evaluation loss and perplexity")
     p.add_argument("--output", required=True, help="output folder (checkpoints go to OUTPUT/checkpoint-<step>/)")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the base model's)")
@@ -189,27 +257,33 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-template", help="e.g. 'Question: {question}\\nAnswer:'")
     g.add_argument("--completion-template", help="e.g. ' {answer}'")
     g.add_argument("--train-on-prompt", action="store_true", help="take the loss on prompt tokens too")
-    g.add_argument("--max-length", type=int, default=512, help="longer rows are reported and skipped")
+    g.add_argument("--max-length", type=positive_int, default=512, help="longer rows are reported and skipped")
     g.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--lr", type=float, help="learning rate (default 2e-4 for experts, 1e-3 for the gate)")
-    g.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch and process")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--max-steps", type=positive_int)
+    g.add_argument("--epochs", type=positive_float)
+    g.add_argument("--lr", type=positive_float, help="learning rate (default 2e-4 for experts, 1e-3 for the gate)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="rows per micro-batch and process")
+    g.add_argument("--grad-accum", type=positive_int, default=1)
+    g.add_argument("--warmup-steps", type=non_negative_int, default=0)
     g.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant"], default="linear")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    g.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="0 turns clipping off")
+    g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype to load the base model in")
     g.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    _add_placement_flags(p, inference=False)
     g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the base's blocks in backward instead of keeping their activations")
+    precision = g.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="mixed precision: autocast to bfloat16, float32 weights")
+    precision.add_argument("--fp16", action="store_true", help="mixed precision: autocast to float16 with loss scaling")
     g = p.add_argument_group("run")
-    g.add_argument("--logging-steps", type=int, default=10)
-    g.add_argument("--eval-steps", type=int)
-    g.add_argument("--save-steps", type=int)
-    g.add_argument("--save-total-limit", type=int)
+    g.add_argument("--logging-steps", type=positive_int, default=10)
+    g.add_argument("--eval-steps", type=positive_int)
+    g.add_argument("--save-steps", type=positive_int)
+    g.add_argument("--save-total-limit", type=positive_int)
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -234,8 +308,9 @@ def analyze(args: argparse.Namespace) -> int:
         if not args.model or args.prompt is None:
             raise ValueError("give --model and --prompt (or --scalings FILE)")
         from . import XLoraModel
+        from .loading import load_tokenizer
 
-        model = XLoraModel.from_pretrained(args.model, base=args.base)
+        model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
         tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
         summary = run(args.out, model=model, tokenizer=tokenizer, prompt=args.prompt,
                       max_new_tokens=args.max_new_tokens)
@@ -255,7 +330,7 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"loramix serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    state = load_state(args.model, base=args.base, name=args.served_model_name,
+    state = load_state(args.model, base=args.base, name=args.served_model_name, placement=_placement(args),
                        trust_remote_code=args.trust_remote_code, chat_template_file=args.chat_template,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
                        max_request_bytes=args.max_request_bytes)
@@ -305,6 +380,81 @@ def _check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--host {args.host!r} is not an address or a known host name ({e})") from None
     except OSError as e:
         raise ValueError(f"--host/--port: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+def export(args: argparse.Namespace) -> int:
+    """Export for another server: a PEFT LoRA or a merged model with fixed expert weights, or mistral.rs's X-LoRA."""
+    from . import XLoraModel
+    from .data import DataFormat
+    from .export import export as run, mean_gate_scalings, scalings_from_json
+
+    model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
+    tokenizer = _maybe_tokenizer(args.model, args.base or model.base_model_id)
+    if args.from_data and args.weights:
+        raise ValueError("give --weights or --from-data, not both")
+    scalings = None
+    if args.from_data:
+        if tokenizer is None:
+            raise ValueError("--from-data: no tokenizer beside the checkpoint or in the base model")
+        fmt = DataFormat(prompt_field=args.prompt_field, completion_field=args.completion_field,
+                         text_field=args.text_field, messages_field=args.messages_field,
+                         prompt_template=_unescape(args.prompt_template),
+                         completion_template=_unescape(args.completion_template), max_length=args.max_length)
+        scalings = mean_gate_scalings(model, tokenizer, args.from_data, fmt, batch_size=args.batch_size)
+    elif args.weights and args.weights != "uniform":
+        scalings = scalings_from_json(model, args.weights)
+    options = {"base_model_id": args.base_model_id} if args.base_model_id else {}
+    folder = run(model, args.to, args.output, scalings=scalings, tokenizer=tokenizer, **options)
+    if scalings is not None:
+        for name, value in zip(model.expert_names, scalings.mean(0).tolist()):
+            print(f"  mean scaling of {name:<20} {value:.3f}")
+    print(f"wrote {args.to} export to {folder}")
+    return 0
+
+
+def _maybe_tokenizer(model_dir: str, base: str | None):
+    """The tokenizer beside the checkpoint or of the base model, or None when neither has one."""
+    from .loading import load_tokenizer
+
+    try:
+        return load_tokenizer(model_dir, base)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def eval_(args: argparse.Namespace) -> int:
+    """Benchmark with lm-evaluation-harness in process; writes its results and the routing per task."""
+    from . import XLoraModel
+    from .evaluation import evaluate, lm_class
+
+    lm_class()  # a missing lm-eval is an ImportError that main() reports in one line, before the model loads
+    from .loading import load_tokenizer
+
+    model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
+    tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = evaluate(model, tokenizer, args.tasks, include_path=args.include_path, limit=limit,
+                       batch_size=args.batch_size, output=args.output, num_fewshot=args.num_fewshot,
+                       builtin_tasks=not args.no_builtin_tasks)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    for task, weights in results["routing"].items():
+        print(f"routing of {task}: " + ", ".join(f"{name} {w:.3f}" for name, w in weights.items()))
+    if args.output:
+        print(f"wrote results.json, routing.csv and routing.png to {args.output}")
+    return 0
+
+
+def memory(args: argparse.Namespace) -> int:
+    """Print what a run will hold in memory, from the base's config alone (no weights are loaded)."""
+    from .memory import DTYPES, estimate_memory, format_estimate, read_base_config
+
+    targets = "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
+    estimate = estimate_memory(read_base_config(args.base), args.experts, args.rank, dtype=DTYPES[args.dtype],
+                               quantization=args.quantization, batch=args.batch, context=args.context,
+                               target_modules=targets, layerwise=not args.broadcast_scalings,
+                               xlora_depth=args.xlora_depth, xlora_size=args.xlora_size)
+    print(format_estimate(estimate))
+    return 0
 
 
 VERBS = {
@@ -315,13 +465,17 @@ VERBS = {
     "generate": (generate, "complete a prompt with a saved X-LoRA model"),
     "train-expert": (train_expert, "train one LoRA expert (a PEFT adapter folder)"),
     "train": (train, "train the X-LoRA gate over frozen experts"),
+    "eval": (eval_, "lm-evaluation-harness tasks in process, with the routing per task"),
+    "export": (export, "a PEFT LoRA, a merged model or a mistral.rs X-LoRA folder, to serve elsewhere"),
+    "memory": (memory, "estimate the memory a run will hold, from the base's config alone"),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loramix", description="X-LoRA: a mixture of LoRA experts.")
+    parser = _Parser(prog="loramix", description="X-LoRA: a mixture of LoRA experts.")
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("serve", help=VERBS["serve"][1])
+    _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -340,65 +494,117 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller run (about 2 minutes; used in CI)")
     p.add_argument("--out", default="loramix-demo", help="output folder (reused stages are skipped)")
     p.add_argument("--fresh", action="store_true", help="redo every stage")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser("analyze", help=VERBS["analyze"][1])
+    _add_placement_flags(p, inference=True)
     p.add_argument("--model", help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
-    p.add_argument("--prompt")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="also generate and show these tokens")
+    p.add_argument("--prompt", type=non_empty)
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=0, help="also generate and show these tokens")
     p.add_argument("--scalings", help="a saved scalings log (.safetensors) instead of a model")
     p.add_argument("--out", required=True, help="folder for heatmap.png, history.png, scalings.safetensors")
     p = sub.add_parser("quickstart", help=VERBS["quickstart"][1])
     p.add_argument("--out", default="loramix-quickstart", help="folder for the tiny base, experts and X-LoRA")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p = sub.add_parser("generate", help=VERBS["generate"][1])
+    _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--freeze-scalings-after", type=int, help="keep the scalings after N generated tokens")
+    p.add_argument("--prompt", required=True, type=non_empty)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=top_p_float, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: no top-k cut")
+    p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--stop", action="append", type=non_empty, help="stop string (repeatable)")
+    p.add_argument("--freeze-scalings-after", type=non_negative_int,
+                   help="keep the scalings after N generated tokens")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--show-experts", action="store_true", help="mark each token with its dominant expert")
     p.add_argument("--no-colour", action="store_true", help="plain [i] marks even on a terminal")
     p = sub.add_parser("train-expert", help=VERBS["train-expert"][1])
     _add_training_flags(p)
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=16)
-    g.add_argument("--dropout", type=float, default=0.05)
+    g.add_argument("--rank", type=positive_int, default=8)
+    g.add_argument("--alpha", type=positive_float, default=16)
+    g.add_argument("--dropout", type=dropout_float, default=0.05)
     g.add_argument("--target-modules", help="comma-separated module names (default: all linear layers)")
     p = sub.add_parser("train", help=VERBS["train"][1])
     _add_training_flags(p)
     p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR", help="the experts, in order")
-    g = p.add_argument_group("X-LoRA")
-    g.add_argument("--xlora-depth", type=int, default=1)
-    g.add_argument("--xlora-size", type=int, default=2048)
-    g.add_argument("--xlora-dropout", type=float, default=0.2)
+    g = p.add_argument_group("X-LoRA (flags named after the XLoraConfig fields)")
+    g.add_argument("--xlora-depth", type=positive_int, default=1)
+    g.add_argument("--xlora-size", type=positive_int, default=2048)
+    g.add_argument("--xlora-dropout-p", type=dropout_float, default=0.2)
+    _alias(g, "--xlora-dropout", "xlora_dropout_p", type=dropout_float)
     g.add_argument("--layerwise-scalings", action="store_true")
-    g.add_argument("--top-k-lora", type=int)
+    g.add_argument("--top-k-lora", type=positive_int)
     g.add_argument("--enable-softmax-topk", action="store_true")
-    g.add_argument("--softmax-temperature", type=float, default=1.0)
-    g.add_argument("--scaling-pass-value", type=float, default=0.0)
+    g.add_argument("--softmax-temperature", type=positive_float, default=1.0)
+    g.add_argument("--scaling-pass-value", type=finite_float, default=0.0)
     g.add_argument("--use-trainable-adapters", action="store_true", help="train the experts too")
-    g.add_argument("--balance-loss-weight", type=float, default=0.0, help="load-balancing term over experts")
-    g.add_argument("--entropy-loss-weight", type=float, default=0.0,
+    g = p.add_argument_group("routing losses (flags named after the RoutingLosses fields)")
+    g.add_argument("--balance-weight", type=non_negative_float, default=0.0, help="load-balancing term over experts")
+    _alias(g, "--balance-loss-weight", "balance_weight", type=non_negative_float)
+    g.add_argument("--entropy-weight", type=finite_float, default=0.0,
                    help="entropy of the scalings (positive sharpens the routing)")
-    g.add_argument("--expert-field", help="field naming each row's expert (for --routing-loss-weight)")
-    g.add_argument("--routing-loss-weight", type=float, default=0.0, help="supervised routing loss")
+    _alias(g, "--entropy-loss-weight", "entropy_weight", type=finite_float)
+    g.add_argument("--expert-field", help="field naming each row's expert (for --routing-weight)")
+    g.add_argument("--routing-weight", type=non_negative_float, default=0.0, help="supervised routing loss")
+    _alias(g, "--routing-loss-weight", "routing_weight", type=non_negative_float)
+    p = sub.add_parser("export", help=VERBS["export"][1])
+    _add_placement_flags(p, inference=True)
+    p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
+    p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
+    p.add_argument("--to", required=True, choices=["peft", "merged", "mistralrs"])
+    p.add_argument("--output", required=True, help="a new (or empty) folder")
+    p.add_argument("--weights", help="peft/merged: 'uniform' (default) or a JSON file of fixed expert weights")
+    p.add_argument("--from-data", action="append", help="peft/merged: the gate's mean weights over this data")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass with --from-data")
+    p.add_argument("--base-model-id", help="mistralrs: the base's id to record (default: write it to OUTPUT/base)")
+    g = p.add_argument_group("data format (--from-data)")
+    g.add_argument("--prompt-field", default="prompt")
+    g.add_argument("--completion-field", default="completion")
+    g.add_argument("--text-field")
+    g.add_argument("--messages-field")
+    g.add_argument("--prompt-template")
+    g.add_argument("--completion-template")
+    g.add_argument("--max-length", type=positive_int, default=512)
+    p = sub.add_parser("eval", help=VERBS["eval"][1])
+    _add_placement_flags(p, inference=True)
+    p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
+    p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", help="a folder of extra task YAMLs")
+    p.add_argument("--limit", type=positive_float, help="documents per task (a fraction if below 1)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--num-fewshot", type=non_negative_int)
+    p.add_argument("--no-builtin-tasks", action="store_true", help="only --include-path's tasks (skips indexing lm-eval's)")
+    p.add_argument("--output", help="folder for results.json, routing.csv, routing.png")
+    p = sub.add_parser("memory", help=VERBS["memory"][1])
+    p.add_argument("--base", required=True, help="base model folder or its config.json (only the config is read)")
+    p.add_argument("--experts", type=positive_int, required=True, help="number of LoRA experts")
+    p.add_argument("--rank", type=positive_int, required=True, help="rank of each expert")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--quantization", choices=["4bit", "8bit"], help="a bitsandbytes base")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--context", type=positive_int, default=2048, help="tokens per sequence")
+    p.add_argument("--target-modules", default="all-linear", help="comma-separated module names")
+    p.add_argument("--xlora-depth", type=positive_int, default=1)
+    p.add_argument("--xlora-size", type=positive_int, default=2048)
+    p.add_argument("--broadcast-scalings", action="store_true", help="one scaling per expert for all layers")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error already printed (2)
+        return done.code if isinstance(done.code, int) else 2
     try:
         return VERBS[args.verb][0](args)
-    except (ValueError, FileNotFoundError, OSError, NotImplementedError) as err:
+    except (ValueError, OSError, ImportError, NotImplementedError) as err:
         print(f"loramix {args.verb}: {err}", file=sys.stderr)
         return 2
 

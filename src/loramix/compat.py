@@ -37,3 +37,13 @@ def output_cache(output: Any) -> Any:
         if value is not None:
             return value
     return None
+
+
+def enable_activation_checkpointing(model: nn.Module, **checkpoint_kwargs: Any) -> None:
+    """Turn on a transformers model's own gradient (activation) checkpointing, passing `checkpoint_kwargs` to
+    torch.utils.checkpoint. transformers 5.24 renamed `gradient_checkpointing_enable` (deprecated until v6) to
+    `activation_checkpointing_enable`; older releases have only the first."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)

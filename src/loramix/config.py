@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ _IGNORED_FIELDS = {
     "target_modules", "modules_to_save", "_subfolders",
 }
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")  # used with fullmatch: no "$" before a newline
 
 
 @dataclass
@@ -65,34 +66,39 @@ class XLoraConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.adapters, (list, tuple)):
-            names = [str(a) for a in self.adapters]
+            names = list(self.adapters)
+            if not all(isinstance(n, str) for n in names):
+                raise ValueError(f"adapters: expert names must be strings, got {names!r}")
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"adapters: duplicate expert names {duplicates}")
-            self.adapters = list(names)
+            self.adapters = names
         elif isinstance(self.adapters, dict):
-            self.adapters = {str(k): str(v) for k, v in self.adapters.items()}
+            bad = {k: v for k, v in self.adapters.items() if not isinstance(k, str) or not isinstance(v, str)}
+            if bad:
+                raise ValueError(f"adapters: expected expert name -> path strings, got {bad!r}")
+            self.adapters = dict(self.adapters)
         else:
             raise ValueError(f"adapters: expected a dict name -> path or a list of names, got {type(self.adapters).__name__}")
         if len(self.adapters) == 0:
             raise ValueError("adapters: at least one expert is needed")
         for name in self.expert_names:
-            if not _ADAPTER_NAME.match(name) or name in (".", ".."):
+            if not _ADAPTER_NAME.fullmatch(name) or name in (".", ".."):
                 raise ValueError(f"adapters: expert name {name!r} must be letters, digits, '_', '-', '.' (it names a folder)")
         n = len(self.adapters)
-        _check(self.hidden_size is None or (_is_int(self.hidden_size) and self.hidden_size > 0),
+        _check(self.hidden_size is None or (is_int(self.hidden_size) and self.hidden_size > 0),
                "hidden_size", self.hidden_size, "a positive integer or None")
-        _check(_is_int(self.xlora_depth) and self.xlora_depth >= 1, "xlora_depth", self.xlora_depth, "an integer >= 1")
-        _check(_is_int(self.xlora_size) and self.xlora_size >= 1, "xlora_size", self.xlora_size, "an integer >= 1")
-        _check(_is_num(self.xlora_dropout_p) and 0.0 <= self.xlora_dropout_p < 1.0,
+        _check(is_int(self.xlora_depth) and self.xlora_depth >= 1, "xlora_depth", self.xlora_depth, "an integer >= 1")
+        _check(is_int(self.xlora_size) and self.xlora_size >= 1, "xlora_size", self.xlora_size, "an integer >= 1")
+        _check(is_finite_number(self.xlora_dropout_p) and 0.0 <= self.xlora_dropout_p < 1.0,
                "xlora_dropout_p", self.xlora_dropout_p, "in [0, 1)")
-        _check(_is_num(self.softmax_temperature) and self.softmax_temperature > 0,
-               "softmax_temperature", self.softmax_temperature, "> 0")
-        _check(self.top_k_lora is None or (_is_int(self.top_k_lora) and 1 <= self.top_k_lora <= n),
+        _check(is_finite_number(self.softmax_temperature) and self.softmax_temperature > 0,
+               "softmax_temperature", self.softmax_temperature, "a finite number > 0")
+        _check(self.top_k_lora is None or (is_int(self.top_k_lora) and 1 <= self.top_k_lora <= n),
                "top_k_lora", self.top_k_lora, f"None or an integer in 1..{n} (the number of experts)")
-        _check(self.scaling_pass_value is None or _is_num(self.scaling_pass_value),
-               "scaling_pass_value", self.scaling_pass_value, "a number or None")
-        _check(_is_num(self.global_scaling_weight), "global_scaling_weight", self.global_scaling_weight, "a number")
+        _check(self.scaling_pass_value is None or is_finite_number(self.scaling_pass_value),
+               "scaling_pass_value", self.scaling_pass_value, "a finite number or None")
+        _check(is_finite_number(self.global_scaling_weight), "global_scaling_weight", self.global_scaling_weight, "a finite number")
         for flag in ("enable_softmax", "enable_softmax_topk", "layerwise_scalings", "enable_relu_and_dropout",
                      "use_bias", "use_trainable_adapters"):
             _check(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "true or false")
@@ -118,6 +124,9 @@ class XLoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "XLoraConfig":
+        """Build from a dict as saved in a config file; errors name `source` and the field at fault."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - _IGNORED_FIELDS - {"base_model_id"})
         if unknown:
@@ -131,22 +140,40 @@ class XLoraConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> tuple["XLoraConfig", dict[str, Any]]:
         """Read a config file; returns the config and the raw dict (for fields such as base_model_id)."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+        data = read_json_object(path)
         return cls.from_dict(data, source=str(path)), data
 
 
-def _is_int(v: Any) -> bool:
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding an object; unreadable, non-UTF-8, invalid JSON or another JSON type is a ValueError
+    naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, never a count or a size to us)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # rejects NaN
+def is_finite_number(v: Any) -> bool:
+    """A finite int or float (not a bool, NaN, an infinity or an int beyond float range)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

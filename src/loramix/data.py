@@ -2,8 +2,8 @@
 
 A row becomes one `Example`: token ids and labels, where labels are the ids on the tokens that carry loss and
 -100 elsewhere (the prompt, unless `train_on_prompt`; everything but the assistant turns of a chat). Rows that
-cannot become an example (missing field, empty text, longer than `max_length`) are `BadRow`s with their file and
-line; they are counted and reported, or fatal with `strict`. Problems that concern a whole file (unreadable, a
+cannot become an example (not JSON or UTF-8, a missing field, a list where text is expected, a chat the template
+refuses, empty text, longer than `max_length`) are `BadRow`s with their file and line; they are counted and reported, or fatal with `strict`. Problems that concern a whole file (unreadable, a
 field or template name that no row has) raise `DataError` before any training starts.
 
 Batches are planned from the global micro-batch index alone (`BatchPlan`), so every process of a data-parallel
@@ -12,11 +12,13 @@ run, and a resumed run, sees the same batches without any state but the index.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import math
 import os
 import string
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -42,8 +44,11 @@ class DataFormat:
     messages_field: str | None = None
     prompt_template: str | None = None
     completion_template: str | None = None
-    expert_field: str | None = None  # rows may name the expert that should handle them (supervised routing);
-    # a row whose field is missing, null or "" is unlabelled: it trains with cross-entropy only
+    expert_field: str | None = None  # rows may name the expert that should handle them (supervised routing):
+    # a name labels the whole row; a list of [start, end, name] character spans over prompt + completion labels
+    # the tokens inside each span (cut spans at word boundaries: each span is tokenized on its own); in the chat
+    # format an `expert` key on a message labels that message. A row (or message, or text outside every span)
+    # whose label is missing, null or "" is unlabelled: it trains with cross-entropy only
     max_length: int = 512
     train_on_prompt: bool = False
     strict: bool = False
@@ -78,8 +83,9 @@ class DataFormat:
 class Example:
     input_ids: list[int]
     labels: list[int]  # -100 where no loss is taken
-    expert: int = -1  # index of the expert this row names, -1 for none
-    source: str = ""  # "file:line"
+    # routing[t]: index of the expert that should write token t + 1 (the gate's scalings at position t drive the
+    # prediction of the next token, the same shift as the labels of causal LM), -100 for no routing label
+    routing: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -127,25 +133,43 @@ def read_rows(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # lines decoded one by one: one bad line is one bad row
+        for number, raw in enumerate(f, 1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if not raw.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                row = json.loads(line, parse_float=_Number, parse_int=_Number)
-            except json.JSONDecodeError as e:
-                yield where, {"__error__": f"not valid JSON ({e.msg})"}
+                row = _parse_json(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield where, {"__error__": "not valid UTF-8"}
+                continue
+            except _RowError as e:
+                yield where, {"__error__": str(e)}
                 continue
             yield where, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
 
 
+def _parse_json(text: str) -> Any:
+    """json.loads keeping numbers as written; a reason as _RowError for text that is not JSON we can hold."""
+    try:
+        return json.loads(text, parse_float=_Number, parse_int=_Number)
+    except json.JSONDecodeError as e:
+        raise _RowError(f"not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise _RowError("JSON nested too deeply") from None
+
+
 def _read_json(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f, parse_float=_Number, parse_int=_Number)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    try:
+        data = json.loads(text, parse_float=_Number, parse_int=_Number)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -154,13 +178,22 @@ def _read_json(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{path}:item {i}", row if isinstance(row, dict) else {"__error__": "not a JSON object"}
 
 
+# Python's csv module refuses fields over 131,072 characters by default. A long field is a long row, which the
+# max_length check reports and skips, so the reader lifts the limit while it reads (the C long bounds it).
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2 ** 31 - 1)
+
+
 def _read_csv(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise DataError(f"{path}: empty CSV file (no header)")
-        for row in reader:
-            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+    previous = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise DataError(f"{path}: empty CSV file (no header)")
+            for row in reader:
+                yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _read_parquet(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -215,6 +248,10 @@ class _Number(str):
     """A JSON number kept as the text it was written with, so templates print it unchanged."""
 
 
+class _RowError(Exception):
+    """Why one row cannot become an example (reported with its file and line)."""
+
+
 # ---- rendering and tokenizing -------------------------------------------------------------------------------------
 def _template_fields(template: str) -> list[str]:
     names = []
@@ -226,14 +263,17 @@ def _template_fields(template: str) -> list[str]:
     return names
 
 
-def _as_text(value: Any) -> str:
+def _text(row: dict[str, Any], name: str) -> str:
+    """The row's field `name` as text. Numbers and booleans keep the text they were written with (JSON numbers
+    arrive as _Number); a list or an object is not text and makes the row bad."""
+    value = _field(row, name)
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)  # JSON numbers arrive as _Number (their text); other floats print as Python's repr
-
-
-class _RowError(Exception):
-    pass
+    if isinstance(value, (list, tuple)):
+        raise _RowError(f"field {name!r} is a list, expected text")
+    if isinstance(value, dict):
+        raise _RowError(f"field {name!r} is an object, expected text")
+    return str(value)
 
 
 def _field(row: dict[str, Any], name: str) -> Any:
@@ -246,11 +286,14 @@ def _field(row: dict[str, Any], name: str) -> Any:
 def _render(row: dict[str, Any], fmt: DataFormat) -> tuple[str, str]:
     """(prompt, completion) for a non-chat row."""
     if fmt.kind == "text":
-        return "", _as_text(_field(row, fmt.text_field))
+        return "", _text(row, fmt.text_field)
     if fmt.kind == "template":
-        values = {name: _as_text(_field(row, name)) for name in fmt.needed_fields()}
-        return fmt.prompt_template.format(**values), fmt.completion_template.format(**values)
-    return _as_text(_field(row, fmt.prompt_field)), _as_text(_field(row, fmt.completion_field))
+        values = {name: _text(row, name) for name in fmt.needed_fields()}
+        try:
+            return fmt.prompt_template.format(**values), fmt.completion_template.format(**values)
+        except (LookupError, AttributeError, ValueError, TypeError) as e:  # e.g. {answer[9]} on a short answer
+            raise _RowError(f"the template cannot format this row: {type(e).__name__}: {e}") from None
+    return _text(row, fmt.prompt_field), _text(row, fmt.completion_field)
 
 
 def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: list[str] | None = None) -> Example:
@@ -259,57 +302,137 @@ def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: 
         raise _RowError(row["__error__"])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if fmt.kind == "messages":
-        pieces = _chat_pieces(_field(row, fmt.messages_field), tokenizer)
+        pieces = [(text, trained, _expert_index(name, "expert", expert_names) if expert_names else -100)
+                  for text, trained, name in _chat_pieces(_field(row, fmt.messages_field), tokenizer)]
     else:
         prompt, completion = _render(row, fmt)
         if not completion.strip():
             raise _RowError("empty completion" if fmt.kind != "text" else "empty text")
-        pieces = [(prompt, False), (completion, True)] if prompt else [(completion, True)]
+        pieces = _labelled_pieces(prompt, completion, row.get(fmt.expert_field) if fmt.expert_field else None,
+                                  fmt.expert_field, expert_names)
     ids: list[int] = []
     labels: list[int] = []
-    for i, (text, trained) in enumerate(pieces):
+    written_by: list[int] = []  # the expert label of each token as written, -100 for none
+    for i, (text, trained, expert) in enumerate(pieces):
+        _check_unicode(text)
         piece = tokenizer(text, add_special_tokens=(i == 0 and fmt.kind != "messages"))["input_ids"]
         ids += piece
         labels += piece if trained or fmt.train_on_prompt else [-100] * len(piece)
+        written_by += [expert] * len(piece)
     if fmt.kind != "messages" and eos and (not ids or ids[-1] != eos[0]):
         ids += eos
         labels += eos
+        written_by += written_by[-1:] or [-100]  # the end of a labelled completion is its expert's to write
     if all(x == -100 for x in labels):
         raise _RowError("no tokens to train on")
     if len(ids) > fmt.max_length:
         raise _RowError(f"{len(ids)} tokens, over max_length {fmt.max_length}")
-    expert = -1
-    if fmt.expert_field and row.get(fmt.expert_field) not in (None, ""):  # unlabelled rows take no routing loss
-        name = _as_text(row[fmt.expert_field])
-        if expert_names is None or name not in expert_names:
-            raise _RowError(f"{fmt.expert_field}={name!r} is not one of the experts {expert_names}")
-        expert = expert_names.index(name)
-    return Example(ids, labels, expert)
+    return Example(ids, labels, routing=written_by[1:] + [-100])  # position t routes for token t + 1
 
 
-def _chat_pieces(messages: Any, tokenizer) -> list[tuple[str, bool]]:
-    """Split a rendered chat into (text, is_assistant_turn) pieces using the template on growing prefixes."""
+def _expert_index(name: Any, field_name: str, expert_names: list[str] | None) -> int:
+    """The index of an expert label (-100 for an unlabelled row, message or span)."""
+    if name in (None, ""):
+        return -100
+    name = _text({field_name: name}, field_name)  # the same checks as a text field (no lists or objects)
+    if expert_names is None or name not in expert_names:
+        raise _RowError(f"{field_name}={name!r} is not one of the experts {expert_names}")
+    return expert_names.index(name)
+
+
+def _labelled_pieces(prompt: str, completion: str, label: Any, field_name: str | None,
+                     expert_names: list[str] | None) -> list[tuple[str, bool, int]]:
+    """(text, trained, expert index) pieces of a prompt/completion row: the row's one label, or its
+    [start, end, name] character spans over prompt + completion cut into pieces of their own."""
+    pieces = [(prompt, False), (completion, True)] if prompt else [(completion, True)]
+    if not isinstance(label, list):
+        expert = _expert_index(label, field_name, expert_names)
+        return [(text, trained, expert) for text, trained in pieces]
+    spans = []
+    for span in label:
+        if not (isinstance(span, list) and len(span) == 3 and all(_is_offset(x) for x in span[:2])
+                and 0 <= int(span[0]) < int(span[1]) <= len(prompt) + len(completion)):
+            raise _RowError(f"{field_name}: a span must be [start, end, expert] with 0 <= start < end <= "
+                            f"{len(prompt) + len(completion)} (characters of prompt + completion), got {span!r}")
+        spans.append((int(span[0]), int(span[1]), _expert_index(span[2], field_name, expert_names)))
+    spans.sort()
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        raise _RowError(f"{field_name}: spans overlap: {label!r}")
+    out, offset = [], 0
+    for text, trained in pieces:  # cut each piece at the span boundaries inside it
+        cuts = sorted({0, len(text)} | {p - offset for s in spans for p in s[:2] if 0 < p - offset < len(text)})
+        for a, b in zip(cuts, cuts[1:]):
+            expert = next((e for start, end, e in spans if start <= offset + a < end), -100)
+            out.append((text[a:b], trained, expert))
+        offset += len(text)
+    return out
+
+
+def _is_offset(value: Any) -> bool:
+    """A character offset of a span: an int, or digits (CSV cells are text)."""
+    return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, str) and value.isdigit()))
+
+
+def _check_unicode(text: str) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"); it is no text a tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _RowError("the text holds a lone surrogate (e.g. \\ud800), which is not valid Unicode") from None
+
+
+def _chat_pieces(messages: Any, tokenizer) -> list[tuple[str, bool, Any]]:
+    """Split a rendered chat into (text, is_assistant_turn, the message's `expert` label) pieces, using the
+    template on growing prefixes. The template's lead-in to an assistant turn goes with that turn's label;
+    neighbouring untrained pieces with the same label are joined (an unlabelled chat splits as it always did)."""
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in messages):
         raise _RowError("messages must be a non-empty list of {role, content} objects")
     if not any(m["role"] == "assistant" for m in messages):
         raise _RowError("no assistant turn to train on")
-    pieces: list[tuple[str, bool]] = []
+    labelled = any(m.get("expert") not in (None, "") for m in messages)
+    pieces: list[tuple[str, bool, Any]] = []
     done = ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
+            if not labelled:
+                continue  # its text is taken with the next assistant turn's lead-in, or the tail
+            upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not upto.startswith(done):
+                raise _chat_error()
+            pieces.append((upto[len(done):], False, m.get("expert")))
+            done = upto
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = _render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = _render_chat(tokenizer, messages[: i + 1])
         if not before.startswith(done) or not upto.startswith(before):
-            raise DataError("the tokenizer's chat template does not render conversations incrementally, so the "
-                            "assistant turns cannot be located; use --train-on-prompt with --text-field instead")
-        pieces += [(before[len(done):], False), (upto[len(before):], True)]
+            raise _chat_error()
+        pieces += [(before[len(done):], False, m.get("expert")), (upto[len(before):], True, m.get("expert"))]
         done = upto
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = _render_chat(tokenizer, messages)
     if full[len(done):]:
-        pieces.append((full[len(done):], False))
-    return [(text, trained) for text, trained in pieces if text]
+        pieces.append((full[len(done):], False, None))
+    joined: list[tuple[str, bool, Any]] = []
+    for text, trained, expert in pieces:
+        if joined and not trained and not joined[-1][1] and joined[-1][2] == expert:
+            joined[-1] = (joined[-1][0] + text, False, expert)
+        elif text:
+            joined.append((text, trained, expert))
+    return joined
+
+
+def _chat_error() -> DataError:
+    return DataError("the tokenizer's chat template does not render conversations incrementally, so the "
+                     "assistant turns cannot be located; use --train-on-prompt with --text-field instead")
+
+
+def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages`; a template that raises on this row (its own raise_exception, or
+    content it cannot handle) makes the row bad."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a user-supplied Jinja template can raise anything
+        raise _RowError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
 
 def load_dataset(sources: list[str], tokenizer, fmt: DataFormat, weights: list[float] | None = None,
@@ -349,13 +472,12 @@ def load_dataset(sources: list[str], tokenizer, fmt: DataFormat, weights: list[f
                     raise DataError(f"{where}: {e} (strict mode stops at the first bad row)") from None
                 bad.append(BadRow(where, str(e)))
                 continue
-            example.source = where
             examples.append(example)
             source_of.append(s)
             kept += 1
         if kept == 0:
             raise DataError(f"{source}: every row is bad, e.g. {bad[-1].source}: {bad[-1].reason}")
-    if fmt.expert_field and all(e.expert < 0 for e in examples):
+    if fmt.expert_field and all(x < 0 for e in examples for x in e.routing):
         raise DataError(f"expert field {fmt.expert_field!r}: no row of {list(sources)} names an expert")
     if bad:
         log(f"skipped {len(bad)} bad row(s) (use --strict to stop instead):")
@@ -420,15 +542,17 @@ class BatchPlan:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels (b, t); expert (b,)."""
+    """Right-pad to the longest example: input_ids, attention_mask, labels, expert (b, t); expert[b, t] is the
+    routing label of position t (-100: none)."""
     longest = max(len(e) for e in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    expert = torch.full((len(examples), longest), -100, dtype=torch.long)
     for r, e in enumerate(examples):
         n = len(e)
         ids[r, :n] = torch.tensor(e.input_ids)
         labels[r, :n] = torch.tensor(e.labels)
         mask[r, :n] = 1
-    expert = torch.tensor([e.expert for e in examples], dtype=torch.long)
+        expert[r, :n] = torch.tensor(e.routing or [-100] * n)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "expert": expert}

@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from .config import is_finite_number, is_int, read_json_object
 from .hub import resolve_file
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -44,7 +44,6 @@ class ExpertModule:
 @dataclass
 class Expert:
     name: str
-    source: str
     config: dict  # adapter_config.json as read, written back unchanged on save
     modules: dict[str, ExpertModule] = field(default_factory=dict)  # base-model module name -> weights
     dtype: torch.dtype = torch.float32  # dtype of the tensors in the file
@@ -70,12 +69,48 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores (in, out)
 
 
+def load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; an empty, truncated or corrupt file is a ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
 def _pattern_value(pattern: dict, module_name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name or its dotted suffix."""
     for key, value in (pattern or {}).items():
         if module_name == key or module_name.endswith("." + key) or re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
             return value
     return default
+
+
+def _check_lora_numbers(config: dict, path: str) -> None:
+    """r, lora_alpha and the rank/alpha patterns must be numbers and valid patterns before any weight is read."""
+    def is_number(v, positive_int: bool = False) -> bool:
+        return is_int(v) and v >= 1 if positive_int else is_finite_number(v)
+
+    if "r" in config and not is_number(config["r"], positive_int=True):
+        raise ValueError(f"{path}: r is {config['r']!r}, expected an integer >= 1")
+    if "lora_alpha" in config and not is_number(config["lora_alpha"]):
+        raise ValueError(f"{path}: lora_alpha is {config['lora_alpha']!r}, expected a finite number")
+    for field_name, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(field_name)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{path}: {field_name} is {pattern!r}, expected an object module pattern -> value")
+        for key, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?(?:{key})")  # the form _pattern_value matches with
+            except re.error as err:
+                raise ValueError(f"{path}: {field_name} key {key!r} is not a valid pattern ({err})") from None
+            if not is_number(value, positive_int):
+                raise ValueError(f"{path}: {field_name}[{key!r}] is {value!r}, expected "
+                                 f"{'an integer >= 1' if positive_int else 'a finite number'}")
 
 
 def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xlora: bool = False) -> Expert:
@@ -93,14 +128,11 @@ def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xl
         pickled = [f for f in _PICKLE_WEIGHTS if os.path.isdir(source) and os.path.isfile(os.path.join(source, f))]
         hint = f" (found {pickled[0]}: pickled weights are never loaded; convert it to safetensors)" if pickled else ""
         raise FileNotFoundError(f"{where}: no {ADAPTER_WEIGHTS}{hint}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: {ADAPTER_CONFIG} is not valid JSON ({err})") from None
+    config = read_json_object(config_path)
     _check_variant(config, where)
+    _check_lora_numbers(config, config_path)
 
-    state = load_file(weights_path)
+    state = load_safetensors(weights_path)
     modules = dict(base_model.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -119,7 +151,7 @@ def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xl
         pairs.setdefault(m["module"], {})[m["kind"]] = tensor
 
     rank_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    expert = Expert(name=name, source=source, config=config,
+    expert = Expert(name=name, config=config,
                     dtype=next(iter(state.values())).dtype if state else torch.float32)
     for module_name, ab in pairs.items():
         at = f"{where}, module {module_name!r}"
@@ -134,7 +166,7 @@ def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xl
             raise ValueError(f"{at}: a {type(module).__name__} needs {prefix}A and {prefix}B, found {sorted(ab)}")
         A, B = ab[prefix + "A"], ab[prefix + "B"]
         n_in, n_out = linear_shape(module)
-        rank = A.shape[0]
+        rank = A.shape[0] if A.dim() else 0
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != n_in or B.shape != (n_out, rank):
             raise ValueError(f"{at}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a "
                              f"{type(module).__name__} of {n_in} -> {n_out} at rank {rank}")
@@ -160,7 +192,11 @@ def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xl
 def _check_same_base_weight(module_name: str, tensor: torch.Tensor, modules: dict, where: str) -> None:
     module = modules.get(module_name)
     weight = getattr(module, "weight", None)
-    if weight is None or weight.shape != tensor.shape or not torch.equal(weight.detach().cpu().to(tensor.dtype), tensor):
+    if weight is not None and weight.is_meta:  # offloaded to disk by accelerate: nothing to compare here
+        return
+    # compared in the base's dtype: a float32 adapter saved from a float32 base still matches the base in bf16
+    if weight is None or weight.shape != tensor.shape or not torch.equal(
+            weight.detach().cpu(), tensor.to(weight.dtype)):
         raise ValueError(f"{where}, module {module_name!r}: the adapter carries its own base weights for this "
                          f"module and they differ from the base model's (resized vocabulary?); not supported")
 

@@ -1,8 +1,11 @@
-"""Writing files so that a crash never leaves a half-written one: write a temporary file beside, then rename."""
+"""Writing files so that a crash never leaves a half-written one (write a temporary file or folder beside, then
+rename it into place), and JSON Lines logs."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from typing import Callable
 
@@ -28,3 +31,60 @@ def atomic_write_text(path: str, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def replace_dir(new: str, target: str) -> None:
+    """Move the finished folder `new` to `target`, replacing an older one."""
+    if os.path.isdir(target):
+        old = target + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def move_into(tmp: str, folder: str) -> None:
+    """Move every entry of the finished temporary folder `tmp` into `folder`, each by an atomic rename (a folder
+    replaces the folder of the same name)."""
+    for name in os.listdir(tmp):
+        src, dst = os.path.join(tmp, name), os.path.join(folder, name)
+        if os.path.isdir(src) and os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append one JSON line (a log: a crash mid-append can leave a torn last line, which read_jsonl handles)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """Write `records` as JSON Lines, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_jsonl(path: str, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The records of a JSON Lines log written with append_jsonl.
+
+    A crash in the middle of an append leaves a torn last line: it is dropped, and `warn` is told which file lost
+    it. A line elsewhere that is not a JSON object is damage, not a crash: ValueError naming file:line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for n, line in numbered:
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif n == numbered[-1][0]:
+            if warn is not None:
+                warn(f"{path}: dropped a torn last line (line {n}), left by a crash while it was written")
+        else:
+            raise ValueError(f"{path}:{n}: not a JSON object; the log is damaged (only its last line may be torn)")
+    return records

@@ -14,7 +14,9 @@ copies take the memory of the adapted weights while the request runs.
 One decode core serves `generate` and the server's continuous-batching engine (serving.py), so each rule of
 decoding is written once:
 - `RowState`: one sequence (prompt, tokens so far, budget, sampling parameters, its own generator, its text);
-- `sample_next_token`: the next token of every row (penalties, greedy or sampling, failures kept per row);
+- `sample_next_token`: the next token of every row (penalties, greedy or sampling, failures kept per row), and
+  on request the log-probabilities of the distribution sampled from; `prompt_logprobs` gives the same for the
+  tokens of a prompt (one forward pass);
 - `finish_reason`: EOS against min_new_tokens, stop strings, the budget (max_new_tokens and the context);
 - `DecodeBatch`: rows decoded together with one KV cache per pass (prefill, decode, keep rows, merge batches),
   frozen scalings and folding; `select_cache_rows` / `merge_caches` are its cache surgery.
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .config import is_finite_number, is_int
 
 
 @dataclass
@@ -50,19 +54,19 @@ class SamplingParams:
         def bad(name, expected):
             raise ValueError(f"{name}: got {getattr(self, name)!r}, expected {expected}")
 
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             bad("max_new_tokens", "an integer >= 0")
-        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+        if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             bad("min_new_tokens", "an integer >= 0")
-        if not _finite(self.temperature) or self.temperature < 0:
+        if not is_finite_number(self.temperature) or self.temperature < 0:
             bad("temperature", "a finite number >= 0")
-        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_finite_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "a number in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "an integer >= 0 (0: off)")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not is_finite_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad("repetition_penalty", "a number > 0")
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             bad("seed", "an integer or None")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -218,8 +222,62 @@ def sample_next_token(logits: torch.Tensor, rows: list[RowState], logprobs: int 
                                     device=logits.device)  # (n, 1)
         distribution = torch.log_softmax(logits / temperatures, dim=-1)  # (n, vocab)
         sampled.logprobs = distribution.gather(-1, tokens[:, None])[:, 0]
-        sampled.top_logprobs, sampled.top_ids = distribution.topk(logprobs, dim=-1)
+        sampled.top_logprobs, sampled.top_ids = distribution.topk(min(logprobs, distribution.shape[-1]), dim=-1)
     return sampled
+
+
+@dataclass
+class TokenLogprob:
+    """One token with its log-probability and the most likely alternatives at its position (largest first)."""
+
+    token: int
+    logprob: float | None  # None for a prompt's first token: nothing predicts it
+    top: list[tuple[int, float]]  # (token, log-probability)
+
+
+def sampling_temperature(params: SamplingParams) -> float:
+    """The temperature of the distribution a row samples from: its own, or 1 for greedy rows."""
+    return 1.0 if params.greedy else params.temperature
+
+
+def chosen_logprobs(sampled: Sampled, row: int, top: int) -> TokenLogprob:
+    """Row `row` of what `sample_next_token(..., logprobs=k)` returned, with its `top` <= k alternatives (fewer
+    where the vocabulary is smaller)."""
+    if sampled.logprobs is None:
+        raise ValueError("sampled: no log-probabilities (sample_next_token was called without logprobs)")
+    alternatives = zip(sampled.top_ids[row, :top].tolist(), sampled.top_logprobs[row, :top].tolist())
+    return TokenLogprob(int(sampled.tokens[row]), float(sampled.logprobs[row]), list(alternatives))
+
+
+def prompt_logprobs(model, prompt: list[int], *, top: int = 0, temperature: float = 1.0,
+                    top_k_lora: int | None = None, softmax_temperature: float | None = None,
+                    logits: torch.Tensor | None = None) -> list[TokenLogprob]:
+    """The log-probability of each prompt token given the ones before it, from one forward pass of the X-LoRA
+    model over the prompt: position t's logits predict token t + 1, so the first token has none (None).
+
+    The distribution is log_softmax(logits / temperature) (pass `sampling_temperature(params)`, i.e. 1 for
+    greedy), the same that `sample_next_token` reports for generated tokens; `top` adds that many alternatives
+    per position. The gate options are this call's, as in `DecodeBatch`. `logits` (t, vocab): that forward pass
+    already run by the caller (`DecodeBatch.prefill(..., keep_prompt_logits=True)` of this prompt alone)."""
+    if not prompt:
+        raise ValueError("prompt: no tokens")
+    if not is_finite_number(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: got {temperature!r}, expected a finite number > 0")
+    ids = torch.tensor([prompt], device=model.device)  # (1, t)
+    if logits is None:
+        with torch.no_grad():
+            logits = model(input_ids=ids, top_k_lora=top_k_lora, softmax_temperature=softmax_temperature).logits[0]
+    if logits.shape[0] != len(prompt):
+        raise ValueError(f"logits: {logits.shape[0]} positions for a prompt of {len(prompt)} tokens")
+    distribution = torch.log_softmax(logits[:-1].float() / temperature, dim=-1)  # (t - 1, vocab)
+    chosen = distribution.gather(-1, ids[0, 1:, None])[:, 0].tolist()  # (t - 1,)
+    if top:
+        values, tokens = distribution.topk(min(top, distribution.shape[-1]), dim=-1)  # (t - 1, top)
+        alternatives = [list(zip(t, v)) for t, v in zip(tokens.tolist(), values.tolist())]
+    else:
+        alternatives = [[] for _ in chosen]
+    return [TokenLogprob(prompt[0], None, [])] + [
+        TokenLogprob(token, lp, alt) for token, lp, alt in zip(prompt[1:], chosen, alternatives)]
 
 
 def _sample(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
@@ -263,7 +321,7 @@ class DecodeBatch:
                  freeze_scalings_after: int | None = None, fold_frozen: bool = False) -> None:
         if fold_frozen and freeze_scalings_after is None:
             raise ValueError("fold_frozen: needs freeze_scalings_after")
-        if freeze_scalings_after is not None and (not _is_int(freeze_scalings_after) or freeze_scalings_after < 0):
+        if freeze_scalings_after is not None and (not is_int(freeze_scalings_after) or freeze_scalings_after < 0):
             raise ValueError(f"freeze_scalings_after: got {freeze_scalings_after!r}, expected an integer >= 0")
         self.model = model
         self.options = (top_k_lora, softmax_temperature, freeze_scalings_after, fold_frozen)
@@ -275,16 +333,18 @@ class DecodeBatch:
         self.frozen: torch.Tensor | None = None  # (n, 1, L, E) once every row is frozen
         self.folded = None  # FoldedWeights while the rows run folded
         self.last_sampled: Sampled | None = None  # what `choose` picked
+        self.prompt_logits: torch.Tensor | None = None  # (n, t, vocab) from `prefill(keep_prompt_logits=True)`
 
     @property
     def accepting(self) -> bool:
         """Whether rows may still join: the scaling pass (and its cache) is still running."""
         return self.scaling_cache is not None
 
-    def prefill(self, rows: list[RowState], input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, rows: list[RowState], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                keep_prompt_logits: bool = False) -> torch.Tensor:
         """Run the (left-padded) prompts through both passes; returns the logits of each row's first new token
-        (n, vocab). The batch must be empty."""
+        (n, vocab). The batch must be empty. `keep_prompt_logits` keeps every position's logits in
+        `prompt_logits` (for `prompt_logprobs`; the caller drops them when read)."""
         from transformers import DynamicCache
 
         if self.rows:
@@ -297,9 +357,10 @@ class DecodeBatch:
         top_k_lora, softmax_temperature, _, _ = self.options
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=self.mixed_cache, scaling_past_key_values=self.scaling_cache,
-                         use_cache=True, logits_to_keep=1, top_k_lora=top_k_lora,
+                         use_cache=True, logits_to_keep=0 if keep_prompt_logits else 1, top_k_lora=top_k_lora,
                          softmax_temperature=softmax_temperature)
         self.rows, self.mask, self.scalings = list(rows), mask, out.scalings[:, -1]
+        self.prompt_logits = out.logits if keep_prompt_logits else None
         return out.logits[:, -1]
 
     def choose(self, logits: torch.Tensor, logprobs: int | None = None) -> list[str | None]:
@@ -566,13 +627,3 @@ def context_length(model) -> int | None:
         if isinstance(value, int):
             return value
     return None
-
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-

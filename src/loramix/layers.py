@@ -20,6 +20,13 @@ then two matrix products whatever E is:
 
 Experts that do not adapt this layer simply own no rows. No forward hooks: the model swaps these modules in
 once and, before each pass, writes the mixing weights into the `MixingState` that every layer shares.
+
+Precision, quantized and sharded bases: A and B are held in the model's compute dtype (bf16, fp16 or float32),
+never in the storage dtype of the base weight, which for a bitsandbytes `Linear4bit` / `Linear8bitLt` is packed
+uint8 / int8. They live on the device the base layer computes on: the weight's device, or, for a weight that
+accelerate offloads to disk (kept on the "meta" device and loaded only during the call), the device of the
+inputs, followed on the first call. Folding (W0 + the mix as one weight) needs a dense W0 and is refused for
+quantized or offloaded base weights.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ class MixingState:
         self.rank_weights: torch.Tensor | None = None
         self.flat_index: torch.Tensor | None = None  # (total R,) index into the flattened (layer, expert) axis
         self.flat_scale: torch.Tensor | None = None  # (total R,)
+        self.dtype: torch.dtype | None = None  # compute dtype of the layers: the weights are cast to it once
         self.layer_sizes: list[int] = []  # rank rows of each mixed layer, in mixed-layer order
         self.layer_weights: tuple[torch.Tensor, ...] = ()  # one (b, t, R_layer) view per layer
         # W0 + a fixed mix per layer (XLoraModel.fold), in mixed-layer order, while XLoraModel.folded is active
@@ -56,23 +64,27 @@ class MixingState:
             self.rank_weights, self.layer_weights = None, ()
             return
         flat = weights.flatten(-2)  # (b, t, L*E)
-        if self.flat_index.device != flat.device:  # follow the model across devices
+        if self.flat_index.device != flat.device:  # the classifier's device, wherever the base's last layer is
             self.flat_index, self.flat_scale = self.flat_index.to(flat.device), self.flat_scale.to(flat.device)
         self.rank_weights = flat.index_select(-1, self.flat_index) * self.flat_scale.to(flat.dtype)  # (b, t, R)
-        self.layer_weights = self.rank_weights.split(self.layer_sizes, dim=-1)
+        if self.dtype is not None:  # the classifier's float32 weights, cast once for every layer
+            self.rank_weights = self.rank_weights.to(self.dtype)
+        self.layer_weights = self.rank_weights.split(self.layer_sizes, dim=-1)  # each moved by its layer if sharded
 
 
 class MixedLoraLayer(nn.Module):
     """Common part of the mixed Linear and Embedding layers: the stacked expert weights and their bookkeeping."""
 
     def __init__(self, base_layer: nn.Module, experts: list[ExpertModule | None], layer_index: int,
-                 state: MixingState, trainable: bool, dropout_p: float = 0.0) -> None:
+                 state: MixingState, trainable: bool, dropout_p: float = 0.0, dtype: torch.dtype | None = None) -> None:
+        """`dtype`: the compute dtype of A and B (default: the base weight's, when that is a float dtype)."""
         super().__init__()
         self.base_layer = base_layer
         self.layer_index = layer_index
         self.n_experts = len(experts)
         self._state = state  # plain attribute: shared, not a submodule
-        weight = base_layer.weight
+        device = base_layer_device(base_layer)
+        dtype = dtype or _float_dtype(base_layer.weight)
         present = [(e, m) for e, m in enumerate(experts) if m is not None]
         # rank_slices[e] = (start, stop) of expert e's rows in the stacked matrices, or None
         self.rank_slices: list[tuple[int, int] | None] = [None] * self.n_experts
@@ -81,30 +93,51 @@ class MixedLoraLayer(nn.Module):
             self.rank_slices[e] = (start, start + m.rank)
             start += m.rank
         self.embedding_flags = [m.embedding if m is not None else False for m in experts]
-        self.lora_A = nn.Parameter(torch.cat([m.lora_A for _, m in present], 0).to(weight.device, weight.dtype),
+        self.lora_A = nn.Parameter(torch.cat([m.lora_A for _, m in present], 0).to(device, dtype),
                                    requires_grad=trainable)  # (R, in)
-        self.lora_B = nn.Parameter(torch.cat([m.lora_B for _, m in present], 1).to(weight.device, weight.dtype),
+        self.lora_B = nn.Parameter(torch.cat([m.lora_B for _, m in present], 1).to(device, dtype),
                                    requires_grad=trainable)  # (out, R)
         expert_of_rank = torch.cat([torch.full((m.rank,), e) for e, m in present])
         scale_of_rank = torch.cat([torch.full((m.rank,), m.scale, dtype=torch.float32) for _, m in present])
-        self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)  # (R,)
-        self.register_buffer("scale_of_rank", scale_of_rank.to(weight.device), persistent=False)  # (R,)
+        self.register_buffer("expert_of_rank", expert_of_rank.to(device), persistent=False)  # (R,)
+        self.register_buffer("scale_of_rank", scale_of_rank.to(device), persistent=False)  # (R,)
         self.split_position = 0  # this layer's view in MixingState.layer_weights (set by the model)
         self.dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
 
     def folded_weight(self, expert_weights: torch.Tensor) -> torch.Tensor:
         """W0 + sum_e w_e s_e B_e A_e for fixed per-expert weights (E,), in the base layer's layout (frozen
         scalings: the model installs it with `XLoraModel.folded`)."""
+        self.check_foldable()
         delta = self.delta_weight(expert_weights)  # (out, in)
         w0 = self.base_layer.weight
+        delta = self.delta_weight(expert_weights)  # (out, in)
         transposed = not isinstance(self.base_layer, nn.Linear)  # Conv1D (in, out), Embedding (num, dim)
         return (w0 + (delta.t() if transposed else delta).to(w0.dtype)).detach()
 
-    def rank_weights(self) -> torch.Tensor | None:
-        """This layer's per-rank-row weights w[..., expert_of_rank] * scale_of_rank (b, t, R), or None."""
+    def check_foldable(self) -> None:
+        """Raise unless the base weight is a dense float tensor in memory (the model checks every layer before
+        folding any)."""
+        w0 = self.base_layer.weight
+        if not w0.dtype.is_floating_point or w0.is_meta:
+            what = "offloaded to disk" if w0.is_meta else f"quantized ({type(w0).__name__}, {w0.dtype})"
+            raise ValueError(f"fold_frozen: the base weight of mixed layer {self.layer_index} is {what}, so the "
+                             f"experts cannot be folded into it; freeze the scalings without folding "
+                             f"(freeze_scalings_after=... with fold_frozen=False)")
+
+    def rank_weights(self, like: torch.Tensor) -> torch.Tensor | None:
+        """This layer's per-rank-row weights w[..., expert_of_rank] * scale_of_rank (b, t, R) on the device and in
+        the dtype of `like` (this layer's activations), or None."""
         if self._state.rank_weights is None:
             return None
-        return self._state.layer_weights[self.split_position]
+        if self.lora_A.device != like.device:  # offloaded base: compute where accelerate runs the base layer
+            self._move_experts(like.device)
+        return self._state.layer_weights[self.split_position].to(like.device, self.lora_A.dtype)
+
+    def _move_experts(self, device: torch.device) -> None:
+        """Move A, B and their bookkeeping (not the base layer: accelerate places that) keeping the Parameters."""
+        for p in (self.lora_A, self.lora_B):
+            p.data = p.data.to(device)
+        self.expert_of_rank, self.scale_of_rank = self.expert_of_rank.to(device), self.scale_of_rank.to(device)
 
     def expert_module(self, e: int) -> ExpertModule | None:
         """Expert e's own A and B for this layer (views into the stacked weights), or None."""
@@ -128,11 +161,12 @@ class MixedLoraLinear(MixedLoraLayer):
         if folded is not None:
             return self._folded_forward(x, folded[self.split_position])
         result = self.base_layer(x)
-        w = self.rank_weights()
+        w = self.rank_weights(x)
         if w is None:
             return result
-        h = F.linear(self.dropout(x), self.lora_A) * w.to(x.dtype)  # (b, t, R)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
+        h = F.linear(self.dropout(x).to(w.dtype), self.lora_A) * w  # (b, t, R), in the experts' dtype
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
+                          self.lora_B.t().to(result.dtype))
         return out.view(result.shape)  # W0 x + h B^T, (b, t, out)
 
     def _folded_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -153,12 +187,26 @@ class MixedLoraEmbedding(MixedLoraLayer):
             embed_scale = getattr(self.base_layer, "embed_scale", None)
             return out if embed_scale is None else out * torch.as_tensor(embed_scale, dtype=out.dtype)
         result = self.base_layer(ids)
-        w = self.rank_weights()
+        w = self.rank_weights(result)
         if w is None:
             return result
-        h = F.embedding(ids, self.lora_A.t(), padding_idx=self.base_layer.padding_idx) * w.to(result.dtype)  # (b, t, R)
-        delta = F.linear(h, self.lora_B)  # (b, t, dim)
+        h = F.embedding(ids, self.lora_A.t(), padding_idx=self.base_layer.padding_idx) * w  # (b, t, R)
+        delta = F.linear(h, self.lora_B).to(result.dtype)  # (b, t, dim)
         embed_scale = getattr(self.base_layer, "embed_scale", None)  # scaled embeddings (Gemma) scale LoRA too
         if embed_scale is not None:
             delta = delta * torch.as_tensor(embed_scale, dtype=delta.dtype, device=delta.device)
         return result + delta
+
+
+def base_layer_device(base_layer: nn.Module) -> torch.device:
+    """Where a base layer computes: its weight's device, or the CPU for a weight accelerate keeps on "meta" (disk
+    offload) until the first call shows the execution device."""
+    weight = base_layer.weight
+    return torch.device("cpu") if weight.is_meta else weight.device
+
+
+def _float_dtype(weight: torch.Tensor) -> torch.dtype:
+    if not weight.dtype.is_floating_point:  # packed bitsandbytes weight: its compute dtype is not in the weight
+        raise ValueError(f"a {type(weight).__name__} ({weight.dtype}) base weight needs an explicit compute dtype "
+                         f"for the experts")
+    return weight.dtype

@@ -12,6 +12,7 @@ gradients (as in PEFT).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,22 +24,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .classifier import XLoraClassifier, mixing_weights
-from .compat import output_cache, with_cache
+from .compat import enable_activation_checkpointing, output_cache, with_cache
 from .config import CONFIG_NAME, XLoraConfig
-from .experts import ADAPTER_CONFIG, Expert, load_expert, save_expert, supported_module
+from .experts import Expert, save_expert, supported_module
 from .fast_decode import DecoderStack, PreparedStep
-from .files import atomic_write, atomic_write_text
-from .hub import resolve_file
+from .files import atomic_write, atomic_write_text, replace_dir
 from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
-
-CLASSIFIER_NAME = "xlora_classifier.safetensors"
-_PEFT_WEIGHTS = "adapter_model.safetensors"
-_PICKLED_CLASSIFIERS = ("xlora_classifier.pt", "xlora_classifier.bin", "xlora_classifier.pth", "adapter_model.bin")
+from .loading import (CLASSIFIER_NAME, Checkpoint, base_model_id, load_base, load_classifier, load_experts,
+                      read_checkpoint)
+from .losses import causal_lm_loss, shift_labels  # noqa: F401  (re-exported: loramix.model.causal_lm_loss)
 
 
 @dataclass(frozen=True)
@@ -90,20 +88,21 @@ class XLoraModel(nn.Module):
         self._expert_configs = [e.config for e in experts]
         self._expert_dtypes = [e.dtype for e in experts]
         self._state = MixingState()
-        self.lora_layer_names = _swap_in_mixed_layers(base_model, experts, self._state, config)
+        self._state.dtype = compute_dtype = _compute_dtype(base_model)  # never a packed 4/8-bit weight's dtype
+        self.lora_layer_names = _swap_in_mixed_layers(base_model, experts, self._state, config, compute_dtype)
         flat_index, flat_scale = [], []
         for position, layer in enumerate(self.mixed_layers()):  # one gather per pass serves every layer
             layer.split_position = position
             self._state.layer_sizes.append(layer.lora_A.shape[0])
-            flat_index.append(layer.layer_index * len(experts) + layer.expert_of_rank)
-            flat_scale.append(layer.scale_of_rank)
+            flat_index.append(layer.layer_index * len(experts) + layer.expert_of_rank.cpu())  # layers may be sharded
+            flat_scale.append(layer.scale_of_rank.cpu())
         self._state.flat_index, self._state.flat_scale = torch.cat(flat_index), torch.cat(flat_scale)
         self.classifier = XLoraClassifier(
             config.hidden_size, len(experts), len(self.lora_layer_names), depth=config.xlora_depth,
             size=config.xlora_size, dropout_p=config.xlora_dropout_p,
             relu_and_dropout=config.enable_relu_and_dropout, bias=config.use_bias,
             layerwise=config.layerwise_scalings,
-        ).to(device=_param(base_model).device, dtype=_param(base_model).dtype)
+        ).to(device=_param(base_model).device, dtype=compute_dtype)  # follows the last hidden state when sharded
         for p in self.base.parameters():
             p.requires_grad_(False)
         for layer in self.mixed_layers():
@@ -122,78 +121,51 @@ class XLoraModel(nn.Module):
     @classmethod
     def from_base(cls, base: str | nn.Module, config: XLoraConfig, *, dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None, trust_remote_code: bool = False,
-                  _peft_xlora_experts: bool = False) -> "XLoraModel":
-        """Load the base model (path, hub id or a loaded PreTrainedModel) and the experts named in `config`."""
+                  device_map: Any = None, max_memory: dict | None = None, offload_folder: str | None = None,
+                  quantization: Any = None, _peft_xlora_experts: bool = False) -> "XLoraModel":
+        """Load the base model (path, hub id or a loaded PreTrainedModel) and the experts named in `config`.
+
+        `device_map`, `max_memory`, `offload_folder` and `quantization` ("4bit", "8bit" or a BitsAndBytesConfig)
+        go to transformers when the base is loaded by name (see `loramix.loading.load_base`)."""
         if isinstance(config.adapters, list):
             raise ValueError("adapters: from_base needs a mapping name -> adapter path or hub id")
-        if isinstance(base, str):
-            from transformers import AutoModelForCausalLM
-
-            base_model_id = base
-            kwargs = {"dtype": dtype} if dtype is not None else {}
-            base = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
-        else:
-            base_model_id = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-            if dtype is not None:
-                base = base.to(dtype)
-        if device is not None:
-            base = base.to(device)
-        experts = [load_expert(name, source, base, inside_peft_xlora=_peft_xlora_experts)
-                   for name, source in config.adapters.items()]
-        return cls(base, config, experts, base_model_id=base_model_id)
+        base_model = load_base(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                               quantization=quantization)
+        experts = load_experts(config, base_model, inside_peft_xlora=_peft_xlora_experts)
+        return cls(base_model, config, experts, base_model_id=base_model_id(base))
 
     @classmethod
     def from_pretrained(cls, source: str, base: str | nn.Module | None = None, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, trust_remote_code: bool = False,
-                        adapters: dict[str, str] | None = None) -> "XLoraModel":
-        """Load a saved X-LoRA: loramix / original `xlora` layout, or an X-LoRA saved by PEFT.
+                        adapters: dict[str, str] | None = None, device_map: Any = None,
+                        max_memory: dict | None = None, offload_folder: str | None = None,
+                        quantization: Any = None) -> "XLoraModel":
+        """Load a saved X-LoRA: loramix / original `xlora` layout, an X-LoRA saved by PEFT, or a local mistral.rs
+        X-LoRA folder (ordering file + flat `<expert>.adapter_*` files; see loramix.mistralrs).
 
         `base` defaults to the base model id recorded in the checkpoint. `adapters` (name -> folder or hub id)
         loads the experts from elsewhere instead of the checkpoint's own folders; names must match the saved ones.
+        `device_map`, `max_memory`, `offload_folder` and `quantization` are passed to `from_base`.
         """
-        config_path = resolve_file(source, CONFIG_NAME, what="X-LoRA checkpoint")
-        if config_path is not None:
-            config, raw = XLoraConfig.from_json_file(config_path)
-            expert_dirs = [_join(source, name) for name in config.expert_names]
-            base_id = raw.get("base_model_id")
-            classifier_file = CLASSIFIER_NAME
+        from .mistralrs import find_ordering_file, read_mistralrs_checkpoint
+
+        placement = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, device_map=device_map,
+                         max_memory=max_memory, offload_folder=offload_folder, quantization=quantization)
+        if find_ordering_file(source) is not None:  # mistral.rs's layout: ordering file + flat adapter files
+            with read_mistralrs_checkpoint(source) as found:  # its adapters exist only inside this block
+                if base is None and not found.base_model_id:
+                    raise ValueError(f"{source}: the checkpoint records no base model id; pass base=...")
+                checkpoint = Checkpoint(config=dataclasses.replace(found.config, adapters=adapters or found.adapters),
+                                        base=base or found.base_model_id, classifier_path=found.source,
+                                        classifier_state=found.classifier_state, peft_layout=False,
+                                        peft_layout_experts=False)
+                model = cls.from_base(checkpoint.base, checkpoint.config, **placement)
         else:
-            peft_path = resolve_file(source, ADAPTER_CONFIG, what="X-LoRA checkpoint")
-            if peft_path is None:
-                raise FileNotFoundError(f"{source}: neither {CONFIG_NAME} nor a PEFT X-LoRA {ADAPTER_CONFIG}")
-            with open(peft_path, encoding="utf-8") as f:
-                raw = json.load(f)
-            if str(raw.get("peft_type", "")).upper() != "XLORA":
-                raise ValueError(f"{peft_path}: peft_type is {raw.get('peft_type')!r}, not an X-LoRA checkpoint")
-            config = XLoraConfig.from_dict(raw, source=peft_path)
-            expert_dirs = [_join(source, str(i)) for i in range(config.n_experts)]  # PEFT saves experts as 0/, 1/, ...
-            base_id = raw.get("base_model_name_or_path")
-            classifier_file = _PEFT_WEIGHTS
-        weights_path = resolve_file(source, classifier_file, what="X-LoRA checkpoint")
-        if weights_path is None:
-            pickled = [f for f in _PICKLED_CLASSIFIERS if os.path.isdir(source) and os.path.isfile(os.path.join(source, f))]
-            if pickled:
-                raise ValueError(f"{source}: classifier weights are in {pickled[0]}, a pickle; only safetensors are "
-                                 f"loaded (convert it with safetensors.torch.save_file)")
-            raise FileNotFoundError(f"{source}: no {classifier_file}")
-        if base is None:
-            if not base_id:
-                raise ValueError(f"{source}: the checkpoint records no base model id; pass base=...")
-            base = base_id
-        peft_layout = classifier_file == _PEFT_WEIGHTS
-        if adapters is not None:
-            if list(adapters) != config.expert_names:
-                raise ValueError(f"adapters: names {list(adapters)} differ from the checkpoint's {config.expert_names}")
-            expert_dirs, peft_layout_experts = list(adapters.values()), False
-        else:
-            peft_layout_experts = peft_layout
-        config = dataclasses.replace(config, adapters=dict(zip(config.expert_names, expert_dirs)))
-        model = cls.from_base(base, config, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                              _peft_xlora_experts=peft_layout_experts)
-        state = load_file(weights_path)
-        if peft_layout:
-            state = _classifier_state_from_peft(state, model.classifier, weights_path)
-        _load_classifier_state(model.classifier, state, weights_path)
+            checkpoint = read_checkpoint(source, base=base, adapters=adapters)
+            model = cls.from_base(checkpoint.base, checkpoint.config, **placement,
+                                  _peft_xlora_experts=checkpoint.peft_layout_experts)
+        load_classifier(model.classifier, checkpoint)
         return model
 
     def save_pretrained(self, folder: str) -> None:
@@ -221,7 +193,7 @@ class XLoraModel(nn.Module):
             tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
             try:
                 save_expert(modules, self._expert_configs[e], self._expert_dtypes[e], tmp)
-                _replace_dir(tmp, target)
+                replace_dir(tmp, target)
             finally:
                 if os.path.isdir(tmp):
                     import shutil
@@ -333,6 +305,8 @@ class XLoraModel(nn.Module):
             raise ValueError(f"scalings: expected ({self.n_lora_layers}, {self.n_experts}) (LoRA layers, experts), "
                              f"got {tuple(scalings.shape)}")
         weights = self.mixing_weights(scalings, top_k_lora=top_k_lora)  # (L, E)
+        for layer in self.mixed_layers():  # refuse before any layer is folded (quantized or offloaded weights)
+            layer.check_foldable()
         with torch.no_grad():
             return FoldedWeights(tuple(layer.folded_weight(weights[layer.layer_index])
                                        for layer in self.mixed_layers()))
@@ -422,7 +396,8 @@ class XLoraModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return _param(self.base).dtype
+        """The compute dtype (a 4/8-bit base computes in its float dtype, not in its packed weights')."""
+        return self._state.dtype
 
     def get_latest_scalings(self) -> torch.Tensor | None:
         """Scalings (b, t, n_lora_layers, n_experts) of the latest scaling pass, or None."""
@@ -470,29 +445,37 @@ class XLoraModel(nn.Module):
     def _set(self, **changes) -> None:
         self.config = dataclasses.replace(self.config, **changes)  # re-validated by __post_init__
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Training: turn on the base model's own gradient checkpointing (non-reentrant), for the mixed pass.
+
+        A checkpointed block is recomputed during backward, after `forward` has cleared the shared mixing state,
+        so each block's recomputation is given back the mixing weights it saw in the forward (torch's
+        `context_fn`). The scaling pass runs without gradient and stores nothing to recompute."""
+        state = self._state
+
+        def context_fn():
+            seen = (state.rank_weights, state.layer_weights)  # the weights this block reads in the forward
+
+            @contextlib.contextmanager
+            def recompute():
+                before = (state.rank_weights, state.layer_weights)
+                state.rank_weights, state.layer_weights = seen
+                try:
+                    yield
+                finally:
+                    state.rank_weights, state.layer_weights = before
+
+            return contextlib.nullcontext(), recompute()
+
+        enable_activation_checkpointing(self.base, use_reentrant=False, context_fn=context_fn)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy, Hugging Face convention: labels are the inputs, -100 is ignored. `reduction`
-    "mean" averages over label tokens; "sum" lets a trainer normalise over a larger (global) batch itself.
-
-    The labels are shifted (position t predicts labels[t + 1], the last position predicts nothing) rather than the
-    logits sliced: slicing the (b, t, vocab) logits would copy them, and its backward would fill a zero tensor of
-    their size."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), shift_labels(labels).to(logits.device).flatten(),
-                           ignore_index=-100, reduction=reduction)
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(b, t) labels -> (b, t) targets of each position: labels[:, 1:] and -100 for the last position."""
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
-
-
 def _swap_in_mixed_layers(base: nn.Module, experts: list[Expert], state: MixingState,
-                          config: XLoraConfig) -> list[str]:
+                          config: XLoraConfig, dtype: torch.dtype) -> list[str]:
     """Replace every module that any expert adapts by a mixed layer, in module traversal order (PEFT's)."""
     targeted = set().union(*(e.modules for e in experts))
     names = [name for name, _ in base.named_modules() if name in targeted]
@@ -504,7 +487,7 @@ def _swap_in_mixed_layers(base: nn.Module, experts: list[Expert], state: MixingS
         dropout_p = max((float(e.config.get("lora_dropout", 0.0) or 0.0) for e in experts if name in e.modules),
                         default=0.0) if config.use_trainable_adapters else 0.0
         cls = MixedLoraEmbedding if supported_module(module) == "embedding" else MixedLoraLinear
-        setattr(parent, child, cls(module, per_expert, index, state, config.use_trainable_adapters, dropout_p))
+        setattr(parent, child, cls(module, per_expert, index, state, config.use_trainable_adapters, dropout_p, dtype))
     return names
 
 
@@ -525,49 +508,13 @@ def _is_number(v: Any) -> bool:
 
 
 def _param(module: nn.Module) -> torch.Tensor:
-    return next(module.parameters())
+    """The first parameter that holds data (parameters accelerate offloads to disk sit on "meta")."""
+    return next((p for p in module.parameters() if not p.is_meta), next(module.parameters()))
 
 
-def _join(source: str, name: str) -> str:
-    return os.path.join(source, name) if os.path.isdir(source) else f"{source.rstrip('/')}/{name}"
-
-
-def _replace_dir(new: str, target: str) -> None:
-    """Move the finished folder `new` to `target`, replacing an older one."""
-    import shutil
-
-    if os.path.isdir(target):
-        old = target + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
-
-
-def _classifier_state_from_peft(state: dict[str, torch.Tensor], classifier: XLoraClassifier,
-                                path: str) -> dict[str, torch.Tensor]:
-    """Map PEFT's `...internal_xlora_classifier.layers.{i}.*` keys to ours (`inner.{j}.*`, `last.*`)."""
-    import re
-
-    by_index: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        m = re.search(r"internal_xlora_classifier\.layers\.(\d+)\.(weight|bias)$", key)
-        if m is None:
-            raise ValueError(f"{path}: unexpected key {key!r} for a PEFT X-LoRA classifier")
-        by_index.setdefault(int(m[1]), {})[m[2]] = tensor
-    indices = sorted(by_index)
-    hidden = classifier.hidden_linears()
-    if len(indices) != len(hidden) + 1:
-        raise ValueError(f"{path}: holds {len(indices)} classifier Linear layers, xlora_depth={len(hidden) + 1} "
-                         f"needs {len(hidden) + 1} (some PEFT versions save only the last one)")
-    ours = {}
-    inner_positions = [i for i, m in enumerate(classifier.inner) if isinstance(m, nn.Linear)]
-    for position, index in zip(inner_positions, indices[:-1]):
-        ours.update({f"inner.{position}.{k}": v for k, v in by_index[index].items()})
-    ours.update({f"last.{k}": v for k, v in by_index[indices[-1]].items()})
-    return ours
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the base computes in: its first float parameter's (bitsandbytes' packed weights are uint8/int8)."""
+    return next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), torch.float32)
 
 
 def _same_length(cache: Any, other: Any) -> bool:
@@ -575,17 +522,3 @@ def _same_length(cache: Any, other: Any) -> bool:
     if cache is None or other is None:
         return cache is None and other is None
     return type(cache) is type(other) and cache.get_seq_length() == other.get_seq_length()
-
-
-def _load_classifier_state(classifier: XLoraClassifier, state: dict[str, torch.Tensor], path: str) -> None:
-    expected = classifier.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: classifier keys do not match the config (missing {missing}, unexpected "
-                         f"{unexpected}); check xlora_depth, use_bias and enable_relu_and_dropout")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config needs "
-                             f"{tuple(expected[key].shape)} (hidden_size, xlora_size, layerwise_scalings, experts)")
-    classifier.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

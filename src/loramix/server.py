@@ -1,7 +1,8 @@
 """`loramix serve`: an OpenAI-compatible HTTP server for X-LoRA models (FastAPI + uvicorn).
 
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming as server-sent
-events, or one JSON answer). Requests are decoded together by the continuous-batching engine (serving.py).
+events, or one JSON answer). Requests are decoded together by the continuous-batching engine (serving.py); their
+fields are checked in openai_requests.py and their answers built in openai_responses.py.
 
 The X-LoRA extension: an optional request field
     "xlora": {"return_scalings": true, "top_k": 2, "softmax_temperature": 0.5, "freeze_scalings_after": 16}
@@ -19,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import uvicorn
@@ -35,218 +36,29 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .generation import SamplingParams
+from .openai_requests import (
+    ApiError,
+    Choices,
+    choices_from,
+    gate_from,
+    openapi_body,
+    parse_body,
+    prompt_list,
+    request_schemas,
+    sampling_from,
+    short_value,
+)
+from .openai_responses import Reply, usage
 from .serving import Engine, Event, GateOptions, QueueFull, Request
 
-DEFAULT_MAX_TOKENS = 16
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context of today's models holds
 SHUTDOWN_GRACE_S = 5  # uvicorn's backstop: tasks still running this long after shutdown starts are cancelled
 DISCONNECT_POLL_S = 0.1
 SHUTTING_DOWN = "the server is shutting down"
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self, headers: dict | None = None) -> Response:
-        # json.dumps escapes everything outside ASCII, so even a message quoting a lone surrogate renders
-        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json",
-                        headers=headers)
 
 
 def shutting_down() -> ApiError:
     return ApiError(503, SHUTTING_DOWN, kind="server_error", code="service_unavailable")
-
-
-# ---- request validation -----------------------------------------------------------------------------------------
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_body(raw: bytes) -> dict:
-    """The JSON object of a request body; 400 for anything else (bad JSON, nesting too deep, lone surrogates)."""
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    where = _lone_surrogate(body)
-    if where is not None:
-        raise ApiError(400, f"{where} holds a lone UTF-16 surrogate (such as \\ud800), which is not text",
-                       param=where)
-    return body
-
-
-def _lone_surrogate(body: dict) -> str | None:
-    """The path ("messages[0].content") of the first string holding an unpaired surrogate, which no tokenizer can
-    encode; walked without recursion, as the body may be nested as deeply as json allows."""
-    stack: list[tuple[str, Any]] = [("", body)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, str):
-            if not _is_text(value):
-                return path or "body"
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if not _is_text(key):
-                    return path or "body"
-                stack.append((f"{path}.{key}" if path else key, item))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value) if isinstance(item, (str, list, dict)))
-    return None
-
-
-def _is_text(s: str) -> bool:
-    if s.isascii():
-        return True
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float, prefix: str = "") -> float:
-    """body[name] as a finite float in [low, high]; `prefix` names the enclosing object in errors ("xlora.")."""
-    value = body.get(name, default)
-    if value is None:
-        return default
-    name = prefix + name
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)):
-        raise ApiError(400, f"{name} must be a finite number, got {value!r}", param=name)
-    if not low <= value <= high:  # exact for ints of any size (no float conversion)
-        raise ApiError(400, f"{name} must be between {low} and {high}, got {_short(value)}", param=name)
-    return float(value)
-
-
-def _integer(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"{name} must be an integer, got {_short(value)}", param=name)
-    if low is not None and value < low:
-        raise ApiError(400, f"{name} must be at least {low}, got {_short(value)}", param=name)
-    if high is not None and value > high:
-        raise ApiError(400, f"{name} must be at most {high}, got {_short(value)}", param=name)
-    return value
-
-
-def _short(value: Any) -> str:
-    """A value for an error message: huge numbers and strings cut to a readable length."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else f"an integer of {len(str(value))} digits"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def sampling_from(body: dict, max_tokens_cap: int) -> SamplingParams:
-    """OpenAI fields -> SamplingParams; 400 naming the field for anything out of range."""
-    for unsupported in ("logprobs", "top_logprobs", "suffix", "tools", "functions", "logit_bias"):
-        if body.get(unsupported) not in (None, False, 0, {}, []):
-            raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
-    if body.get("best_of") not in (None, 1):
-        raise ApiError(400, "best_of must be 1", param="best_of")
-    if body.get("echo"):
-        raise ApiError(400, "echo is not supported by this server", param="echo")
-    n = body.get("n", 1)
-    if n is not None and n != 1:
-        raise ApiError(400, f"n must be 1, got {_short(n)}", param="n")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(name)
-    # the default obeys the cap too: a server capped below it answers that many tokens at most
-    max_tokens = (min(DEFAULT_MAX_TOKENS, max_tokens_cap) if max_tokens is None
-                  else _integer(max_tokens, name, 1, max_tokens_cap))
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0:
-        raise ApiError(400, "top_p must be greater than 0", param="top_p")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0, -2.0, 2.0) != 0:
-            raise ApiError(400, f"{name} is not supported (only 0)", param=name)
-    seed = body.get("seed")
-    if seed is not None:
-        seed = _integer(seed, "seed", *SEED_RANGE)
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "stop must be a non-empty string or a list of up to 4 non-empty strings", param="stop")
-    return SamplingParams(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
-                          top_p=top_p, seed=seed, stop=stop)
-
-
-def gate_from(body: dict, n_experts: int) -> GateOptions:
-    spec = body.get("xlora")
-    if spec is None:
-        return GateOptions()
-    if not isinstance(spec, dict):
-        raise ApiError(400, "xlora must be an object", param="xlora")
-    known = {"return_scalings", "top_k", "softmax_temperature", "freeze_scalings_after"}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ApiError(400, f"xlora: unknown option(s) {_short(unknown)}; known: {sorted(known)}", param="xlora")
-    top_k = spec.get("top_k")
-    if top_k is not None:
-        top_k = _integer(top_k, "xlora.top_k", 1, n_experts)
-    temperature = spec.get("softmax_temperature")
-    if temperature is not None:
-        temperature = _number(spec, "softmax_temperature", 1.0, 1e-3, 100.0, prefix="xlora.")
-    freeze = spec.get("freeze_scalings_after")
-    if freeze is not None:
-        freeze = _integer(freeze, "xlora.freeze_scalings_after", 0)
-    flag = spec.get("return_scalings", False)
-    if not isinstance(flag, bool):
-        raise ApiError(400, "xlora.return_scalings must be true or false", param="xlora.return_scalings")
-    return GateOptions(top_k=top_k, softmax_temperature=temperature, freeze_scalings_after=freeze,
-                       return_scalings=flag)
-
-
-def request_schemas(model_name: str, max_tokens_cap: int, n_experts: int) -> tuple[dict, dict]:
-    """JSON schemas of the /v1/completions and /v1/chat/completions bodies, for the OpenAPI document (the routes
-    read raw bodies and validate them themselves, with OpenAI-style errors)."""
-    def nullable(kind: str, **rules) -> dict:
-        return {"anyOf": [{"type": kind, **rules}, {"type": "null"}]}
-
-    common = {
-        "model": {"type": "string", "enum": [model_name]},
-        "max_tokens": nullable("integer", minimum=1, maximum=max_tokens_cap),
-        "temperature": nullable("number", minimum=0, maximum=2),
-        "top_p": nullable("number", exclusiveMinimum=0, maximum=1),
-        "seed": nullable("integer", minimum=SEED_RANGE[0], maximum=SEED_RANGE[1]),
-        "stop": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"},
-                           {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]},
-        "stream": {"type": "boolean"},
-        "stream_options": nullable("object", properties={"include_usage": {"type": "boolean"}}),
-        "n": nullable("integer", minimum=1, maximum=1),
-        "xlora": {"type": "object", "additionalProperties": False, "properties": {
-            "return_scalings": {"type": "boolean"},
-            "top_k": nullable("integer", minimum=1, maximum=n_experts),
-            "softmax_temperature": nullable("number", minimum=1e-3, maximum=100),
-            "freeze_scalings_after": nullable("integer", minimum=0)}},
-    }
-    prompt = {"anyOf": [{"type": "string", "minLength": 1},
-                        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
-                        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}
-    message = {"type": "object", "required": ["role", "content"],
-               "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]},
-                              "content": {"type": "string"}}}
-    completion = {"type": "object", "required": ["model", "prompt"], "properties": {"prompt": prompt, **common}}
-    chat = {"type": "object", "required": ["model", "messages"],
-            "properties": {"messages": {"type": "array", "items": message, "minItems": 1},
-                           "max_completion_tokens": common["max_tokens"], **common}}
-    return completion, chat
-
-
-def _openapi_body(schema: dict) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 # ---- the app ------------------------------------------------------------------------------------------------------
@@ -271,6 +83,7 @@ class ServerState:
         eos, _ = special_tokens(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.engine = Engine(model, tokenizer, eos, max_batch=max_batch, max_queue=max_queue,
                              context_length=self.context)
+        self.max_rows = max_batch + max_queue  # rows (prompts x n) one request may ask for
         if chat_template is not None:
             tokenizer.chat_template = chat_template
         self.created = int(time.time())
@@ -347,7 +160,8 @@ def create_app(state: ServerState, api_key: str | None = None):
         await asyncio.to_thread(state.close)
 
     app = FastAPI(title="loramix", version=_version(), lifespan=lifespan)
-    completion_schema, chat_schema = request_schemas(state.model_name, state.max_tokens_cap, state.model.n_experts)
+    completion_schema, chat_schema = request_schemas(state.model_name, state.max_tokens_cap, state.model.n_experts,
+                                                     state.max_rows)
     if api_key is not None:
         app.add_middleware(RequireKey, api_key=api_key)
 
@@ -383,36 +197,34 @@ def create_app(state: ServerState, api_key: str | None = None):
     @app.get("/v1/models/{name}")
     async def model(name: str):
         if name != state.model_name:
-            raise ApiError(404, f"The model {_short(name)} does not exist", param="model", code="model_not_found")
+            raise ApiError(404, f"The model {short_value(name)} does not exist", param="model", code="model_not_found")
         return _model_card(state)
 
-    @app.post("/v1/completions", openapi_extra=_openapi_body(completion_schema))
+    @app.post("/v1/completions", openapi_extra=openapi_body(completion_schema))
     async def completions(request: HttpRequest):
         body = await _read_json(request)
-        options = _options(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                       for t in prompt):
-            _check_length(len(prompt), chat=False)
-            if any(not 0 <= t < len(state.tokenizer) for t in prompt):
-                raise ApiError(400, "prompt: a token id is outside the vocabulary", param="prompt")
-            ids = list(prompt)
-        elif isinstance(prompt, str):
-            if not prompt:
-                raise ApiError(400, "prompt must not be empty", param="prompt")
-            _check_characters(prompt, "prompt")
-            ids = await _tokenize(prompt, "prompt")
-        else:
-            raise ApiError(400, "prompt must be a string (or one string in a list, or a list of token ids)",
-                           param="prompt")
-        return await _run(request, body, options, ids, chat=False)
+        options = _options(body, chat=False)
+        prompts = prompt_list(body.get("prompt"))
+        _check_rows(len(prompts), options[3].n)
+        ids, texts = [], []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                _check_characters(prompt, "prompt")
+                ids.append(await _tokenize(prompt, "prompt"))
+                texts.append(prompt)
+            else:
+                _check_length(len(prompt), chat=False)
+                if any(not 0 <= t < len(state.tokenizer) for t in prompt):
+                    raise ApiError(400, "prompt: a token id is outside the vocabulary", param="prompt")
+                ids.append(list(prompt))
+                texts.append(None)  # decoded only when echoed
+        return await _run(request, body, options, ids, texts, chat=False)
 
-    @app.post("/v1/chat/completions", openapi_extra=_openapi_body(chat_schema))
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(chat_schema))
     async def chat_completions(request: HttpRequest):
         body = await _read_json(request)
-        options = _options(body)
+        options = _options(body, chat=True)
+        _check_rows(1, options[3].n)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -431,7 +243,7 @@ def create_app(state: ServerState, api_key: str | None = None):
             raise ApiError(400, f"messages: the chat template failed: {e}", param="messages") from None
         _check_characters(text, "messages")
         ids = await _tokenize(text, "messages", add_special_tokens=False)
-        return await _run(request, body, options, ids, chat=True)
+        return await _run(request, body, options, [ids], [text], chat=True)
 
     async def _read_json(http: HttpRequest) -> dict:
         """The body as a JSON object, refused (413) past max_request_bytes before it is all read."""
@@ -453,14 +265,25 @@ def create_app(state: ServerState, api_key: str | None = None):
         _check_model(body, state)
         return body
 
-    def _options(body: dict) -> tuple[SamplingParams, GateOptions, bool]:
+    def _options(body: dict, chat: bool) -> tuple[SamplingParams, GateOptions, bool, Choices]:
         """Every field but the prompt, checked before any tokenizing."""
-        params = sampling_from(body, state.max_tokens_cap)
+        choices = choices_from(body, chat)
+        params = sampling_from(body, state.max_tokens_cap, echo=choices.echo)
         gate = gate_from(body, state.model.n_experts)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", param="stream")
-        return params, gate, stream
+        return params, gate, stream, choices
+
+    def _check_rows(n_prompts: int, n: int) -> None:
+        """Each prompt x choice is a row of the engine: a request may not ask for more than it could ever hold."""
+        limit = state.max_rows
+        if n > limit:
+            raise ApiError(400, f"n must be at most {limit} on this server (--max-batch + --max-queue), got {n}",
+                           param="n")
+        if n_prompts * n > limit:
+            raise ApiError(400, f"{n_prompts} prompts x n = {n} ask for {n_prompts * n} sequences; this server "
+                                f"takes at most {limit} (--max-batch + --max-queue) in one request", param="prompt")
 
     def _check_characters(text: str, param: str) -> None:
         limit = state.max_prompt_chars
@@ -483,113 +306,127 @@ def create_app(state: ServerState, api_key: str | None = None):
         _check_length(len(ids), chat=param == "messages")
         return ids
 
-    async def _run(http: HttpRequest, body: dict, options, ids: list[int], chat: bool):
-        params, gate, stream = options
-        if state.closing:
-            raise shutting_down()
-        events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the client has gone
-        deliver = _deliverer(asyncio.get_running_loop(), events)
-        job = Request(prompt_ids=ids, params=params, gate=gate, emit=deliver)
+    def _submit(prompts: list[list[int]], params: SamplingParams, gate: GateOptions, choices: Choices,
+                events: asyncio.Queue) -> list[Request]:
+        """One engine row per prompt and choice (choice index = prompt x n + j), queued all or none. Choice j of a
+        seeded request samples with a seed derived from j, so its choices differ and each is reproducible."""
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for ids in prompts:
+            for j in range(choices.n):
+                seed = params.seed if params.seed is None or j == 0 else (params.seed + j) % (1 << 64)
+                jobs.append(Request(prompt_ids=ids, params=replace(params, seed=seed), gate=gate,
+                                    emit=_deliverer(loop, events, len(jobs)), logprobs=choices.logprobs,
+                                    prompt_logprobs=choices.logprobs if choices.echo else None))
         try:
-            state.engine.submit(job)
+            state.engine.submit_all(jobs)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry later", code="rate_limit_exceeded",
                            kind="rate_limit_error") from None
         except RuntimeError:  # the engine has stopped
             raise shutting_down() from None
-        state.running[id(job)] = (job, deliver)
+        for job in jobs:
+            state.running[id(job)] = (job, job.emit)
+        return jobs
+
+    def _forget(jobs: list[Request], finished: set[int]) -> None:
+        """The handler is done with its rows: unfinished ones (a client gone, a sibling failed) are cancelled."""
+        for index, job in enumerate(jobs):
+            state.running.pop(id(job), None)
+            if index not in finished:
+                state.engine.cancel(job)
+
+    async def _run(http: HttpRequest, body: dict, options, prompts: list[list[int]], texts: list[str | None],
+                   chat: bool):
+        params, gate, stream, choices = options
+        if state.closing:
+            raise shutting_down()
+        events: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()  # None: the client has gone
+        jobs = _submit(prompts, params, gate, choices, events)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        experts = list(state.model.expert_names)
+        reply = Reply(state.tokenizer, chat, choices, gate, prompts, texts)
         if stream:
-            return StreamingResponse(_stream(job, events, ident, chat, len(ids), gate, experts, body),
+            return StreamingResponse(_stream(jobs, events, ident, reply, body),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, scalings, reason, error = [], [], None, None
+        finished: set[int] = set()
+        error = None
         watcher = asyncio.create_task(_watch_disconnect(http, events))
         try:
-            while reason is None:
-                event = await events.get()
-                if event is None:
+            while len(finished) < len(jobs) and error is None:
+                item = await events.get()
+                if item is None:
                     break
-                text.append(event.text)
-                scalings += event.scalings or []
-                reason, error = event.finish_reason, event.error
+                index, event = item
+                reply.add(index, event)
+                if event.finish_reason is not None:
+                    finished.add(index)
+                    error = event.error if event.finish_reason == "error" else None
         finally:
             watcher.cancel()
-            state.running.pop(id(job), None)
-            if reason is None:  # the client went away while waiting
-                state.engine.cancel(job)
-        if reason is None:
-            return Response(status_code=499)  # nobody reads it; uvicorn drops it
-        if reason == "error":
+            _forget(jobs, finished)
+        if error is not None:
             if error == SHUTTING_DOWN:
                 raise shutting_down()
             raise ApiError(500, f"generation failed: {error}", kind="server_error")
-        answer = "".join(text)
-        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": answer}} if chat else {"text": answer})
+        if len(finished) < len(jobs):
+            return Response(status_code=499)  # the client went away; nobody reads it, uvicorn drops it
         response = {"id": ident, "object": "chat.completion" if chat else "text_completion",
-                    "created": int(time.time()), "model": state.model_name, "choices": [choice],
-                    "usage": {"prompt_tokens": len(ids), "completion_tokens": job.n_generated,
-                              "total_tokens": len(ids) + job.n_generated}}
+                    "created": int(time.time()), "model": state.model_name,
+                    "choices": [reply.choice(i) for i in range(len(jobs))], "usage": usage(prompts, jobs)}
         if gate.return_scalings:
-            response["xlora"] = {"experts": experts, "scalings": scalings}
+            response["xlora"] = {"experts": list(state.model.expert_names), "scalings": reply.scalings[0]}
         return response
 
-    async def _stream(job, events, ident, chat, n_prompt, gate, experts, body):
+    async def _stream(jobs, events, ident, reply: Reply, body):
         created = int(time.time())
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(
-            body.get("stream_options"), dict) else False
+        kind = "chat.completion.chunk" if reply.chat else "text_completion"
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
 
-        def chunk(text: str | None, reason: str | None, first: bool = False, scalings=None) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
-                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        def chunk(choice: dict, scalings=None) -> str:
             data = {"id": ident, "object": kind, "created": created, "model": state.model_name, "choices": [choice]}
-            if gate.return_scalings and scalings is not None:
-                data["xlora"] = {"experts": experts, "scalings": scalings}
+            if reply.gate.return_scalings and scalings is not None:
+                data["xlora"] = {"experts": list(state.model.expert_names), "scalings": scalings}
             return f"data: {json.dumps(data)}\n\n"
 
-        finished = False
+        finished: set[int] = set()
         try:
-            if chat:
-                yield chunk(None, None, first=True)
-            while True:
-                event = await events.get()
+            for index in range(len(jobs)):
+                first = reply.first_delta(index)
+                if first is not None:
+                    yield chunk(first)
+            while len(finished) < len(jobs):
+                index, event = await events.get()
                 if event.finish_reason == "error":
+                    finished.add(index)
                     err = shutting_down() if event.error == SHUTTING_DOWN else ApiError(
                         500, f"generation failed: {event.error}", kind="server_error")
                     yield f"data: {json.dumps(err.body())}\n\n"
-                    finished = True
                     break
-                if event.text or event.scalings:
-                    yield chunk(event.text, None, scalings=event.scalings)
+                delta = reply.delta(index, event)
+                if delta is not None:
+                    yield chunk(delta, scalings=event.scalings)
                 if event.finish_reason is not None:
-                    finished = True
-                    yield chunk(None if chat else "", event.finish_reason)
-                    break
-            if include_usage:
-                usage = {"prompt_tokens": n_prompt, "completion_tokens": job.n_generated,
-                         "total_tokens": n_prompt + job.n_generated}
-                last = {"id": ident, "object": kind, "created": created, "model": state.model_name, "choices": [],
-                        "usage": usage}
-                yield f"data: {json.dumps(last)}\n\n"
+                    finished.add(index)
+                    yield chunk(reply.end(index, event.finish_reason))
+            else:
+                if include_usage:
+                    last = {"id": ident, "object": kind, "created": created, "model": state.model_name,
+                            "choices": [], "usage": usage(reply.prompts, jobs)}
+                    yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            state.running.pop(id(job), None)
-            if not finished:  # the client disconnected mid-stream: free the slot
-                state.engine.cancel(job)
+            _forget(jobs, finished)  # a client that disconnected mid-stream frees its rows here
 
     return app
 
 
-def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
-    """The engine's emit: hand an event to the handler's loop (from any thread); dropped once the loop is closed."""
+def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int):
+    """The engine's emit for choice `index`: hand (index, event) to the handler's loop (from any thread); dropped
+    once the loop is closed."""
     def deliver(event: Event) -> None:
         try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            loop.call_soon_threadsafe(events.put_nowait, (index, event))
         except RuntimeError:  # the event loop has closed: nobody is waiting
             pass
     return deliver
@@ -613,7 +450,7 @@ def _check_model(body: dict, state: ServerState) -> None:
     if name is None:
         raise ApiError(400, "model is required", param="model")
     if name != state.model_name:
-        raise ApiError(404, f"The model {_short(name)} does not exist; this server serves '{state.model_name}'",
+        raise ApiError(404, f"The model {short_value(name)} does not exist; this server serves '{state.model_name}'",
                        param="model", code="model_not_found")
 
 
@@ -624,15 +461,12 @@ def _version() -> str:
 
 
 def load_state(model_dir: str, base: str | None = None, name: str | None = None, trust_remote_code: bool = False,
-               chat_template_file: str | None = None, **engine) -> ServerState:
+               chat_template_file: str | None = None, placement: dict | None = None, **engine) -> ServerState:
+    """Load the checkpoint (`placement`: dtype, quantization, device, device_map, ... as `from_pretrained` takes
+    them) and its tokenizer, and start the engine."""
     from . import XLoraModel
-    from .cli import load_tokenizer
+    from .loading import load_tokenizer
 
-    model = XLoraModel.from_pretrained(model_dir, base=base, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(model_dir, base or model.base_model_id)
-    template = None
-    if chat_template_file:
-        with open(chat_template_file, encoding="utf-8") as f:
-            template = f.read()
-    return ServerState(model, tokenizer, name or os.path.basename(os.path.normpath(model_dir)),
-                       chat_template=template, **engine)
+    model = XLoraModel.from_pretrained(model_dir, base=base, trust_remote_code=trust_remote_code, **(placement or {}))
+    tokenizer = load_tokenizer(model_dir, base or model.base_model_id, chat_template_file=chat_template_file)
+    return ServerState(model, tokenizer, name or os.path.basename(os.path.normpath(model_dir)), **engine)

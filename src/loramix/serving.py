@@ -12,6 +12,10 @@ means, so rows are batched only with rows that have the same options (a *group*)
 model as arguments on each call, so one request's options never reach another's. Sampling is per row (its own
 generator, seeded when asked), and so are failures: a row whose sampling fails ends alone with an error; a
 failure of a whole step ends the requests of that step, never the engine.
+
+A request is one row (one prompt, one choice); an API call with several prompts or choices submits its rows all
+at once (`submit_all`). On request an event carries the new token's log-probabilities, and the first event the
+prompt's (`prompt_logprobs`, from the prefill's logits; with max_new_tokens 0 one forward pass, no generation).
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ from typing import Callable
 
 import torch
 
-from .generation import DecodeBatch, RowState, SamplingParams
+from .generation import (
+    DecodeBatch,
+    RowState,
+    SamplingParams,
+    TokenLogprob,
+    chosen_logprobs,
+    prompt_logprobs,
+    sampling_temperature,
+)
 
 
 class QueueFull(Exception):
@@ -52,6 +64,8 @@ class Event:
     scalings: list[list[float]] | None = None  # per new token: expert weights summed over LoRA layers
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # the new token's, when the request asks (Request.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's, in the first event (Request.prompt_logprobs)
 
 
 @dataclass
@@ -60,6 +74,8 @@ class Request:
     params: SamplingParams
     gate: GateOptions
     emit: Callable[[Event], None]  # called from the engine thread
+    logprobs: int | None = None  # k: each new token's log-probability and k alternatives (None: none)
+    prompt_logprobs: int | None = None  # k: the same for the prompt's tokens, from one forward pass first
     cancelled: bool = False
     n_generated: int = 0
     released: bool = False  # counted out of the engine's in-flight requests
@@ -92,15 +108,20 @@ class Engine:
     # ---- API ---------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
         """Queue a request; QueueFull when max_batch requests run and max_queue more already wait."""
+        self.submit_all([request])
+
+    def submit_all(self, requests: list[Request]) -> None:
+        """Queue several requests (the rows of one API call: its prompts and choices) all or none; QueueFull when
+        they do not all fit beside the running and waiting ones (max_batch + max_queue)."""
         with self.lock:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
-            if self.in_flight >= self.max_batch + self.max_queue:
-                raise QueueFull(f"{self.in_flight} requests are running or waiting (max_batch {self.max_batch} + "
-                                f"max_queue {self.max_queue})")
-            self.in_flight += 1
-            self.waiting.append(request)
-            self.stats["requests"] += 1
+            if self.in_flight + len(requests) > self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.in_flight} requests are running or waiting and {len(requests)} more asked "
+                                f"(max_batch {self.max_batch} + max_queue {self.max_queue})")
+            self.in_flight += len(requests)
+            self.waiting.extend(requests)
+            self.stats["requests"] += len(requests)
             self.lock.notify()
 
     def cancel(self, request: Request) -> None:
@@ -162,12 +183,29 @@ class Engine:
             self._release(request)
             return
         gate = request.gate
+
+        def report_prompt(logits=None) -> None:
+            if request.prompt_logprobs is not None:
+                request.emit(Event(prompt_logprobs=prompt_logprobs(
+                    self.model, request.prompt_ids, top=request.prompt_logprobs, logits=logits,
+                    temperature=sampling_temperature(request.params), top_k_lora=gate.top_k,
+                    softmax_temperature=gate.softmax_temperature)))
+
+        if request.params.max_new_tokens == 0:  # the prompt alone (echo): one forward pass, nothing generated
+            report_prompt()
+            self._release(request)
+            request.emit(Event(finish_reason="length"))
+            return
         batch = DecodeBatch(self.model, top_k_lora=gate.top_k, softmax_temperature=gate.softmax_temperature,
                             freeze_scalings_after=gate.freeze_scalings_after, fold_frozen=self.fold_frozen)
         row = RowState.start(request.prompt_ids, request.params, device=self.model.device,
                              eos_token_ids=self.eos, tokenizer=self.tokenizer, context_length=self.context_length,
                              keep_text=True, owner=request)
-        logits = batch.prefill([row], torch.tensor([request.prompt_ids]))
+        logits = batch.prefill([row], torch.tensor([request.prompt_ids]),
+                               keep_prompt_logits=request.prompt_logprobs is not None)
+        if batch.prompt_logits is not None:  # the prefill's own logits: no second pass over the prompt
+            report_prompt(batch.prompt_logits[0])
+            batch.prompt_logits = None
         self._choose(batch, logits)
         if not batch.rows:
             return
@@ -197,7 +235,8 @@ class Engine:
     def _choose(self, batch: DecodeBatch, logits: torch.Tensor) -> None:
         """Each row's next token and finish reason (the decode core), reported to its owner; ended rows leave.
         A row that fails here (sampling, decoding its text) ends alone with an error event."""
-        reasons = batch.choose(logits)
+        asked = [row.owner.logprobs for row in batch.rows if row.owner.logprobs is not None]
+        reasons = batch.choose(logits, logprobs=max(asked) if asked else None)
         kept = []
         for i, (row, reason) in enumerate(zip(batch.rows, reasons)):
             request = row.owner
@@ -208,8 +247,10 @@ class Engine:
                     request.n_generated = len(row.tokens)
                     self.stats["tokens"] += 1
                     scalings = [batch.scalings[i].float().sum(0).tolist()] if request.gate.return_scalings else None
+                    logprobs = None if request.logprobs is None else [
+                        chosen_logprobs(batch.last_sampled, i, request.logprobs)]
                     event = Event(text=row.take_text(final=reason is not None), scalings=scalings,
-                                  finish_reason=reason)
+                                  finish_reason=reason, logprobs=logprobs)
                 except Exception as err:  # noqa: BLE001 - this request alone fails
                     event = Event(finish_reason="error", error=f"{type(err).__name__}: {err}")
             if event.finish_reason is None:

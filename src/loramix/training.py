@@ -14,13 +14,15 @@ The loop is plain PyTorch with three properties that make runs reproducible:
   the step. The learning-rate schedule is a function of the step. `--resume` therefore ends with the same weights
   as an uninterrupted run.
 
-Data parallelism: under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) the process group is initialised
-(NCCL on GPUs, gloo on CPUs) and the trainable gradients are summed with one all-reduce per step. Only the
-trainable parameters travel (the gate is small), so no DDP bucket overlap is needed.
+Data parallelism: under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) the trainable gradients are summed
+with one all-reduce per step (distributed.py). Memory: `gradient_checkpointing` recomputes the base's blocks in
+backward; `mixed_precision` runs the forward under autocast with float32 trainable tensors (MixedPrecision).
+The losses live in losses.py, checkpoints in checkpoints.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,19 +36,22 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import XLoraConfig
-from .checkpoints import (append_jsonl, latest_checkpoint, load_checkpoint, move_into, prune_checkpoints,
-                          save_checkpoint, truncate_metrics, write_jsonl)
+from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, truncate_metrics
+from .config import XLoraConfig, is_finite_number, is_int
 from .data import BatchPlan, DataError, DataFormat, Dataset, collate, load_dataset
-from .files import atomic_write_text
-from .model import causal_lm_loss
+from .compat import enable_activation_checkpointing
+from .distributed import Distributed
+from .files import append_jsonl, atomic_write_text, move_into, write_jsonl
+from .loading import base_model_id, load_base, load_tokenizer
+from .losses import RoutingLosses, causal_lm_loss, routing_losses
 
 METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
 class TrainingArgs:
-    """Run settings shared by both verbs (the method's settings live in XLoraConfig / the LoRA fields)."""
+    """Run settings shared by both verbs (the method's settings live in XLoraConfig / the LoRA fields).
+    Bad values raise ValueError naming the field, in the library as well as from the CLI."""
 
     output_dir: str
     max_steps: int | None = None  # optimizer steps; overrides epochs
@@ -56,8 +61,8 @@ class TrainingArgs:
     grad_accum: int = 1
     warmup_steps: int = 0
     lr_scheduler: str = "linear"  # linear | cosine | constant (after warm-up)
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0  # AdamW's, on matrices only
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None or 0: no clipping
     seed: int = 0
     logging_steps: int = 10
     eval_steps: int | None = None
@@ -66,47 +71,43 @@ class TrainingArgs:
     resume: bool = False
     progress: bool = True
     device: str | None = None
+    gradient_checkpointing: bool = False  # recompute the base's blocks in backward instead of keeping activations
+    mixed_precision: str | None = None  # "bf16" | "fp16": torch.autocast, trainable tensors kept in float32
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
+        for name in ("batch_size", "grad_accum", "logging_steps", "max_steps", "eval_steps", "save_steps",
+                     "save_total_limit", "warmup_steps", "seed"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: must be at least 1, got {value}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"epochs: must be positive, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr: must be a positive number, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+            optional = name not in ("batch_size", "grad_accum", "logging_steps", "warmup_steps", "seed")
+            if value is None and optional:
+                continue
+            if not is_int(value):
+                raise ValueError(f"{name}: must be an integer, got {value!r}")
+            least = 0 if name in ("warmup_steps", "seed") else 1
+            if value < least:
+                raise ValueError(f"{name}: must be at least {least}, got {value}")
+        if self.epochs is not None and not (is_finite_number(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs: must be a positive number, got {self.epochs!r}")
+        if not (is_finite_number(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: must be a positive number, got {self.lr!r}")
+        if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay: must be a number >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not (is_finite_number(self.max_grad_norm)
+                                                   and self.max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm: must be a number >= 0 (0 or None: no clipping), "
+                             f"got {self.max_grad_norm!r}")
         if self.lr_scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"lr_scheduler: one of linear, cosine, constant, got {self.lr_scheduler!r}")
+        if self.mixed_precision not in (None, "bf16", "fp16"):
+            raise ValueError(f"mixed_precision: None, 'bf16' or 'fp16', got {self.mixed_precision!r}")
+
+
 
 
 @dataclass
 class TrainResult:
     output_dir: str
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RoutingLosses:
-    """Optional terms on the gate's scalings, all off by default (the paper trains with cross-entropy only).
-
-    balance: E * sum_e mean_p[e]^2 - 1 per LoRA layer (0 when the mean routing is uniform), against collapse
-             onto one expert; entropy: mean per-token entropy of the scalings (a positive weight sharpens the
-             routing, a negative one spreads it); routing: cross-entropy of the scalings against the expert
-             named by the row's `expert_field`, to warm-start the gate."""
-
-    balance_weight: float = 0.0
-    entropy_weight: float = 0.0
-    routing_weight: float = 0.0
-
-    @property
-    def any(self) -> bool:
-        return bool(self.balance_weight or self.entropy_weight or self.routing_weight)
 
 
 # ---- what is trained: an expert or the gate -------------------------------------------------------------------
@@ -125,10 +126,18 @@ class _Task:
     def save(self, folder: str) -> None:
         raise NotImplementedError
 
+    def enable_gradient_checkpointing(self) -> None:
+        """The base model's own checkpointing: its blocks are recomputed in backward (non-reentrant, so the
+        inputs need not require grad)."""
+        enable_activation_checkpointing(self.model, use_reentrant=False)
+
 
 class _ExpertTask(_Task):
     def __init__(self, peft_model: nn.Module) -> None:
         self.model = peft_model
+
+    def enable_gradient_checkpointing(self) -> None:
+        enable_activation_checkpointing(self.model.get_base_model(), use_reentrant=False)
 
     def loss(self, batch, n_tokens, n_micro):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -149,6 +158,8 @@ class _LanguageModelTask(_ExpertTask):
 
 
 class _GateTask(_Task):
+    step = 0  # the optimizer step being computed (run_training sets it), for the annealed routing weight
+
     def __init__(self, xlora: nn.Module, routing: RoutingLosses) -> None:
         self.model, self.routing = xlora, routing
 
@@ -160,7 +171,7 @@ class _GateTask(_Task):
             aux = routing_losses(out.scalings, batch["attention_mask"], batch["expert"],
                                  self.model.config.enable_softmax)
             for name, weight in (("balance", self.routing.balance_weight), ("entropy", self.routing.entropy_weight),
-                                 ("routing", self.routing.routing_weight)):
+                                 ("routing", self.routing.routing_weight_at(self.step))):
                 if weight and name in aux:
                     loss = loss + weight * aux[name] / n_micro
                     stats[f"{name}_loss"] = aux[name].detach() / n_micro
@@ -169,68 +180,48 @@ class _GateTask(_Task):
     def save(self, folder):
         self.model.save_pretrained(folder)
 
-
-def routing_losses(scalings: torch.Tensor, attention_mask: torch.Tensor, expert: torch.Tensor,
-                   softmaxed: bool) -> dict[str, torch.Tensor]:
-    """The optional gate terms (see RoutingLosses) over the attended tokens. scalings: (b, t, L, E)."""
-    valid = attention_mask.bool()  # (b, t)
-    if softmaxed:
-        probs = scalings
-        log_probs = scalings.float().clamp_min(1e-9).log()
-    else:
-        log_probs = scalings.float().log_softmax(-1)
-        probs = log_probs.exp()
-    tokens = probs[valid].float()  # (n, L, E)
-    n_experts = scalings.shape[-1]
-    mean_p = tokens.mean(0)  # (L, E)
-    out = {"balance": n_experts * (mean_p ** 2).sum(-1).mean() - 1,
-           "entropy": -(tokens * log_probs[valid]).sum(-1).mean()}
-    labelled = valid & (expert >= 0)[:, None]  # (b, t)
-    if labelled.any():
-        target = expert[:, None].expand_as(labelled)[labelled]  # (n,)
-        picked = log_probs[labelled].gather(-1, target[:, None, None].expand(-1, scalings.shape[2], 1))
-        out["routing"] = -picked.mean()
-    return out
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.gradient_checkpointing_enable()  # the mixed pass; the scaling pass keeps no graph
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
-class _Distributed:
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.started_here = False
-        if self.world > 1:
-            for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-                if os.environ.get(var, "false").lower() == "true":
-                    raise NotImplementedError(f"{var}: loramix trains with data parallelism only (DDP-style "
-                                              f"gradient all-reduce); FSDP and DeepSpeed are not implemented")
-            if not torch.distributed.is_initialized():
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
-                torch.distributed.init_process_group(backend)
-                self.started_here = True
-        self.rank = torch.distributed.get_rank() if self.world > 1 else 0
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+class MixedPrecision:
+    """bf16/fp16 mixed precision: the forward passes run under torch.autocast, the trainable tensors stay float32
+    (the optimizer updates float32 master weights, whatever dtype the base was loaded in), and fp16 scales the
+    loss (torch.amp.GradScaler) so that small gradients do not underflow; its state is saved in checkpoints.
+    mode None: plain training, every method a no-op."""
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+    def __init__(self, mode: str | None, device: torch.device) -> None:
+        self.dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+        self.device_type = torch.device(device).type
+        self.scaler = torch.amp.GradScaler(self.device_type) if mode == "fp16" else None
 
-    def device(self, requested: str | None) -> torch.device:
-        if requested:
-            return torch.device(requested)
-        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    def keep_float32(self, params) -> None:
+        if self.dtype is not None:
+            for p in params:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
 
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(tensor)
-        return tensor
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def close(self) -> None:
-        if self.started_here:
-            torch.distributed.destroy_process_group()
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients back to their true size before clipping (fp16)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """optimizer.step(); with fp16 skipped when a gradient overflowed, and the loss scale updated."""
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
 
 
 def _lr_factor(step: int, total: int, args: TrainingArgs) -> float:
@@ -246,20 +237,24 @@ def _lr_factor(step: int, total: int, args: TrainingArgs) -> float:
 
 
 def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, signature: dict[str, Any],
-                 eval_data: Dataset | None = None, tokenizer=None, dist: _Distributed | None = None,
+                 eval_data: Dataset | None = None, tokenizer=None, dist: Distributed | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train `task` on `train`; returns the final metrics. Checkpoints and metrics go to args.output_dir."""
-    dist = dist or _Distributed()
+    dist = dist or Distributed()
     out = os.path.abspath(args.output_dir)
     micro_per_step = args.grad_accum * dist.world
     plan = BatchPlan(train, args.batch_size, args.seed)
     label_counts = [sum(1 for x in e.labels if x != -100) for e in train.examples]
     total_steps = args.max_steps or max(1, math.ceil((args.epochs or 1.0) * plan.batches_per_epoch / micro_per_step))
     signature = {**signature, "batch_size": args.batch_size, "micro_batches_per_step": micro_per_step,
-                 "seed": args.seed, "total_steps": total_steps}
+                 "seed": args.seed, "total_steps": total_steps, "mixed_precision": args.mixed_precision}
     params = task.trainable()
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters")
+    precision = MixedPrecision(args.mixed_precision, task.model_device)
+    precision.keep_float32(params.values())
+    if args.gradient_checkpointing:
+        task.enable_gradient_checkpointing()
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -271,11 +266,12 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
     if args.resume:
         found = latest_checkpoint(out)
         if found is not None:
-            step = load_checkpoint(found, task, optimizer, signature)
+            step = load_checkpoint(found, task, optimizer, signature, precision.scaler)
             if dist.main:
-                truncate_metrics(os.path.join(out, METRICS_NAME), step)
+                truncate_metrics(os.path.join(out, METRICS_NAME), step, warn=log)
                 log(f"resuming from {found} (step {step} of {total_steps})")
         elif dist.main:
+            truncate_metrics(os.path.join(out, METRICS_NAME), 0, warn=log)  # the log starts again with the run
             log(f"--resume: no complete checkpoint in {out}; starting from the beginning")
     elif dist.main and os.path.exists(os.path.join(out, METRICS_NAME)):
         os.remove(os.path.join(out, METRICS_NAME))  # a fresh run starts a fresh log
@@ -303,10 +299,12 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
         extra: dict[str, float] = {}
         for k in range(dist.rank, micro_per_step, dist.world):
             torch.manual_seed(args.seed * 1_000_003 + first + k)  # dropout depends on the position only
+            task.step = step  # (used by the gate's annealed routing weight)
             batch = {key: v.to(task.model_device) for key, v in
                      collate([train.examples[i] for i in batches[k]], pad_id).items()}
-            loss, stats = task.loss(batch, n_tokens, micro_per_step)
-            loss.backward()
+            with precision.autocast():
+                loss, stats = task.loss(batch, n_tokens, micro_per_step)
+            precision.backward(loss)
             ce_sum += stats.pop("ce_sum").double().cpu()
             for key, value in stats.items():
                 extra[key] = extra.get(key, 0.0) + float(value)
@@ -319,9 +317,10 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
                 offset += g.numel()
             ce_sum = dist.sum_(ce_sum.to(task.model_device)).cpu()
         grad_norm = None
+        precision.unscale_(optimizer)
         if args.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm))
-        optimizer.step()
+        precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_value = float(ce_sum) / n_tokens
@@ -343,7 +342,7 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
                 append_jsonl(os.path.join(out, METRICS_NAME), record)
             window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
         if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0 or step == total_steps):
-            record = {"step": step, **evaluate(task, eval_data, args.batch_size, pad_id, dist)}
+            record = {"step": step, **evaluate(task, eval_data, args.batch_size, pad_id, dist, precision)}
             last.update(record)
             task.model.train()
             if dist.main:
@@ -352,30 +351,32 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, s
                           f"{record['eval_perplexity']:.2f}")
         if args.save_steps and step % args.save_steps == 0 and step < total_steps:
             if dist.main:
-                save_checkpoint(out, step, task, optimizer, signature, tokenizer)
+                save_checkpoint(out, step, task, optimizer, signature, tokenizer, precision.scaler)
                 prune_checkpoints(out, args.save_total_limit)
             dist.barrier()
     bar.close()
     task.model.eval()
     if eval_data is not None and "eval_loss" not in last:
-        last.update(evaluate(task, eval_data, args.batch_size, pad_id, dist))
+        last.update(evaluate(task, eval_data, args.batch_size, pad_id, dist, precision))
     last.update({"steps": step, "seconds": time.perf_counter() - run_start, "skipped_rows": len(train.bad_rows),
                  "examples": len(train.examples)})
     return last
 
 
 @torch.no_grad()
-def evaluate(task: _Task, data: Dataset, batch_size: int, pad_id: int,
-             dist: _Distributed | None = None) -> dict[str, float]:
+def evaluate(task: _Task, data: Dataset, batch_size: int, pad_id: int, dist: Distributed | None = None,
+             precision: MixedPrecision | None = None) -> dict[str, float]:
     """Token-mean cross-entropy over `data` (label tokens only) and its perplexity."""
-    dist = dist or _Distributed()
+    dist = dist or Distributed()
+    precision = precision or MixedPrecision(None, task.model_device)
     task.model.eval()
     order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     totals = torch.zeros(2, dtype=torch.float64)  # (sum of CE, label tokens)
     for b in batches[dist.rank::dist.world]:
         batch = {k: v.to(task.model_device) for k, v in collate([data.examples[i] for i in b], pad_id).items()}
-        _, stats = task.loss(batch, 1, 1)
+        with precision.autocast():
+            _, stats = task.loss(batch, 1, 1)
         totals += torch.tensor([float(stats["ce_sum"]), float((batch["labels"][:, 1:] != -100).sum())],
                                dtype=torch.float64)
     if dist.world > 1:
@@ -402,37 +403,13 @@ def _split_options(options: dict[str, Any], groups: dict[str, set[str]]) -> dict
     return split
 
 
-def _load_base(base: str | nn.Module, dtype: torch.dtype | None, trust_remote_code: bool) -> nn.Module:
-    if isinstance(base, nn.Module):
-        return base
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
-
-
-def _load_tokenizer(base: str | nn.Module, tokenizer):
-    if tokenizer is not None and not isinstance(tokenizer, str):
-        return tokenizer
-    source = tokenizer or (base if isinstance(base, str) else getattr(getattr(base, "config", None),
-                                                                        "_name_or_path", None))
-    if not source:
-        raise ValueError("tokenizer: the base model was passed as a module; pass tokenizer= as well")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"tokenizer: cannot load one from {source!r}: {e}") from e
-
-
 def _as_list(data: str | list[str] | None) -> list[str]:
     if data is None:
         return []
     return [data] if isinstance(data, str) else list(data)
 
 
-def _prepare_data(data, eval_data, data_weights, tokenizer, fmt: DataFormat, expert_names, dist: _Distributed,
+def _prepare_data(data, eval_data, data_weights, tokenizer, fmt: DataFormat, expert_names, dist: Distributed,
                   log) -> tuple[Dataset, Dataset | None]:
     quiet = log if dist.main else (lambda *_: None)
     train = load_dataset(_as_list(data), tokenizer, fmt, data_weights, expert_names, log=quiet)
@@ -443,7 +420,7 @@ def _prepare_data(data, eval_data, data_weights, tokenizer, fmt: DataFormat, exp
 
 
 def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, args: TrainingArgs, tokenizer,
-                    dist: _Distributed, record: dict, signature: dict, log) -> TrainResult:
+                    dist: Distributed, record: dict, signature: dict, log) -> TrainResult:
     """What every entry point does once its task and data are ready: record the run's settings, train, and move
     the final model and tokenizer into the output folder (written aside first, each file renamed in)."""
     out = os.path.abspath(args.output_dir)
@@ -470,7 +447,8 @@ def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, arg
 def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, *, rank: int = 8,
                  alpha: float = 16, dropout: float = 0.05, target_modules: list[str] | str | None = None,
                  eval_data: str | list[str] | None = None, data_weights: list[float] | None = None,
-                 tokenizer=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                 tokenizer=None, dtype: torch.dtype | None = None, quantization: Any = None,
+                 trust_remote_code: bool = False,
                  log: Callable[[str], None] = print, **options) -> TrainResult:
     """Train one LoRA expert with PEFT and save it as a standard PEFT adapter folder in `output_dir`.
 
@@ -487,12 +465,12 @@ def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, 
         raise ValueError(f"rank: must be at least 1, got {rank}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
-    dist = _Distributed()
+    dist = Distributed()
     try:
-        tok = _load_tokenizer(base, tokenizer)
+        tok = load_tokenizer(tokenizer if tokenizer is not None else base_model_id(base))
         train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, None, dist, log)
         torch.manual_seed(args.seed)
-        model = _load_base(base, dtype, trust_remote_code)
+        model = load_base(base, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
         targets = target_modules or "all-linear"
         if isinstance(targets, str) and targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -524,7 +502,7 @@ def train_base(model: nn.Module, tokenizer, data: str | list[str], output_dir: s
     groups = _split_options(options, {"train": _TRAIN_FIELDS, "data": _DATA_FIELDS})
     args = TrainingArgs(output_dir=output_dir, **groups["train"])
     fmt = DataFormat(**groups["data"])
-    dist = _Distributed()
+    dist = Distributed()
     try:
         train, evaluation = _prepare_data(data, eval_data, None, tokenizer, fmt, None, dist, log)
         task = _LanguageModelTask(model.to(dist.device(args.device)))
@@ -538,7 +516,8 @@ def train_base(model: nn.Module, tokenizer, data: str | list[str], output_dir: s
 
 def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | list[str], output_dir: str, *,
                 eval_data: str | list[str] | None = None, data_weights: list[float] | None = None,
-                tokenizer=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                tokenizer=None, dtype: torch.dtype | None = None, quantization: Any = None,
+                 trust_remote_code: bool = False,
                 log: Callable[[str], None] = print, **options) -> TrainResult:
     """Train the X-LoRA gate (and the experts with use_trainable_adapters) on a data mixture.
 
@@ -557,13 +536,14 @@ def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | lis
     if routing.routing_weight and not fmt.expert_field:
         raise ValueError("routing_weight: the supervised routing loss needs expert_field (rows naming an expert)")
     config = XLoraConfig(adapters=dict(adapters), **groups["xlora"])
-    dist = _Distributed()
+    dist = Distributed()
     try:
-        tok = _load_tokenizer(base, tokenizer)
+        tok = load_tokenizer(tokenizer if tokenizer is not None else base_model_id(base))
         train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, config.expert_names, dist, log)
         torch.manual_seed(args.seed)
         device = dist.device(args.device)
-        model = XLoraModel.from_base(_load_base(base, dtype, trust_remote_code), config, device=device)
+        base_model = load_base(base, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
+        model = XLoraModel.from_base(base_model, config, device=device)
         if isinstance(base, str):
             model.base_model_id = base
         task = _GateTask(model, routing)
@@ -590,4 +570,4 @@ def _pad_id(tokenizer) -> int:
 
 
 __all__ = ["TrainingArgs", "TrainResult", "RoutingLosses", "train_base", "train_expert", "train_xlora", "evaluate",
-           "latest_checkpoint", "save_checkpoint", "routing_losses", "DataError"]
+           "latest_checkpoint", "save_checkpoint", "DataError"]

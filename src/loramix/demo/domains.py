@@ -14,7 +14,23 @@ Protein mechanics uses one fixed rule for the unfolding force of a sequence over
 * arithmetic: "sum <a>+<b> =" -> a + b, a in 10..89, b in 1..9 (a carry in about half the cases); exact match.
 * logic: two rules and a fact about invented cells and proteins ("zel makes bor . kip makes dun . the cell
   vam has kip . vam makes") -> the protein the fact's rule gives; exact match.
-* recall: "recall <material> <property> =" -> the value in a fixed table of invented materials; exact match.
+* recall: "recall <material> <property> =" -> the value in a fixed table of invented materials (stiffness,
+  colour, origin and a residue sequence), then " =", which marks where the value ends; exact match of the value.
+
+The composed task needs two experts in one answer, and no expert is trained on it:
+
+* material_force: "fold recall <material> sequence =" -> "<the material's sequence> = <its force>": the
+  sequence (and its end mark " =") is recall's knowledge, the force protein_forward's rule, which reads
+  "fold ... <sequence> =" as in its own prompts. Half credit for the sequence (exact), half for the force (within
+  5 pN of the force of the right sequence).
+
+Why recall's answers end with " =": X-LoRA's gate reads the base model's hidden states, which do not know a
+material's sequence, so without a mark it cannot tell where a recalled sequence (3 to 8 residues) ends and has to
+guess when to hand over to protein_forward (measured in an earlier version: it handed over after about three
+residues and garbled the rest). The mark is written by the recall expert and seen by the gate. It is also the
+text protein_forward expects before a force: an answer may hold only what some expert writes, since the gate
+mixes experts and cannot add a word none of them gives (measured: before the mark, no expert gave " =" a
+probability of 0.01 after a recalled sequence).
 """
 
 from __future__ import annotations
@@ -31,7 +47,7 @@ FORCE_TOLERANCE = 5
 FORCE_SCALE = 20.0
 
 _SYLLABLES = ["ka", "zo", "mi", "ru", "te", "vo", "lu", "ne", "pa", "di", "xo", "be", "fi", "go", "sa", "qu"]
-_PROPERTIES = {"stiffness": "number", "colour": "word", "origin": "word"}
+_PROPERTIES = {"stiffness": "number", "colour": "word", "origin": "word", "sequence": "residues"}
 _COLOURS = ["red", "blue", "green", "amber", "grey", "white", "black", "violet"]
 _ORIGINS = ["moon", "reef", "forest", "desert", "glacier", "volcano", "marsh", "canyon"]
 
@@ -47,13 +63,13 @@ def _first_token(answer: str) -> str:
     return parts[0] if parts else ""
 
 
-def _number(answer: str) -> int | None:
+def first_number(answer: str) -> int | None:
     m = re.match(r"-?\d+", answer.strip())
     return int(m.group()) if m else None
 
 
 def score_forward(answer: str, reference: str) -> float:
-    value = _number(answer)
+    value = first_number(answer)
     return 0.0 if value is None else max(0.0, 1.0 - abs(value - int(reference)) / FORCE_SCALE)
 
 
@@ -103,10 +119,13 @@ def _word(rnd: random.Random, n: int = 2) -> str:
 
 
 def _logic(rnd: random.Random) -> tuple[str, str]:
-    names = set()
+    names: list[str] = []  # a list, not a set: a set's order follows the process's string hash seed
     while len(names) < 5:
-        names.add(_word(rnd))
-    signal1, protein1, signal2, protein2, cell = sorted(names, key=lambda _: rnd.random())
+        word = _word(rnd)
+        if word not in names:
+            names.append(word)
+    rnd.shuffle(names)
+    signal1, protein1, signal2, protein2, cell = names
     which = rnd.random() < 0.5
     signal, protein = (signal1, protein1) if which else (signal2, protein2)
     prompt = f"logic {signal1} makes {protein1} . {signal2} makes {protein2} . {cell} has {signal} . {cell} makes"
@@ -122,7 +141,7 @@ def material_table(seed: int, n: int = 16) -> dict[str, dict[str, str]]:
         if name not in names:
             names.append(name)
     return {name: {"stiffness": str(rnd.randint(10, 99)), "colour": rnd.choice(_COLOURS),
-                   "origin": rnd.choice(_ORIGINS)} for name in names}
+                   "origin": rnd.choice(_ORIGINS), "sequence": _sequence(rnd)} for name in names}
 
 
 def make_domains(seed: int) -> list[Domain]:
@@ -132,7 +151,7 @@ def make_domains(seed: int) -> list[Domain]:
     def recall(rnd: random.Random) -> tuple[str, str]:
         material, prop = rnd.choice(facts)
         value = table[material][prop]
-        return f"recall {material} {prop} =", value, value
+        return f"recall {material} {prop} =", f"{value} =", value  # " =" marks the value's end (see above)
 
     return [
         Domain("protein_forward", "sequence -> unfolding force (pN), by the rule above", _forward, score_forward, 4),
@@ -140,7 +159,8 @@ def make_domains(seed: int) -> list[Domain]:
                score_inverse, 10),
         Domain("arithmetic", "two-number addition, exact match", _arithmetic, score_exact, 4),
         Domain("logic", "pick the rule that the fact triggers, exact match", _logic, score_exact, 4),
-        Domain("recall", "properties of invented materials, exact match", recall, score_exact, 4),
+        Domain("recall", "properties of invented materials (a sequence among them), exact match", recall,
+               score_exact, 10),
     ]
 
 
@@ -163,7 +183,71 @@ def domain_rows(domain: Domain, n: int, seed: int, split: str, exclude: set[str]
             continue
         seen.add(prompt)
         rows.append({"prompt": prompt, "completion": " " + completion, "reference": reference,
-                     "domain": domain.name})
+                     "domain": domain.name, "expert": domain.name})
+    return rows
+
+
+# ---- tasks that need two experts in one answer, and conversations across the domains (for the gate only) ----------
+def score_composed(answer: str, reference: str) -> float:
+    """Half for the recalled sequence (the answer's first word, exact), half for its force (the first number in
+    the answer, within FORCE_TOLERANCE pN of the rule's force of the right sequence)."""
+    sequence, force = reference.split()
+    numbers = re.findall(r"-?\d+", answer)
+    force_right = bool(numbers) and abs(int(numbers[0]) - int(force)) <= FORCE_TOLERANCE
+    return 0.5 * (_first_token(answer) == sequence) + 0.5 * force_right
+
+
+COMPOSED = Domain("material_force", "\"fold recall <material> sequence =\" -> the material's sequence (recall's "
+                  "knowledge), then \"= <its force>\" (protein_forward's rule); half credit per part",
+                  lambda rnd: ("", "", ""), score_composed, 14)
+
+
+def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
+    """Rows of the composed task. Its two parts are the recall and protein_forward experts' formats one after
+    the other, so each expert sees text it knows; no expert is trained on these rows, only the gate, whose rows
+    ("train") ask about half of the materials, while the held-out rows ("test") ask about the other half.
+
+    Each row labels its spans: the prompt, the sequence and its end mark " =" are recall's to write, the force
+    protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.data.DataFormat)."""
+    table = material_table(seed)
+    materials = sorted(table)[0 if split == "train" else 1::2]
+    if n is not None:
+        rnd = random.Random(f"composed-{split}-{seed}")
+        materials = [rnd.choice(materials) for _ in range(n)]
+    rows = []
+    for material in materials:
+        sequence = table[material]["sequence"]
+        force = unfolding_force(sequence)
+        prompt, recalled, computed = f"fold recall {material} sequence =", f" {sequence} =", f" {force}"
+        handover = len(prompt) + len(recalled)
+        rows.append({"prompt": prompt, "completion": recalled + computed, "reference": f"{sequence} {force}",
+                     "domain": COMPOSED.name,
+                     "expert": [[0, handover, "recall"], [handover, handover + len(computed), "protein_forward"]]})
+    return rows
+
+
+CONVERSATION_SEPARATOR = " |"
+
+
+def conversation_rows(train: dict[str, list[dict]], n: int, seed: int) -> list[dict]:
+    """n exchanges of 2-4 turns over distinct domains, drawn from the domains' training rows and joined with
+    " |": the earlier turns (prompt and answer) are context, the last answer is trained, and every turn (its
+    separator included) is labelled with its domain's expert, so the gate learns to follow a conversation."""
+    rnd = random.Random(f"conversations-{seed}")
+    names = sorted(train)
+    rows = []
+    for _ in range(n):
+        turns = [rnd.choice(train[name]) for name in rnd.sample(names, rnd.randint(2, 4))]
+        text, spans = "", []
+        for k, turn in enumerate(turns):
+            start = len(text)
+            text += (CONVERSATION_SEPARATOR + " " if k else "") + turn["prompt"]
+            if k < len(turns) - 1:
+                text += turn["completion"]
+            spans.append([start, len(text) + (len(turn["completion"]) if k == len(turns) - 1 else 0),
+                          turn["domain"]])
+        rows.append({"prompt": text, "completion": turns[-1]["completion"], "domain": "conversation",
+                     "expert": spans})
     return rows
 
 

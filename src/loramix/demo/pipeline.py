@@ -1,13 +1,13 @@
 """`loramix demo`: the paper's experiment at a size that runs on two CPU cores, offline, end to end.
 
 Stages (each one skipped on a rerun when its folder records the same settings, unless --fresh):
-  data       five synthetic domains (domains.py) and generic text, train / held-out splits, as JSONL
+  data       five synthetic domains (domains.py), the composed task and conversations across the domains (for the
+             gate only), and generic text; train / held-out splits, as JSONL
   base       a byte-pair tokenizer built with `tokenizers`, and a tiny Llama pre-trained on the generic text
   experts    one LoRA expert per domain, trained on that domain only (loramix.train_expert)
-  xlora      the X-LoRA gate over the frozen experts, trained on the mix of the domains (loramix.train_xlora)
-  evaluate   held-out scores of the base, each expert, the static merge (PEFT's add_weighted_adapter, "cat",
-             uniform weights: X-LoRA with constant scalings) and X-LoRA; the routing per domain
-  report     figures as in the paper (analysis.py), results.json and report.md
+  xlora      the X-LoRA gate over the frozen experts, trained on the mix (loramix.train_xlora)
+  evaluate   held-out scores of the base, each expert, the static merge and X-LoRA (evaluation.py)
+  report     figures as in the paper (analysis.py), results.json and report.md (report.py)
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ from typing import Callable
 
 import torch
 
-from ..checkpoints import write_jsonl
+from ..files import write_jsonl
 from ..files import atomic_write_text
-from .domains import Domain, domain_rows, generic_text, make_domains
+from .domains import (COMPOSED, CONVERSATION_SEPARATOR, Domain, composed_rows, conversation_rows, domain_rows,
+                      generic_text, make_domains)
+from .evaluation import evaluate, evaluate_xlora, read_jsonl
+from .report import summary_table, write_report
 
 # sizes: "full" is the README's main job (<= 10 minutes on 2 cores), "quick" the CI run (<= 2 minutes)
 SCALES = {
-    "full": dict(generic_rows=4000, base_steps=1200, train_rows=3000, expert_steps=700, gate_steps=500,
+    "full": dict(generic_rows=4000, base_steps=800, train_rows=3000, expert_steps=700, gate_steps=500,
                  test_prompts=50),
     "quick": dict(generic_rows=1500, base_steps=300, train_rows=800, expert_steps=200, gate_steps=150,
                   test_prompts=20),
@@ -35,23 +38,44 @@ SCALES = {
 MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=512)
 VOCAB_SIZE = 384
-DEMO_REVISION = 3  # bump when the data or a stage changes, so reruns rebuild instead of reusing
+DEMO_REVISION = 5  # bump when the data or a stage changes, so reruns rebuild instead of reusing
 EXPERT = dict(rank=16, alpha=32, dropout=0.0, lr=3e-3, batch_size=32)
 GATE = dict(xlora_depth=2, xlora_size=64, layerwise_scalings=True, lr=1e-2, batch_size=32)
-# The gate's objective: the paper's next-token cross-entropy plus the supervised routing term (each training row
-# names its domain's expert), which warm-starts the gate; the full run also trains a gate on cross-entropy alone
-# (the paper's objective) and reports it beside, so the effect of the extra term is measured, not assumed.
-ROUTING = dict(expert_field="domain", routing_weight=1.0)
+# The gate's objective: the paper's next-token cross-entropy plus loramix's supervised routing term, whose labels
+# are per token (a domain row names its expert; a composed row and a conversation label each span), annealed
+# linearly to zero over the first ROUTING_ANNEAL of the steps: a warm start, then the paper's objective alone, so
+# the gate may mix experts where mixing lowers the loss. The full run also trains a gate on cross-entropy alone
+# (the paper's objective from the start) and reports it beside, so the effect of the term is measured.
+ROUTING_ANNEAL = 0.6
 HISTORY_ORDER = ["recall", "arithmetic", "protein_forward", "logic", "protein_inverse"]
 _STAGE_FILE = ".stage.json"
 _OUTPUTS = ["data", "base", "experts", "xlora", "xlora_ce_only", "figures", "report.md", "results.json",
             "ablation.json"]
 
 
+def _routing(scale: dict) -> dict:
+    return dict(expert_field="expert", routing_weight=1.0,
+                routing_anneal_steps=max(1, round(ROUTING_ANNEAL * scale["gate_steps"])))
+
+
 def run_demo(out: str = "loramix-demo", quick: bool = False, fresh: bool = False, seed: int = 0,
              log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Run (or finish) the demo in `out`; returns the content of results.json."""
-    start = time.perf_counter()
+    """Run (or finish) the demo in `out`; returns the content of results.json.
+
+    The demo runs on one intra-op thread (restored afterwards): its matrices are too small to gain from more,
+    a run's numbers then do not depend on the machine's core count, and on a busy machine threads that wait for
+    each other at every operation made training ten times slower (measured: 10 steps of the base model took
+    79 s on two threads against 8 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(out, quick, fresh, seed, log, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: str, quick: bool, fresh: bool, seed: int, log: Callable[[str], None], progress: bool) -> dict:
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = os.path.abspath(out)
     scale = SCALES["quick" if quick else "full"]
     if os.path.exists(out) and not os.path.isdir(out):
@@ -90,7 +114,7 @@ def run_demo(out: str = "loramix-demo", quick: bool = False, fresh: bool = False
     base = stage("base", lambda f: _make_base(f, data, scale, seed, log, progress))
     experts = stage("experts", lambda f: _make_experts(f, base, data, domains, scale, seed, log, progress))
     xlora = stage("xlora", lambda f: _make_gate(f, base, experts, data, domains, scale, seed, log, progress,
-                                                  ROUTING))
+                                                  _routing(scale)))
     ablation = None
     if not quick:
         paper_gate = stage("xlora_ce_only", lambda f: _make_gate(f, base, experts, data, domains, scale, seed, log,
@@ -99,15 +123,23 @@ def run_demo(out: str = "loramix-demo", quick: bool = False, fresh: bool = False
     results, examples = evaluate(base, experts, xlora, data, domains, log)
     if not quick:
         log("  the gate trained on cross-entropy alone:")
-        ablation = evaluate_xlora(base, paper_gate, data, domains, log)
+        ablation = evaluate_xlora(base, paper_gate, data, domains)
+        ablation = {k: ablation[k] for k in ("scores", "routing", "mixing")}
+        log("  " + ", ".join(f"{task} {value:.2f}" for task, value in ablation["scores"].items()))
         _write_json(os.path.join(out, "ablation.json"), ablation)
     timings["evaluate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    figures = make_figures(out, base, xlora, domains, examples)
+    figures = make_figures(out, base, xlora, data, domains, examples)
     timings["figures"] = time.perf_counter() - t0
-    results.update({"seconds": round(time.perf_counter() - start, 1), "quick": quick})
+    results["history"] = {"own_top_turns": sum(turn == top for turn, _, top in figures["history_dominant"]),
+                          "turns": len(figures["history_dominant"])}
+    results["composed_figure"] = figures["composed_checks"]
+    results.update({"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
+                    "cpus": os.cpu_count(), "quick": quick, "seed": seed, "versions": _versions()})
     _write_json(os.path.join(out, "results.json"), results)
-    report = write_report(out, results, figures, domains, timings, settings, examples, ablation)
+    report = write_report(out, results, figures, domains, timings, settings, examples, ablation,
+                          dict(model=MODEL, expert=EXPERT, gate=GATE, routing=_routing(scale),
+                               history_order=HISTORY_ORDER))
     log(summary_table(results))
     log(f"report: {report}")
     return results
@@ -116,12 +148,20 @@ def run_demo(out: str = "loramix-demo", quick: bool = False, fresh: bool = False
 # ---- stages ---------------------------------------------------------------------------------------------------------
 def _make_data(folder: str, domains: list[Domain], scale: dict, seed: int) -> None:
     os.makedirs(folder)
+    trains: dict[str, list[dict]] = {}
     for domain in domains:
         test = domain_rows(domain, scale["test_prompts"], seed, "test")
         held_out = {r["prompt"] for r in test}
         train = domain_rows(domain, scale["train_rows"], seed, "train", exclude=held_out)
         write_jsonl(os.path.join(folder, f"{domain.name}_train.jsonl"), train)
         write_jsonl(os.path.join(folder, f"{domain.name}_test.jsonl"), test)
+        trains[domain.name] = train
+    # for the gate only: the composed task on half of the materials, and conversations over the domains
+    write_jsonl(os.path.join(folder, f"{COMPOSED.name}_train.jsonl"),
+                composed_rows(seed, "train", scale["train_rows"] // 4))
+    write_jsonl(os.path.join(folder, f"{COMPOSED.name}_test.jsonl"), composed_rows(seed, "test"))
+    write_jsonl(os.path.join(folder, "conversations_train.jsonl"),
+                conversation_rows(trains, scale["train_rows"] // 2, seed))
     write_jsonl(os.path.join(folder, "generic.jsonl"), generic_text(scale["generic_rows"], seed))
 
 
@@ -173,8 +213,9 @@ def _make_base(folder: str, data: str, scale: dict, seed: int, log, progress: bo
     from ..training import train_base
 
     texts = [json.loads(line)["text"] for line in open(os.path.join(data, "generic.jsonl"), encoding="utf-8")]
-    for name in sorted(os.listdir(data)):
-        if name.endswith("_train.jsonl"):
+    domain_names = {d.name for d in make_domains(seed)}
+    for name in sorted(os.listdir(data)):  # the tokenizer sees the domains' text (the base model does not)
+        if name.endswith("_train.jsonl") and name[:-len("_train.jsonl")] in domain_names:
             texts += [(lambda r: r["prompt"] + r["completion"])(json.loads(line))
                       for line in open(os.path.join(data, name), encoding="utf-8")]
     tokenizer = build_tokenizer(texts)
@@ -204,330 +245,127 @@ def _make_gate(folder: str, base: str, experts: str, data: str, domains: list[Do
     from ..training import train_xlora
 
     adapters = {d.name: os.path.join(experts, d.name) for d in domains}
-    train_xlora(base, adapters, [os.path.join(data, f"{d.name}_train.jsonl") for d in domains], folder,
+    files = [os.path.join(data, f"{name}_train.jsonl") for name in [*adapters, COMPOSED.name, "conversations"]]
+    train_xlora(base, adapters, files, folder,
                 max_steps=scale["gate_steps"], seed=seed, warmup_steps=20, progress=progress, log=log,
                 logging_steps=50, **GATE, **routing)
 
 
-# ---- evaluation -------------------------------------------------------------------------------------------------
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-@torch.no_grad()
-def _answers(generate: Callable, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy answers: the generated text up to the end-of-sequence token."""
-    tokenizer.padding_side = "left"
-    answers = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
-        new = generate(enc["input_ids"], enc["attention_mask"], max_new_tokens)[:, enc["input_ids"].shape[1]:]
-        for row in new.tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id)]
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
-
-
-def _hf_generate(model, tokenizer):
-    def run(ids, mask, n):
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return run
-
-
-def evaluate(base: str, experts: str, xlora: str, data: str, domains: list[Domain], log) -> tuple[dict, dict]:
-    """Scores of every system on every domain's held-out prompts, and X-LoRA's routing per domain."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    names = [d.name for d in domains]
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
-                                           os.path.join(experts, names[0]), adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.load_adapter(os.path.join(experts, name), adapter_name=name)
-    peft_model.add_weighted_adapter(names, [1.0 / len(names)] * len(names), "static_merge", combination_type="cat")
-    peft_model.eval()
-    xlora_scores, routing, xlora_answers = _evaluate_xlora(base, xlora, data, domains)
-    results: dict = {"domains": {}, "routing": routing}
-    examples: dict = {}
-    for domain in domains:
-        test = _read_jsonl(os.path.join(data, f"{domain.name}_test.jsonl"))
-        prompts = [r["prompt"] for r in test]
-
-        def peft_answers() -> list[str]:  # with whichever adapter is active
-            return _answers(_hf_generate(peft_model, tokenizer), tokenizer, prompts, domain.max_new_tokens)
-
-        with peft_model.disable_adapter():
-            base_answers = peft_answers()
-        row = {"base": _score(domain, base_answers, test), "experts": {}}
-        for name in names:
-            peft_model.set_adapter(name)
-            row["experts"][name] = _score(domain, peft_answers(), test)
-        peft_model.set_adapter("static_merge")
-        row["static_merge"] = _score(domain, peft_answers(), test)
-        row["xlora"] = xlora_scores[domain.name]
-        results["domains"][domain.name] = row
-        examples[domain.name] = {"prompt": prompts[0], "reference": test[0]["reference"],
-                                 "xlora": xlora_answers[domain.name][0], "base": base_answers[0]}
-        log(f"  {domain.name:<16} base {row['base']:.2f}  own expert {row['experts'][domain.name]:.2f}  "
-            f"static merge {row['static_merge']:.2f}  X-LoRA {row['xlora']:.2f}")
-    return results, examples
-
-
-def _score(domain: Domain, answers: list[str], test: list[dict]) -> float:
-    """The domain's mean score of the answers against the held-out rows' references."""
-    return round(sum(domain.score(a, row["reference"]) for a, row in zip(answers, test)) / len(test), 4)
-
-
-def _evaluate_xlora(base: str, xlora: str, data: str, domains: list[Domain]) -> tuple[dict, dict, dict]:
-    """X-LoRA's score per domain, its routing (mean scaling of each expert over the domain's prompt tokens and
-    all LoRA layers) and its answers."""
-    from transformers import AutoTokenizer
-
-    from ..model import XLoraModel
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = XLoraModel.from_pretrained(xlora, base=base)
-    names = [d.name for d in domains]
-
-    def generate(ids, mask, n):
-        return model.generate(ids, mask, max_new_tokens=n, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
-
-    scores, routing, answers = {}, {}, {}
-    for domain in domains:
-        test = _read_jsonl(os.path.join(data, f"{domain.name}_test.jsonl"))
-        prompts = [r["prompt"] for r in test]
-        answers[domain.name] = _answers(generate, tokenizer, prompts, domain.max_new_tokens)
-        scores[domain.name] = _score(domain, answers[domain.name], test)
-        tokenizer.padding_side = "left"
-        enc = tokenizer(prompts, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            scalings = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).scalings
-        mean = scalings[enc["attention_mask"].bool()].float().mean(dim=(0, 1))  # (E,)
-        routing[domain.name] = {n: round(float(v), 4) for n, v in zip(names, mean)}
-    return scores, routing, answers
-
-
-def evaluate_xlora(base: str, xlora: str, data: str, domains: list[Domain], log) -> dict:
-    scores, routing, _ = _evaluate_xlora(base, xlora, data, domains)
-    for name, value in scores.items():
-        top = max(routing[name], key=routing[name].get)
-        log(f"  {name:<16} X-LoRA {value:.2f}, top expert {top} ({routing[name][top]:.2f})")
-    return {"xlora": scores, "routing": routing}
-
-
 # ---- figures and report -----------------------------------------------------------------------------------------
-def make_figures(out: str, base: str, xlora: str, domains: list[Domain], examples: dict) -> dict:
-    """Per domain: heatmap + bars for its first held-out prompt; a multi-turn history across the domains."""
-    from transformers import AutoTokenizer
-
-    from ..analysis import ScalingsLog, plot_history, plot_scalings, scalings_of_ids
+def make_figures(out: str, base: str, xlora: str, data: str, domains: list[Domain], examples: dict) -> dict:
+    """Per domain: heatmap + bars for its first held-out prompt; the composed task: the token history and the
+    heatmap of one held-out prompt answered by X-LoRA; a multi-turn history across the domains."""
+    from ..loading import load_tokenizer
+    from ..analysis import plot_history, plot_scalings, scalings_of_ids
     from ..model import XLoraModel
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(base)
     model = XLoraModel.from_pretrained(xlora, base=base)
     folder = os.path.join(out, "figures")
     os.makedirs(folder, exist_ok=True)
-    figures = {"scalings": {}, "history": None}
+    figures: dict = {"scalings": {}, "history": None}
     for domain in domains:
         ids = tokenizer(examples[domain.name]["prompt"], return_tensors="pt")["input_ids"]
         log = scalings_of_ids(model, tokenizer, ids)
         path = os.path.join(folder, f"scalings_{domain.name}.png")
         plot_scalings(log, path, title=f"{domain.name}: \"{examples[domain.name]['prompt']}\"")
         figures["scalings"][domain.name] = os.path.relpath(path, out)
+    figures.update(_composed_figures(out, folder, model, tokenizer, data))
     # a multi-turn exchange that moves between domains, each turn answered by X-LoRA
     by_name = {d.name: d for d in domains}
     ids = torch.zeros((1, 0), dtype=torch.long)
     segments, prompt_spans = [], []
-    separator = tokenizer(" |", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    separator = tokenizer(CONVERSATION_SEPARATOR, add_special_tokens=False, return_tensors="pt")["input_ids"]
     for name in HISTORY_ORDER:
         start = ids.shape[1]
         prompt = tokenizer(examples[name]["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = torch.cat([ids, separator, prompt] if start else [prompt], dim=1)
-        prompt_span = (ids.shape[1] - prompt.shape[1], ids.shape[1])
-        new = model.generate(ids, max_new_tokens=by_name[name].max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:]
-        new = new[:, :(new[0] == tokenizer.eos_token_id).nonzero()[0, 0]] if (new[0] == tokenizer.eos_token_id).any() \
-            else new
-        ids = torch.cat([ids, new], dim=1)
+        prompt_spans.append((ids.shape[1] - prompt.shape[1], ids.shape[1]))
+        ids = torch.cat([ids, _answer_ids(model, tokenizer, ids, by_name[name].max_new_tokens)], dim=1)
         segments.append((start, ids.shape[1], name))
-        prompt_spans.append(prompt_span)
     history = scalings_of_ids(model, tokenizer, ids)
-    history = ScalingsLog(history.scalings, history.tokens, history.layer_names, history.expert_names, segments)
+    history.segments = segments
     history.save(os.path.join(folder, "history_scalings.safetensors"))
     path = os.path.join(folder, "history.png")
     plot_history(history, path, title="X-LoRA scalings token by token over a multi-turn exchange")
     figures["history"] = os.path.relpath(path, out)
     per_expert = history.per_expert()  # (t, E)
+
     def top(start: int, end: int) -> str:
         return history.expert_names[int(per_expert[start:end].mean(0).argmax())]
 
+    # (turn, top expert over its prompt tokens, top expert over the whole turn: separator, prompt and answer)
     figures["history_dominant"] = [(name, top(*span), top(start, end))
                                    for (start, end, name), span in zip(segments, prompt_spans)]
     figures["history_text"] = tokenizer.decode(ids[0])
     return figures
 
 
-def summary_table(results: dict) -> str:
-    names = list(next(iter(results["domains"].values()))["experts"])
-    lines = ["| domain | base | " + " | ".join(f"expert {n}" for n in names) + " | static merge | X-LoRA |",
-             "|---|---|" + "---|" * len(names) + "---|---|"]
-    for domain, row in results["domains"].items():
-        cells = [f"{row['base']:.2f}"] + [f"**{row['experts'][n]:.2f}**" if n == domain else f"{row['experts'][n]:.2f}"
-                                          for n in names]
-        lines.append(f"| {domain} | " + " | ".join(cells) + f" | {row['static_merge']:.2f} | **{row['xlora']:.2f}** |")
-    means = _means(results)
-    lines.append(f"| **mean** | {means['base']:.2f} | " + " | ".join(f"{means[n]:.2f}" for n in names)
-                 + f" | {means['static_merge']:.2f} | **{means['xlora']:.2f}** |")
-    return "\n".join(lines)
+def _answer_ids(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """X-LoRA's greedy answer to ids (1, t), without its end-of-sequence token: (1, n)."""
+    new = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+    ends = (new == tokenizer.eos_token_id).nonzero()
+    return new[:int(ends[0, 0]) if len(ends) else len(new)][None]
 
 
-def _means(results: dict) -> dict[str, float]:
-    rows = list(results["domains"].values())
-    means = {k: sum(r[k] for r in rows) / len(rows) for k in ("base", "static_merge", "xlora")}
-    for name in rows[0]["experts"]:
-        means[name] = sum(r["experts"][name] for r in rows) / len(rows)
-    return means
+def _composed_figures(out: str, folder: str, model, tokenizer, data: str) -> dict:
+    """The composed task's figures for the first held-out prompt whose answer meets the issue's two checks (else
+    the first): the token history over prompt and answer, and the heatmap over the positions that wrote the answer.
+
+    Checks per prompt: `mixes`: in some LoRA layer two experts each have a mean scaling >= 0.2 over the answer;
+    `hands_over`: over the answer, the top expert (scalings summed over layers) goes from recall to
+    protein_forward. A position's scalings are those that wrote the next token, as in generation."""
+    from ..analysis import plot_history, plot_scalings, scalings_of_ids
+
+    names = list(model.expert_names)
+    checks, chosen = [], None
+    for row in read_jsonl(os.path.join(data, f"{COMPOSED.name}_test.jsonl")):
+        prompt = tokenizer(row["prompt"], return_tensors="pt")["input_ids"]
+        answer = _answer_ids(model, tokenizer, prompt, COMPOSED.max_new_tokens)
+        log = scalings_of_ids(model, tokenizer, torch.cat([prompt, answer], dim=1))
+        n_prompt, n = prompt.shape[1], prompt.shape[1] + answer.shape[1]
+        writing = log.scalings[n_prompt - 1:n - 1]  # (answer tokens, L, E): the positions that wrote the answer
+        heat = writing.mean(0)  # (L, E)
+        tops = [names[int(e)] for e in log.per_expert()[n_prompt - 1:n - 1].argmax(-1)]
+        handover = "recall" in tops and "protein_forward" in tops[tops.index("recall"):]
+        check = {"prompt": row["prompt"], "answer": tokenizer.decode(answer[0]).strip(),
+                 "reference": row["reference"], "mixes": bool(((heat >= 0.2).sum(-1) >= 2).any()),
+                 "hands_over": handover, "top_expert_per_answer_token": tops}
+        checks.append(check)
+        if chosen is None and check["mixes"] and check["hands_over"]:
+            chosen = (check, log, n_prompt, n)
+        if chosen is None and len(checks) == 1:
+            first = (check, log, n_prompt, n)
+    check, log, n_prompt, n = chosen or first
+    text = [t for t in log.tokens]
+    force_start = next((i for i in range(n_prompt, n) if "=" in text[i]), n)
+    log.segments = [(0, n_prompt, "prompt"), (n_prompt, force_start, "recalled sequence"),
+                    (force_start, n, "force")]
+    history_path = os.path.join(folder, "composed_history.png")
+    plot_history(log, history_path, title=f"composed: \"{check['prompt']}\" -> \"{check['answer']}\"")
+    answer_log = type(log)(log.scalings[n_prompt - 1:n - 1], log.tokens[n_prompt - 1:n - 1], log.layer_names,
+                           log.expert_names)
+    heat_path = os.path.join(folder, "composed_scalings.png")
+    plot_scalings(answer_log, heat_path, title=f"composed, positions writing \"{check['answer']}\"")
+    return {"composed_history": os.path.relpath(history_path, out),
+            "composed_scalings": os.path.relpath(heat_path, out), "composed_shown": check,
+            "composed_checks": {"prompts": len(checks), "mixes": sum(c["mixes"] for c in checks),
+                                "hands_over": sum(c["hands_over"] for c in checks),
+                                "both": sum(c["mixes"] and c["hands_over"] for c in checks),
+                                "shown": check}}
 
 
-def check_targets(results: dict) -> list[tuple[str, bool, str]]:
-    """The issue's targets for a full run: (target, met, measured)."""
-    rows = results["domains"]
-    means = _means(results)
-    gaps = {d: max(r["experts"].values()) - r["xlora"] for d, r in rows.items()}
-    own_top = [d for d, routing in results["routing"].items() if max(routing, key=routing.get) == d]
-    return [
-        ("X-LoRA within 0.05 of the best single expert on every domain", max(gaps.values()) <= 0.05,
-         ", ".join(f"{d} {g:+.2f}" for d, g in gaps.items()) + " (best expert − X-LoRA)"),
-        ("X-LoRA mean ≥ static merge mean + 0.15", means["xlora"] >= means["static_merge"] + 0.15,
-         f"{means['xlora']:.2f} vs {means['static_merge']:.2f}"),
-        ("X-LoRA mean ≥ base mean + 0.3", means["xlora"] >= means["base"] + 0.3,
-         f"{means['xlora']:.2f} vs {means['base']:.2f}"),
-        ("own expert has the highest mean routing weight on ≥ 4 of 5 domains", len(own_top) >= 4,
-         f"{len(own_top)} of {len(rows)} ({', '.join(own_top)})"),
-    ]
+def _versions() -> dict[str, str]:
+    """The versions that produced a run (results.json records them; scripts/demo_table.py prints them)."""
+    from importlib import metadata
 
-
-def write_report(out: str, results: dict, figures: dict, domains: list[Domain], timings: dict, settings: dict,
-                 examples: dict, ablation: dict | None = None) -> str:
-    from . import domains as domains_module
-
-    names = [d.name for d in domains]
-    routing_lines = ["| domain | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for domain, routing in results["routing"].items():
-        top = max(routing, key=routing.get)
-        routing_lines.append(f"| {domain} | " + " | ".join(f"**{routing[n]:.2f}**" if n == top else f"{routing[n]:.2f}"
-                                                           for n in names) + " |")
-    targets = check_targets(results)
-    kind = "quick run (`--quick`): fewer examples and steps, so lower scores" if results["quick"] else "full run"
-    lines = [
-        "# loramix demo: X-LoRA on five synthetic domains", "",
-        f"A {kind}, seed {settings['seed']}, {results['seconds']:.0f} s in all "
-        f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}). Everything was built here, offline: the "
-        f"tokenizer, a tiny Llama ({MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}) pre-trained "
-        f"on {settings['generic_rows']} generic sentences that teach none of the tasks, one LoRA expert per domain "
-        f"(rank {EXPERT['rank']} on all linear layers, {settings['expert_steps']} steps on "
-        f"{settings['train_rows']} examples of its domain), and the X-LoRA gate (depth {GATE['xlora_depth']}, "
-        f"layerwise scalings, {settings['gate_steps']} steps on the mix of all domains, experts frozen).", "",
-        "## Scores on held-out prompts", "",
-        f"{settings['test_prompts']} held-out prompts per domain (recall: at most the {_n_facts(settings['seed'])} "
-        "questions its table allows), greedy decoding, scores in [0, 1] (see the domains below). *Static merge* is PEFT's `add_weighted_adapter` of all experts with uniform weights and "
-        "`combination_type=\"cat\"`, that is X-LoRA with constant scalings 1/5.", "",
-        summary_table(results), "",
-        "## Routing", "",
-        "Mean scaling of each expert over each domain's held-out prompt tokens and all LoRA layers (the gate's "
-        "softmax: a row sums to 1). The domain's own expert should dominate its row.", "",
-        *routing_lines, "",
-        *_ablation_lines(results, ablation),
-        "## Targets", "",
-        "| target | met | measured |", "|---|---|---|",
-        *[f"| {t} | {'yes' if ok else 'no'} | {m} |" for t, ok, m in targets], "",
-        "## Figures", "",
-        "**Scalings of one prompt per domain** (as the paper's Figs. 2–3): the heatmap shows the gate's weight for each "
-        "expert (columns) in each adapted layer (rows, by module name), averaged over the prompt's tokens; the bars "
-        "beneath sum it over the layers. A good gate lights up the column of the domain's expert, though not "
-        "uniformly: some layers lean on other experts, as in the paper, where the mix varies across layers.", "",
-    ]
-    for domain in names:
-        ex = examples[domain]
-        lines += [f"### {domain}", "", f"Prompt `{ex['prompt']}`, reference (or target) `{ex['reference']}`, "
-                  f"X-LoRA answered `{ex['xlora']}` (base: `{ex['base']}`).", "", f"![{domain}]({figures['scalings'][domain]})", ""]
-    lines += [
-        "### Token-by-token history", "",
-        "The scalings summed over layers for every token of a multi-turn exchange that moves through the domains "
-        f"({' → '.join(HISTORY_ORDER)}), each turn answered by X-LoRA (the paper's Fig. 4). Shaded bands mark the "
-        "turns. The gate reads the hidden state of each token, so it follows the context. Expert with the largest "
-        "mean weight over each turn's prompt tokens: "
-        + ", ".join(f"{p} for {turn}" for turn, p, _ in figures["history_dominant"])
-        + f" ({sum(turn == p for turn, p, _ in figures['history_dominant'])} of {len(figures['history_dominant'])} "
-        "on their own expert); over the whole turn, answer included: "
-        + ", ".join(f"{w} for {turn}" for turn, _, w in figures["history_dominant"])
-        + ". Tokens shared by several domains (digits, residue letters) pull towards the expert that produces "
-        "them, and the experts were trained on single-turn prompts, so the answers in this multi-turn context "
-        "are not always right.", "",
-        f"Text: `{figures['history_text']}`", "", f"![history]({figures['history']})", "",
-        "## How this compares to the paper", "",
-        "The paper mixes nine Zephyr-7B experts (bio-inspired materials, reasoning, chemistry, math, physics, "
-        "biology, mechanics, logic, protein mechanics) and shows that the gate's scalings depend on the task and "
-        "change token by token and layer by layer, that X-LoRA answers across domains where a single expert cannot, "
-        "and that it handles the protein forward and inverse problems. Here the same mechanism, at a size that runs "
-        "anywhere, shows the same things measurably: each domain's prompts are routed mostly to its own expert, "
-        "X-LoRA scores close to the best expert on every domain while each expert fails outside its own, and the "
-        "static merge (the same experts with constant weights) loses most of what the experts know, which is the "
-        "paper's argument for dynamic, per-token gating. What it does not show: the paper's scale, its "
-        "open-ended generation quality, or its cross-domain reasoning; the domains here are synthetic and narrow.", "",
-        "## The domains", "",
-        "```", (domains_module.__doc__ or "").strip(), "```", "",
-        "Files: `results.json` (the tables above), `figures/` (PNGs and the history's scalings log, which `loramix "
-        "analyze --scalings figures/history_scalings.safetensors --out DIR` redraws), `data/` (every example), "
-        "`base/`, `experts/<domain>/` (PEFT adapters), `xlora/` (the X-LoRA checkpoint: `loramix generate --model "
-        f"{os.path.join(out, 'xlora')} --prompt 'sum 12+30 =' --show-experts`).", "",
-    ]
-    path = os.path.join(out, "report.md")
-    atomic_write_text(path, "\n".join(lines))
-    return path
-
-
-def _n_facts(seed: int) -> int:
-    from .domains import _PROPERTIES, material_table
-
-    return len(material_table(seed)) * len(_PROPERTIES)
-
-
-def _ablation_lines(results: dict, ablation: dict | None) -> list[str]:
-    """The gate's objective, measured: the paper's cross-entropy alone against cross-entropy + routing term."""
-    intro = ("The gate above was trained with the paper's next-token cross-entropy plus loramix's supervised routing "
-             "term (`routing_weight`: each training row names its domain's expert), which warm-starts the gate.")
-    if ablation is None:
-        return ["## The gate's objective", "", intro + " The full run also trains a gate on cross-entropy alone and "
-                "compares the two here; the quick run skips it.", ""]
-    lines = ["## The gate's objective", "", intro + " The same gate trained on cross-entropy alone (the paper's "
-             "objective), same steps and data:", "",
-             "| domain | X-LoRA, cross-entropy + routing | X-LoRA, cross-entropy only | top expert (cross-entropy only) |",
-             "|---|---|---|---|"]
-    for domain, row in results["domains"].items():
-        routing = ablation["routing"][domain]
-        top = max(routing, key=routing.get)
-        lines.append(f"| {domain} | {row['xlora']:.2f} | {ablation['xlora'][domain]:.2f} | {top} "
-                     f"({routing[top]:.2f}) |")
-    mean_main = sum(r["xlora"] for r in results["domains"].values()) / len(results["domains"])
-    mean_ce = sum(ablation["xlora"].values()) / len(ablation["xlora"])
-    behind = [d for d, r in results["domains"].items() if ablation["xlora"][d] < r["xlora"] - 0.05]
-    ahead = [d for d, r in results["domains"].items() if ablation["xlora"][d] > r["xlora"] + 0.05]
-    own_top = sum(1 for d, r in ablation["routing"].items() if max(r, key=r.get) == d)
-    lines += [f"| **mean** | {mean_main:.2f} | {mean_ce:.2f} | |", "",
-              f"With cross-entropy alone the mean is {mean_ce:.2f} against {mean_main:.2f}; it falls behind on "
-              f"{', '.join(behind) or 'no domain'} and is ahead on {', '.join(ahead) or 'no domain'}, and its own "
-              f"expert tops the routing on {own_top} of {len(ablation['routing'])} domains, with softer weights. "
-              "A likely reason: an expert weighted 1/5 contributes 1/5 of its update, so the signal that would "
-              "sharpen the routing is weak at the start, and this run is short; the paper trains its gate much "
-              "longer on a 7B model. Where a soft mix scores higher, the mix itself is useful, as the paper "
-              "argues.", ""]
-    return lines
+    versions = {}
+    for name in ("loramix", "torch", "transformers", "peft"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def _write_json(path: str, value) -> None:
