@@ -45,6 +45,8 @@ READING = """### Reading the numbers
 - With every engine on one thread (last table) mistral.rs is far ahead on the tiny model: 0.37× granular, 0.25×
   frozen. At this size a step is fixed cost, and Rust's per-step cost is a fraction of Python's and transformers'.
   The goal ratios hold only at the defaults on this busy machine; they are not a fair lead in per-step cost.
+- Rerun on a quiet machine before reading the first tables as a lead: mistral.rs's thread pool loses most to a
+  busy machine.
 - The gate's hidden width is the model's (mistral.rs 0.9.5 shapes its classifier's last layer so); both engines
   produced the same greedy tokens in every table (mistral.rs with its f16 KV cache).
 - Running the layers directly (fast_decode: positions, masks and rotary table once per step, no model wrappers)
