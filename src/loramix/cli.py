@@ -183,7 +183,8 @@ def train(args: argparse.Namespace) -> int:
                  softmax_temperature=args.softmax_temperature, use_trainable_adapters=args.use_trainable_adapters,
                  xlora_dropout_p=args.xlora_dropout_p, scaling_pass_value=args.scaling_pass_value,
                  balance_weight=args.balance_weight, entropy_weight=args.entropy_weight,
-                 routing_weight=args.routing_weight, expert_field=args.expert_field)
+                 routing_weight=args.routing_weight, routing_anneal_steps=args.routing_anneal_steps,
+                 expert_field=args.expert_field)
     result = train_xlora(args.base, adapters, args.data, args.output, eval_data=args.eval_data,
                          data_weights=args.data_weights, tokenizer=args.tokenizer, dtype=_dtype(args.dtype),
                          quantization=_placement(args)["quantization"],
@@ -552,6 +553,8 @@ def _parser() -> argparse.ArgumentParser:
     _alias(g, "--entropy-loss-weight", "entropy_weight", type=finite_float)
     g.add_argument("--expert-field", help="field naming each row's expert (for --routing-weight)")
     g.add_argument("--routing-weight", type=non_negative_float, default=0.0, help="supervised routing loss")
+    g.add_argument("--routing-anneal-steps", type=non_negative_int, default=0,
+                   help="lower the routing weight linearly to 0 over this many steps (0: constant)")
     _alias(g, "--routing-loss-weight", "routing_weight", type=non_negative_float)
     p = sub.add_parser("export", help=VERBS["export"][1])
     _add_placement_flags(p, inference=True)
