@@ -143,3 +143,24 @@ def test_chat_completions_with_the_servers_template(served):
         ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                   add_special_tokens=False)["input_ids"]
         assert sample["filtered_resps"][0] == _greedy(model, ids, 6, "=")
+
+
+def test_in_process_eval_scores_equal_the_servers(served, served_checkpoint):
+    """`loramix.evaluate` (lm-eval in process, batched log-likelihoods and the dual-cache generate) gives the
+    scores, and the per-choice log-likelihoods, that lm-eval gets through the server."""
+    from loramix import evaluate
+    from loramix.loading import load_tokenizer
+
+    server, tasks, model, _ = served
+    through_server = {task: _evaluate(server, tasks, "local-completions", task, tokenizer=str(served_checkpoint))
+                      for task in ("loramix_mc", "loramix_gen")}
+    in_process = evaluate(model, load_tokenizer(str(served_checkpoint)), ["loramix_mc", "loramix_gen"],
+                          include_path=str(tasks), batch_size=4, log_samples=True, builtin_tasks=False)
+    for task, metric in (("loramix_mc", "acc,none"), ("loramix_gen", "exact_match,none")):
+        assert in_process["results"][task][metric] == through_server[task]["results"][task][metric]
+    served_mc = {s["doc_id"]: s["filtered_resps"] for s in through_server["loramix_mc"]["samples"]["loramix_mc"]}
+    for sample in in_process["samples"]["loramix_mc"]:
+        for (ours, our_greedy), (theirs, their_greedy) in zip(sample["filtered_resps"], served_mc[sample["doc_id"]]):
+            assert abs(ours - theirs) < 1e-4 and our_greedy == their_greedy
+    served_gen = {s["doc_id"]: s["filtered_resps"] for s in through_server["loramix_gen"]["samples"]["loramix_gen"]}
+    assert {s["doc_id"]: s["filtered_resps"] for s in in_process["samples"]["loramix_gen"]} == served_gen
