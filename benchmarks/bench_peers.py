@@ -9,8 +9,8 @@ size, in interleaved rounds (each round runs every system once), and the page re
 tokens/s over the rounds: the machine is noisy, so only same-round ratios mean much. The tokens of loramix and
 mistral.rs are compared.
 
-mistral.rs runs offline from a folder in its X-LoRA layout written here (flat `<expert>.adapter_*` files, an
-ordering file, the base with `rope_theta`, a tokenizer with a pass-through chat template; its EOS sits outside the
+mistral.rs runs offline from a folder in its X-LoRA layout written by `loramix export --to mistralrs` (flat
+`<expert>.adapter_*` files, an ordering file, the base with `rope_theta`, a tokenizer with a pass-through chat template; its EOS sits outside the
 model's vocabulary so that no engine stops early). When `import mistralrs` fails, the script installs
 mistralrs==0.9.5 from PyPI into its own virtual environment (--venv) and runs the measuring process there.
 """
@@ -64,6 +64,7 @@ def build(size: str, folder: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loramix import XLoraConfig, XLoraModel
+    from loramix.export import export_mistralrs
     from loramix.tiny import random_experts
 
     cfg = PEER_SIZES[size]
@@ -86,7 +87,9 @@ def build(size: str, folder: str) -> None:
         for p in model.classifier.parameters():
             p.normal_(0, 0.5)
     model.save_pretrained(os.path.join(folder, "loramix"))
-    write_mistralrs_layout(model, os.path.join(folder, "base"), os.path.join(folder, "mistralrs"))
+    # mistral.rs's layout, written by `loramix export --to mistralrs`: the base (with rope_theta) and tokenizer go
+    # to mistralrs/base, beside the ordering file, config, classifier and flat adapters
+    export_mistralrs(model, os.path.join(folder, "mistralrs"), tokenizer=tokenizer(vocab))
 
 
 def tokenizer(vocab_size: int):
@@ -106,50 +109,6 @@ def tokenizer(vocab_size: int):
     return out
 
 
-def write_mistralrs_layout(model, base_dir: str, folder: str) -> None:
-    """mistral.rs 0.9.5's X-LoRA folder for experts of one rank and one set of target modules (what this benchmark
-    makes; `loramix export --to mistralrs` handles the general case)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(folder)
-    with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
-        base_config = json.load(f)
-    base_config.setdefault("rope_theta", (base_config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    with open(os.path.join(base_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(base_config, f, indent=2)
-    base_id = os.path.abspath(base_dir)
-    names = model.expert_names
-
-    def dump(name: str, data: dict) -> None:
-        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-
-    dump("ordering.json", {"order": names, "layers": {n: i for i, n in enumerate(model.lora_layer_names)},
-                           "base_model_id": base_id})
-    config = model.config.to_dict()
-    config.update(adapters=names, base_model_id=base_id, xlora_dropout_p=0.0,
-                  scaling_pass_value=model.config.resolved_scaling_pass_value())
-    dump("xlora_config.json", config)
-    classifier = {}
-    for j, linear in enumerate(model.classifier.hidden_linears()):  # mistral.rs numbers the Linear layers only
-        classifier.update({f"inner.{j}.{k}": v for k, v in linear.state_dict().items()})
-    classifier.update({f"last.{k}": v for k, v in model.classifier.last.state_dict().items()})
-    save_file({k: v.contiguous() for k, v in classifier.items()}, os.path.join(folder, "xlora_classifier.safetensors"))
-    for e, name in enumerate(names):
-        tensors, rank, alpha = {}, None, None
-        for layer_name, layer in zip(model.lora_layer_names, model.mixed_layers()):
-            m = layer.expert_module(e)  # every expert adapts every layer here
-            rank = m.rank
-            alpha = m.scale * m.rank
-            tensors[f"base_model.model.{layer_name}.lora_A.weight"] = m.lora_A.detach().contiguous()
-            tensors[f"base_model.model.{layer_name}.lora_B.weight"] = m.lora_B.detach().contiguous()
-        save_file(tensors, os.path.join(folder, f"{name}.adapter_model.safetensors"))
-        dump(f"{name}.adapter_config.json", {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_id, "r": rank,
-            "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in model.lora_layer_names})})
-
-
 # ---- measuring (runs in the environment that has mistralrs) ---------------------------------------------------
 def worker(size: str, folder: str, threads: int, rounds: int) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -158,6 +117,7 @@ def worker(size: str, folder: str, threads: int, rounds: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from loramix import XLoraModel
+    from loramix.mistralrs import BASE_FOLDER, ORDERING_NAME
 
     torch.set_num_threads(threads)
     cfg = PEER_SIZES[size]
@@ -171,9 +131,10 @@ def worker(size: str, folder: str, threads: int, rounds: int) -> dict:
 
     def runner(frozen: bool):
         which = mistralrs.Which.XLora(
-            xlora_model_id=os.path.join(folder, "mistralrs"), order=os.path.join(folder, "mistralrs", "ordering.json"),
-            model_id=base_dir, arch=mistralrs.Architecture.Llama,
-            tokenizer_json=os.path.join(base_dir, "tokenizer.json"), tgt_non_granular_index=1 if frozen else None)
+            xlora_model_id=os.path.join(folder, "mistralrs"), order=os.path.join(folder, "mistralrs", ORDERING_NAME),
+            model_id=os.path.join(folder, "mistralrs", BASE_FOLDER), arch=mistralrs.Architecture.Llama,
+            tokenizer_json=os.path.join(folder, "mistralrs", BASE_FOLDER, "tokenizer.json"),
+            tgt_non_granular_index=1 if frozen else None)
         return mistralrs.Runner(which=which, token_source="none")
 
     runners = {"mistralrs": runner(False), "mistralrs-frozen": runner(True)}
