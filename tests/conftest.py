@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-# make_experts and tiny_base are re-exported only for test modules on other branches that still write
-# `from conftest import ...` (test_demo.py, test_fast_decode.py); new code imports them from helpers
-from helpers import VOCAB, make_experts, save_served_checkpoint, tiny_base  # noqa: F401
+from helpers import VOCAB, save_served_checkpoint
 
 
 @pytest.fixture

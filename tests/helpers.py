@@ -3,6 +3,8 @@ character-level tokenizer and small data files, all made on the spot with no net
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 
 import torch
@@ -208,6 +210,17 @@ def start_server(checkpoint, **options):
     api_key = options.pop("api_key", None)
     state = load_state(str(checkpoint), **options)
     return state, LiveServer(state, api_key=api_key)
+
+
+@contextlib.contextmanager
+def serving(checkpoint, **options):
+    """`start_server` as a block: (state, LiveServer), both stopped on the way out."""
+    state, server = start_server(checkpoint, **options)
+    try:
+        yield state, server
+    finally:
+        server.stop()
+        state.engine.shutdown()
 
 
 def openai_client(server, **kw):

@@ -59,7 +59,7 @@ def test_composed_rows_score_each_part_and_hold_out_materials():
 
 def test_static_merge_is_xlora_with_constant_scalings(tmp_path):
     """PEFT's add_weighted_adapter(cat, uniform weights) is what the demo calls the static merge."""
-    from conftest import make_experts, tiny_base
+    from helpers import make_experts, tiny_base
     from peft import PeftModel
 
     from loramix import XLoraConfig, XLoraModel

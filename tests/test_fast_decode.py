@@ -14,7 +14,7 @@ from loramix.fast_decode import DecoderStack
 
 from loramix import XLoraConfig, XLoraModel
 
-from conftest import VOCAB, make_experts, tiny_base
+from helpers import VOCAB, make_experts, tiny_base
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from helpers import (CHAT_TEMPLATE, openai_client, post_json, slow_down_engine, start_server, tiny_tokenizer,
-                     wait_until)
+from helpers import (CHAT_TEMPLATE, openai_client, post_json, serving, slow_down_engine, tiny_tokenizer, wait_until)
 
 from loramix import XLoraModel
 from loramix.serving import wait_idle
@@ -20,10 +19,8 @@ from loramix.serving import wait_idle
 
 @pytest.fixture(scope="module")
 def live(served_checkpoint):
-    state, server = start_server(served_checkpoint, max_batch=8, max_queue=64, max_tokens_cap=64)
-    yield state, server
-    server.stop()
-    state.engine.shutdown()
+    with serving(served_checkpoint, max_batch=8, max_queue=64, max_tokens_cap=64) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
@@ -263,19 +260,14 @@ def test_chat_without_a_template_is_a_clear_400(served_checkpoint, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     for extra in ("chat_template.jinja", "chat_template.json"):
         (folder / extra).unlink(missing_ok=True)
-    state, server = start_server(folder)
-    try:
+    with serving(folder) as (state, server):
         response = post_json(server, "/v1/chat/completions", {"model": "no-template",
                                                           "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 400 and "no chat template" in response.json()["error"]["message"]
-    finally:
-        server.stop()
-        state.engine.shutdown()
 
 
 def test_api_key_guards_every_route_but_health(served_checkpoint):
-    state, server = start_server(served_checkpoint, api_key="s3cret")
-    try:
+    with serving(served_checkpoint, api_key="s3cret") as (state, server):
         assert httpx.get(server.url + "/health").status_code == 200
         for path in ("/v1/models",):
             assert httpx.get(server.url + path).status_code == 401
@@ -291,9 +283,6 @@ def test_api_key_guards_every_route_but_health(served_checkpoint):
             assert code == 200 or _is_openai_error(response)
         out = openai_client(server, api_key="s3cret").completions.create(model="tiny-xlora", prompt="a", max_tokens=3)
         assert out.usage.completion_tokens >= 1
-    finally:
-        server.stop()
-        state.engine.shutdown()
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
@@ -313,15 +302,14 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
 
 
 def test_queue_overflow_gets_429_and_the_server_recovers(served_checkpoint, monkeypatch):
-    state, server = start_server(served_checkpoint, max_batch=1, max_queue=1, max_tokens_cap=64)
-    step = state.engine._step
+    with serving(served_checkpoint, max_batch=1, max_queue=1, max_tokens_cap=64) as (state, server):
+        step = state.engine._step
 
-    def slow_step(group):  # a slow model: each request holds its slot for about 0.7 s
-        time.sleep(0.02)
-        step(group)
+        def slow_step(group):  # a slow model: each request holds its slot for about 0.7 s
+            time.sleep(0.02)
+            step(group)
 
-    monkeypatch.setattr(state.engine, "_step", slow_step)
-    try:
+        monkeypatch.setattr(state.engine, "_step", slow_step)
         body = {"model": "tiny-xlora", "prompt": "busy", "max_tokens": 32, "temperature": 0,
                 "stop": ["never-appears-here"]}
         with ThreadPoolExecutor(8) as pool:
@@ -330,9 +318,6 @@ def test_queue_overflow_gets_429_and_the_server_recovers(served_checkpoint, monk
         assert codes.count(200) >= 2  # one running + one waiting always fit
         assert wait_idle(state.engine) and state.engine.in_flight == 0
         assert post_json(server, "/v1/completions", body).status_code == 200
-    finally:
-        server.stop()
-        state.engine.shutdown()
 
 
 def test_load_64_concurrent_requests_no_server_errors(live):
@@ -356,10 +341,9 @@ LONG = {"model": "tiny-xlora", "prompt": "busy", "max_tokens": 64, "temperature"
 
 
 def test_a_non_streaming_client_that_hangs_up_frees_its_slot(served_checkpoint, monkeypatch):
-    state, server = start_server(served_checkpoint, max_batch=1, max_queue=0, max_tokens_cap=64)
-    slow_down_engine(state, monkeypatch, 0.1)  # the generation would hold its slot for over 6 s
-    tokens = state.engine.stats["tokens"]
-    try:
+    with serving(served_checkpoint, max_batch=1, max_queue=0, max_tokens_cap=64) as (state, server):
+        slow_down_engine(state, monkeypatch, 0.1)  # the generation would hold its slot for over 6 s
+        tokens = state.engine.stats["tokens"]
         with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s and closes its connection
             post_json(server, "/v1/completions", LONG, timeout=0.5)
         freed = wait_until(lambda: state.engine.in_flight == 0, timeout=2.0)
@@ -367,9 +351,6 @@ def test_a_non_streaming_client_that_hangs_up_frees_its_slot(served_checkpoint, 
         assert state.engine.stats["tokens"] - tokens < LONG["max_tokens"]  # cut short, not run to its end
         response = post_json(server, "/v1/completions", {**LONG, "max_tokens": 2})  # admitted, not 429
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
-    finally:
-        server.stop()
-        state.engine.shutdown()
 
 
 class SlowTokenizer:
@@ -390,10 +371,8 @@ class SlowTokenizer:
 @pytest.fixture(scope="module")
 def strict(served_checkpoint):
     """A server with small limits: 2 KiB bodies, 4 tokens at most."""
-    state, server = start_server(served_checkpoint, max_tokens_cap=4, max_request_bytes=2048)
-    yield state, server
-    server.stop()
-    state.engine.shutdown()
+    with serving(served_checkpoint, max_tokens_cap=4, max_request_bytes=2048) as live:
+        yield live
 
 
 def test_a_body_over_the_limit_gets_413_before_it_is_read(strict):
@@ -452,9 +431,8 @@ def test_the_default_max_tokens_obeys_the_cap(strict, reference):
 
 
 def test_stopping_ends_running_requests_at_once_and_refuses_new_ones(served_checkpoint, monkeypatch):
-    state, server = start_server(served_checkpoint, max_tokens_cap=64)
-    slow_down_engine(state, monkeypatch, 0.05)
-    try:
+    with serving(served_checkpoint, max_tokens_cap=64) as (state, server):
+        slow_down_engine(state, monkeypatch, 0.05)
         with ThreadPoolExecutor(2) as pool:
             waiting = pool.submit(post_json, server, "/v1/completions", LONG)
 
@@ -476,9 +454,6 @@ def test_stopping_ends_running_requests_at_once_and_refuses_new_ones(served_chec
         response = httpx.get(server.url + "/health")
         assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
         assert wait_until(lambda: state.engine.in_flight == 0, timeout=2) is not None
-    finally:
-        server.stop()
-        state.engine.shutdown()
     assert not state.engine.thread.is_alive()
 
 
@@ -594,9 +569,8 @@ def test_fuzzing_from_the_openapi_schema_finds_no_server_error(served_checkpoint
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
-    state, server = start_server(served_checkpoint, max_batch=4, max_tokens_cap=4)
-    statuses: dict[int, int] = {}
-    try:
+    with serving(served_checkpoint, max_batch=4, max_tokens_cap=4) as (state, server):
+        statuses: dict[int, int] = {}
         schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
         document = httpx.get(server.url + "/openapi.json").json()["paths"]
         for path, field in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
@@ -623,6 +597,3 @@ def test_fuzzing_from_the_openapi_schema_finds_no_server_error(served_checkpoint
         assert post_json(server, "/v1/completions", {"model": "tiny-xlora", "prompt": "a", "max_tokens": 2}).json()[
             "usage"]["completion_tokens"] == 2
         assert wait_idle(state.engine) and wait_until(lambda: state.engine.in_flight == 0, timeout=5) is not None
-    finally:
-        server.stop()
-        state.engine.shutdown()

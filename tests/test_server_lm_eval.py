@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import CHAT_TEMPLATE, start_server, tiny_tokenizer, write_jsonl
+from helpers import CHAT_TEMPLATE, serving, tiny_tokenizer, write_jsonl
 
 from loramix import XLoraModel
 
@@ -57,17 +57,15 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def served(served_checkpoint, tmp_path_factory):
-    state, server = start_server(served_checkpoint, max_batch=8, max_queue=16, max_tokens_cap=32)
-    tasks = tmp_path_factory.mktemp("tasks")
-    for name, template, docs in (("loramix_gen", GEN_TASK, GEN_DOCS), ("loramix_mc", MC_TASK, MC_DOCS)):
-        data = write_jsonl(tasks / f"{name}.jsonl", docs)
-        (tasks / f"{name}.yaml").write_text(template.format(name=name, data=data))
-    calls = []  # rows per request: lm-eval's batches arrive as prompt lists
-    submit_all = state.engine.submit_all
-    state.engine.submit_all = lambda jobs: (calls.append(len(jobs)), submit_all(jobs))[1]
-    yield server, tasks, XLoraModel.from_pretrained(str(served_checkpoint)), calls
-    server.stop()
-    state.engine.shutdown()
+    with serving(served_checkpoint, max_batch=8, max_queue=16, max_tokens_cap=32) as (state, server):
+        tasks = tmp_path_factory.mktemp("tasks")
+        for name, template, docs in (("loramix_gen", GEN_TASK, GEN_DOCS), ("loramix_mc", MC_TASK, MC_DOCS)):
+            data = write_jsonl(tasks / f"{name}.jsonl", docs)
+            (tasks / f"{name}.yaml").write_text(template.format(name=name, data=data))
+        calls = []  # rows per request: lm-eval's batches arrive as prompt lists
+        submit_all = state.engine.submit_all
+        state.engine.submit_all = lambda jobs: (calls.append(len(jobs)), submit_all(jobs))[1]
+        yield server, tasks, XLoraModel.from_pretrained(str(served_checkpoint)), calls
 
 
 def _evaluate(server, tasks, model_type: str, task: str, **extra):

@@ -9,8 +9,7 @@ import json
 import httpx
 import pytest
 import torch
-from helpers import (CHAT_TEMPLATE, openai_client, post_json, slow_down_engine, start_server, tiny_tokenizer,
-                     wait_until)
+from helpers import (CHAT_TEMPLATE, openai_client, post_json, serving, slow_down_engine, tiny_tokenizer, wait_until)
 
 from loramix import XLoraModel
 from loramix.generation import prompt_logprobs
@@ -20,10 +19,8 @@ MODEL = "tiny-xlora"
 
 @pytest.fixture(scope="module")
 def live(served_checkpoint):
-    state, server = start_server(served_checkpoint, max_batch=8, max_queue=16, max_tokens_cap=32)
-    yield state, server
-    server.stop()
-    state.engine.shutdown()
+    with serving(served_checkpoint, max_batch=8, max_queue=16, max_tokens_cap=32) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
@@ -250,11 +247,10 @@ def test_max_tokens_0_needs_echo(live):
 
 
 def test_a_client_that_hangs_up_frees_every_row_of_its_request(served_checkpoint, monkeypatch):
-    state, server = start_server(served_checkpoint, max_batch=4, max_queue=0, max_tokens_cap=64)
-    slow_down_engine(state, monkeypatch, 0.1)  # each row would hold its slot for over 6 s
-    body = {"model": MODEL, "prompt": ["busy", "also busy"], "n": 2, "max_tokens": 64, "temperature": 0,
-            "stop": ["never-appears-here"]}
-    try:
+    with serving(served_checkpoint, max_batch=4, max_queue=0, max_tokens_cap=64) as (state, server):
+        slow_down_engine(state, monkeypatch, 0.1)  # each row would hold its slot for over 6 s
+        body = {"model": MODEL, "prompt": ["busy", "also busy"], "n": 2, "max_tokens": 64, "temperature": 0,
+                "stop": ["never-appears-here"]}
         with pytest.raises(httpx.ReadTimeout):
             post_json(server, "/v1/completions", body, timeout=0.5)
         assert wait_until(lambda: state.engine.in_flight == 0, timeout=2.0) is not None  # all four rows freed
@@ -265,6 +261,3 @@ def test_a_client_that_hangs_up_frees_every_row_of_its_request(served_checkpoint
         assert wait_until(lambda: state.engine.in_flight == 0, timeout=2.0) is not None
         out = _complete(server, **{**body, "max_tokens": 2})  # all four admitted again, not 429
         assert len(out["choices"]) == 4 and out["usage"]["completion_tokens"] == 8
-    finally:
-        server.stop()
-        state.engine.shutdown()
