@@ -128,3 +128,14 @@ def test_each_pass_carries_its_own_kv_cache(tmp_path, ids):
                      scaling_past_key_values=first.scaling_past_key_values, use_cache=True)
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=TOL, rtol=0)
     torch.testing.assert_close(step.scalings[:, -1], full.scalings[:, -1], atol=TOL, rtol=0)
+
+
+def test_per_call_gate_options_are_checked_by_name(tmp_path, ids):
+    """Out-of-range per-call options are ValueErrors naming the option, an int beyond float range included."""
+    _, _, model = tiny_xlora("llama", tmp_path)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 10**400, True):
+        with pytest.raises(ValueError, match="softmax_temperature"):
+            model(input_ids=ids, softmax_temperature=bad)
+    for bad in (0, model.n_experts + 1, 1.0, True):
+        with pytest.raises(ValueError, match="top_k_lora"):
+            model(input_ids=ids, top_k_lora=bad)

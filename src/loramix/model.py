@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from torch import nn
 
 from .classifier import XLoraClassifier, mixing_weights
 from .compat import enable_activation_checkpointing, output_cache, with_cache
-from .config import CONFIG_NAME, XLoraConfig
+from .config import CONFIG_NAME, XLoraConfig, is_finite_number, is_int
 from .experts import Expert, save_expert, supported_module
 from .fast_decode import DecoderStack, PreparedStep
 from .files import atomic_write, atomic_write_text, replace_dir
@@ -265,8 +264,7 @@ class XLoraModel(nn.Module):
         """`compute_scalings`, also returning the step's positions and masks when the layers ran directly."""
         if softmax_temperature is None:
             softmax_temperature = self.config.softmax_temperature
-        elif not (_is_number(softmax_temperature) and math.isfinite(softmax_temperature)
-                  and softmax_temperature > 0):
+        elif not (is_finite_number(softmax_temperature) and softmax_temperature > 0):
             raise ValueError(f"softmax_temperature: got {softmax_temperature!r}, expected a finite number > 0")
         try:
             self._state.set(self._scaling_pass_weights())
@@ -291,7 +289,7 @@ class XLoraModel(nn.Module):
     def _gate_top_k(self, top_k_lora: int | None) -> int | None:
         if top_k_lora is None:
             return self.config.top_k_lora
-        if not (isinstance(top_k_lora, int) and not isinstance(top_k_lora, bool) and 1 <= top_k_lora <= self.n_experts):
+        if not (is_int(top_k_lora) and 1 <= top_k_lora <= self.n_experts):
             raise ValueError(f"top_k_lora: got {top_k_lora!r}, expected an integer in 1..{self.n_experts} "
                              f"(the number of experts)")
         return top_k_lora
@@ -501,10 +499,6 @@ def _hidden_size(base: nn.Module) -> int | None:
         if isinstance(getattr(cfg, key, None), int):
             return getattr(cfg, key)
     return None
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _param(module: nn.Module) -> torch.Tensor:
