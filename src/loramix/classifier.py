@@ -47,16 +47,19 @@ class XLoraClassifier(nn.Module):
         if hidden.device != self.last.weight.device:
             self.to(hidden.device)
         x = hidden.to(self.last.weight.dtype)
-        for module in self.inner:
-            x = module(x)
-        logits = self.last(x).float()  # (b, t, L*E) or (b, t, E)
+        for module in self.inner:  # `forward`, not a module call: at decode time the calls cost more than the math
+            if self.training or not isinstance(module, nn.Dropout):
+                x = module.forward(x)
+        logits = self.last.forward(x).float()  # (b, t, L*E) or (b, t, E)
         if self.layerwise:
             logits = logits.reshape(b, t, self.n_lora_layers, self.n_experts)
         else:
             logits = logits.unsqueeze(2).expand(b, t, self.n_lora_layers, self.n_experts)
         if not enable_softmax:
             return logits
-        return torch.softmax(logits / temperature, dim=-1)  # (b, t, L, E), float32 probabilities
+        if temperature != 1.0:  # logits / 1 is logits, exactly
+            logits = logits / temperature
+        return torch.softmax(logits, dim=-1)  # (b, t, L, E), float32 probabilities
 
     def hidden_linears(self) -> list[nn.Linear]:
         return [m for m in self.inner if isinstance(m, nn.Linear)]

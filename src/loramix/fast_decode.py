@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .compat import cache_argument
+from .kv_cache import GrowingCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -47,6 +49,10 @@ class PreparedStep:
     cache_position: torch.Tensor  # (t,) slots of the new tokens in the cache (transformers 4.x layers take it)
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (b, t, head_dim)
     layer_masks: list[Any]  # per decoder layer: whatever the model's mask function returned (None: plain causal)
+    # a one-token step through the hand-written layers (`_decode_layer`); layer_masks then hold the SDPA mask
+    # over the cache's padding, (b, 1, 1, cached + 1) bool, or None where nothing is padded
+    hand_written: bool = False
+    rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # what `_rotate` reads (hand-written)
 
 
 class DecoderStack:
@@ -67,6 +73,10 @@ class DecoderStack:
         layer_parameters = inspect.signature(self.layers[0].forward).parameters
         self.cache_keyword = cache_argument(self.layers[0])
         self.layer_takes_cache_position = "cache_position" in layer_parameters
+        self.final_norm = _rms_norm_of(self.backbone.norm) if _is_llama_rms_norm(self.backbone.norm) else \
+            self.backbone.norm.forward
+        self.half_swaps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (head_dim, dtype, device) -> _half_swap
+        self.hand_written = _hand_written_layers(base, self.layers, self.layer_kinds)  # None: not supported
 
     @classmethod
     def of(cls, base: nn.Module) -> "DecoderStack | None":
@@ -95,6 +105,22 @@ class DecoderStack:
         cache_position = torch.arange(past, past + t, device=inputs_embeds.device)  # (t,)
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)  # (1, t), as the model's forward does
+        if t == 1 and self._decodes_by_hand(cache) and _padding_mask_fits(attention_mask, b, past + 1):
+            cos, sin = self.backbone.rotary_emb(inputs_embeds, position_ids=position_ids)  # (b, 1, head_dim) each
+            key = (cos.shape[-1], sin.dtype, sin.device)
+            if key not in self.half_swaps:
+                self.half_swaps[key] = _half_swap(*key)
+            sign, swapped = self.half_swaps[key]
+            # what `_rotate` reads: rotate_half(x) * sin is x[..., swapped] * (sign * sin), bit for bit
+            rotary = (cos.unsqueeze(1), (sin * sign).unsqueeze(1), swapped)  # (b, 1, 1, head_dim), ..., (head_dim,)
+            mask = None if attention_mask is None or bool(attention_mask.all()) else \
+                attention_mask.bool()[:, None, None, :]  # (b, 1, 1, past + 1): True where a key may be read
+            return PreparedStep(position_ids=position_ids, cache_position=cache_position, position_embeddings=(cos, sin),
+                                layer_masks=[mask] * len(self.layers), hand_written=True, rotary=rotary)
+        if isinstance(cache, GrowingCache):
+            raise ValueError("cache: a GrowingCache serves one-token steps through the hand-written decoder layers; "
+                             "this step has {t} tokens (or a mask not over the cache's {past} + 1 positions)"
+                             .format(t=t, past=past))
         masks = {}
         for kind, function in self.mask_functions.items():
             masks[kind] = function(**self._mask_arguments(inputs_embeds, attention_mask, cache, cache_position,
@@ -105,6 +131,12 @@ class DecoderStack:
 
     def hidden_states(self, inputs_embeds: torch.Tensor, step: PreparedStep, cache: Any) -> torch.Tensor:
         """The decoder layers then the final norm: (b, t, hidden) -> (b, t, hidden), writing into `cache`."""
+        if step.hand_written:
+            rotary = step.rotary  # (cos, sin with rotate_half's signs, order of the halves), built once a step
+            hidden = inputs_embeds
+            for index, (parts, mask) in enumerate(zip(self.hand_written, step.layer_masks)):
+                hidden = _decode_layer(parts, index, hidden, rotary, mask, cache)
+            return self.final_norm(hidden)
         extra = {self.cache_keyword: cache, "use_cache": cache is not None}
         if self.layer_takes_cache_position:
             extra["cache_position"] = step.cache_position
@@ -122,6 +154,19 @@ class DecoderStack:
             hidden = hidden[:, -logits_to_keep:]
         return self.base.lm_head(hidden)
 
+    def _decodes_by_hand(self, cache: Any) -> bool:
+        """Whether a one-token step may run through `_decode_layer`: a supported stack, and either a GrowingCache or
+        no autograd (training keeps the model's layers and their checkpointing) with no cache or a DynamicCache."""
+        if self.hand_written is None:
+            return False
+        if isinstance(cache, GrowingCache):  # made for these layers (generation converts its caches to it)
+            return True
+        if torch.is_grad_enabled():
+            return False
+        from transformers import DynamicCache
+
+        return cache is None or type(cache) is DynamicCache
+
     def _mask_arguments(self, inputs_embeds, attention_mask, cache, cache_position, position_ids) -> dict:
         names = self.mask_arguments
         arguments = {"config": self.config, names["embeds"]: inputs_embeds, "attention_mask": attention_mask,
@@ -129,6 +174,128 @@ class DecoderStack:
         if names["cache_position"]:
             arguments["cache_position"] = cache_position
         return arguments
+
+
+# ---- the hand-written decoder layer ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerParts:
+    """What the hand-written step calls in one decoder layer, looked up once (module attribute lookups cost more
+    than the small matrix products of a decode step): each projection as a plain function of its input."""
+
+    input_norm: Callable[[torch.Tensor], torch.Tensor]
+    q_proj: Callable[[torch.Tensor], torch.Tensor]
+    k_proj: Callable[[torch.Tensor], torch.Tensor]
+    v_proj: Callable[[torch.Tensor], torch.Tensor]
+    o_proj: Callable[[torch.Tensor], torch.Tensor]
+    post_norm: Callable[[torch.Tensor], torch.Tensor]
+    gate_proj: Callable[[torch.Tensor], torch.Tensor]
+    up_proj: Callable[[torch.Tensor], torch.Tensor]
+    down_proj: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    head_dim: int
+    scaling: float
+
+
+def _decode_layer(parts: LayerParts, index: int, hidden: torch.Tensor, rotary: tuple, mask: torch.Tensor | None,
+                  cache: Any) -> torch.Tensor:
+    """One Llama-family decoder layer for one new token per row, `hidden` (b, 1, hidden), after what `cache` holds,
+    computed as the layer's own forward computes it, without its per-call machinery:
+
+        x = input_norm(h);  q, k, v = rotary(q_proj x), rotary(k_proj x), v_proj x;  k, v = cache + (k, v)
+        h = h + o_proj(attention(q, k, v));  x = post_norm(h);  h = h + down(act(gate x) * up x)
+
+    `rotary`: from `_rotary_tables`; `mask`: (b, 1, 1, keys) bool or None (every key visible)."""
+    b = hidden.shape[0]
+    heads = (b, -1, 1, parts.head_dim)  # one token: (b, 1, heads, head_dim) transposed is this very layout
+    x = parts.input_norm(hidden)
+    q = _rotate(parts.q_proj(x).view(heads), *rotary)  # (b, n_heads, 1, head_dim)
+    k = _rotate(parts.k_proj(x).view(heads), *rotary)  # (b, n_kv_heads, 1, head_dim)
+    v = parts.v_proj(x).view(heads)
+    if cache is not None:
+        k, v = cache.update(k, v, index)  # (b, n_kv_heads, keys, head_dim)
+    # grouped key/value heads: SDPA's enable_gqa gives bit for bit what repeating them gives
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=parts.scaling,
+                                         enable_gqa=q.shape[1] != k.shape[1])  # (b, n_heads, 1, head_dim)
+    hidden = hidden + parts.o_proj(out.view(b, 1, -1))
+    x = parts.post_norm(hidden)
+    return hidden + parts.down_proj(parts.act(parts.gate_proj(x)) * parts.up_proj(x))
+
+
+def _half_swap(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotate_half(x) = (-x2, x1) as a gather and a sign: (sign (head_dim,), the halves' order swapped)."""
+    half = head_dim // 2
+    sign = torch.ones(head_dim, dtype=dtype, device=device)
+    sign[:half] = -1
+    return sign, torch.cat([torch.arange(half, 2 * half), torch.arange(half)]).to(device)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, swapped: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of x (b, heads, t, head_dim): x cos + rotate_half(x) sin."""
+    return x * cos + x.index_select(-1, swapped) * signed_sin
+
+
+def _hand_written_layers(base: nn.Module, layers: list[nn.Module], layer_kinds: list[str]) -> list[LayerParts] | None:
+    """The parts of every layer when `_decode_layer` computes what the layers compute, else None: full attention
+    in every layer (a sliding window goes through the model's mask functions), SDPA attention, the Llama layout of
+    modules, RMSNorms of the Llama kind, and no forward hooks (which calling a module's `forward` would skip)."""
+    if any(kind != FULL for kind in layer_kinds):
+        return None
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return None
+    found = []
+    for layer in layers:
+        attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        norms = [getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)]
+        if attention is None or mlp is None or not all(_is_llama_rms_norm(n) for n in norms):
+            return None
+        if not all(hasattr(attention, n) for n in _ATTENTION_PARTS) or not all(hasattr(mlp, n) for n in _MLP_PARTS):
+            return None
+        if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
+            return None
+        found.append(LayerParts(
+            input_norm=_rms_norm_of(norms[0]), post_norm=_rms_norm_of(norms[1]),
+            **{n: _projection(getattr(attention, n)) for n in _ATTENTION_PARTS[:4]},
+            **{n: _projection(getattr(mlp, n)) for n in _MLP_PARTS[:3]}, act=mlp.act_fn.forward,
+            head_dim=int(attention.head_dim), scaling=float(attention.scaling)))
+    return found
+
+
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+_MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def _is_llama_rms_norm(module: nn.Module | None) -> bool:
+    """The RMSNorm of Llama, Mistral and Qwen2: weight * (x / rms(x)) in float32, then back to x's dtype."""
+    return type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") and \
+        hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def _rms_norm_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    weight, eps = module.weight, module.variance_epsilon
+
+    def rms_norm(x: torch.Tensor) -> torch.Tensor:  # the same operations, in the same order, as the module's forward
+        dtype = x.dtype
+        if dtype is torch.float32:
+            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x.to(dtype)
+
+    return rms_norm
+
+
+def _projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A projection as a function: F.linear over the weights of a plain nn.Linear (what its forward does), else the
+    module's own forward (a mixed LoRA layer, a quantized linear)."""
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module.forward
+
+
+def _padding_mask_fits(attention_mask: torch.Tensor | None, batch: int, keys: int) -> bool:
+    """A 2-d 0/1 mask over every key of a one-token step (or none), as the hand-written step reads it."""
+    return attention_mask is None or (attention_mask.dim() == 2 and tuple(attention_mask.shape) == (batch, keys))
 
 
 def _layer_kinds(config, n_layers: int) -> list[str]:

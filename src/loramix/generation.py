@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .config import is_finite_number, is_int
+from .kv_cache import GrowingCache
 
 
 @dataclass
@@ -359,6 +360,9 @@ class DecodeBatch:
                          past_key_values=self.mixed_cache, scaling_past_key_values=self.scaling_cache,
                          use_cache=True, logits_to_keep=0 if keep_prompt_logits else 1, top_k_lora=top_k_lora,
                          softmax_temperature=softmax_temperature)
+        if self.model.decodes_by_hand:  # one-token steps append in place instead of copying the cache each step
+            self.scaling_cache = GrowingCache.from_cache(self.scaling_cache)
+            self.mixed_cache = GrowingCache.from_cache(self.mixed_cache)
         self.rows, self.mask, self.scalings = list(rows), mask, out.scalings[:, -1]
         self.prompt_logits = out.logits if keep_prompt_logits else None
         return out.logits[:, -1]
@@ -460,8 +464,10 @@ class DecodeBatch:
 
 # ---- KV-cache rows ---------------------------------------------------------------------------------------------
 def select_cache_rows(cache, index: torch.Tensor) -> None:
-    """Keep only the rows `index` (a 1-d tensor) of a transformers cache, in place."""
-    if hasattr(cache, "batch_select_indices"):
+    """Keep only the rows `index` (a 1-d tensor) of a GrowingCache or a transformers cache, in place."""
+    if isinstance(cache, GrowingCache):
+        cache.select_rows(index)
+    elif hasattr(cache, "batch_select_indices"):
         cache.batch_select_indices(index)
     else:  # older transformers
         cache.reorder_cache(index)
@@ -472,7 +478,13 @@ def merge_caches(cache, other, width: int) -> None:
     positions; the attention mask must hide the padding.
 
     The caches are plain DynamicCaches (built without the model config), which keep every position even for
-    sliding-window models; the window is applied by the attention mask, so padding and joining stay exact."""
+    sliding-window models; the window is applied by the attention mask, so padding and joining stay exact.
+    Two GrowingCaches (a model that decodes by hand) are joined by `GrowingCache.merge`."""
+    if isinstance(cache, GrowingCache) or isinstance(other, GrowingCache):
+        if not (isinstance(cache, GrowingCache) and isinstance(other, GrowingCache)):
+            raise ValueError("merge_caches: a GrowingCache joins only another GrowingCache")
+        cache.merge(other, width)
+        return
     for mine, theirs in zip(cache.layers, other.layers):
         mine.keys = torch.cat([_pad_left_kv(mine.keys, width), _pad_left_kv(theirs.keys, width)])
         mine.values = torch.cat([_pad_left_kv(mine.values, width), _pad_left_kv(theirs.values, width)])

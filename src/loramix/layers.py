@@ -103,6 +103,11 @@ class MixedLoraLayer(nn.Module):
         self.register_buffer("scale_of_rank", scale_of_rank.to(device), persistent=False)  # (R,)
         self.split_position = 0  # this layer's view in MixingState.layer_weights (set by the model)
         self.dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
+        self.has_dropout = dropout_p > 0
+        # a plain nn.Linear base (no hooks, not quantized, not offloaded) is computed as its forward computes it,
+        # F.linear over its weights, without a module call: at decode time that call costs more than the product
+        self.plain_linear_base = type(base_layer) is nn.Linear and not (
+            base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"))
 
     def folded_weight(self, expert_weights: torch.Tensor) -> torch.Tensor:
         """W0 + sum_e w_e s_e B_e A_e for fixed per-expert weights (E,), in the base layer's layout (frozen
@@ -131,7 +136,10 @@ class MixedLoraLayer(nn.Module):
             return None
         if self.lora_A.device != like.device:  # offloaded base: compute where accelerate runs the base layer
             self._move_experts(like.device)
-        return self._state.layer_weights[self.split_position].to(like.device, self.lora_A.dtype)
+        w = self._state.layer_weights[self.split_position]
+        if w.device == like.device and w.dtype == self.lora_A.dtype:  # one device, the model's dtype: as it is
+            return w
+        return w.to(like.device, self.lora_A.dtype)
 
     def _move_experts(self, device: torch.device) -> None:
         """Move A, B and their bookkeeping (not the base layer: accelerate places that) keeping the Parameters."""
@@ -157,16 +165,21 @@ class MixedLoraLinear(MixedLoraLayer):
     """nn.Linear (or GPT-2's Conv1D) plus the weighted experts: y = W0 x + h B^T, h = (x A^T) * w."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        folded = self._state.folded_weights  # set while the model runs folded (XLoraModel.folded)
-        if folded is not None:
-            return self._folded_forward(x, folded[self.split_position])
-        result = self.base_layer(x)
-        w = self.rank_weights(x)
-        if w is None:
+        state = self._state
+        if state.folded_weights is not None:  # set while the model runs folded (XLoraModel.folded)
+            return self._folded_forward(x, state.folded_weights[self.split_position])
+        base = self.base_layer
+        result = F.linear(x, base.weight, base.bias) if self.plain_linear_base else base(x)  # W0 x, (b, t, out)
+        if state.rank_weights is None:
             return result
-        h = F.linear(self.dropout(x).to(w.dtype), self.lora_A) * w  # (b, t, R), in the experts' dtype
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
-                          self.lora_B.t().to(result.dtype))
+        w = self.rank_weights(x)  # (b, t, R), in the experts' dtype
+        if self.has_dropout:
+            x = self.dropout(x)
+        h = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), self.lora_A) * w  # (b, t, R)
+        lora_B = self.lora_B
+        if h.dtype != result.dtype:  # a float32 base with bf16 experts, say
+            h, lora_B = h.to(result.dtype), lora_B.to(result.dtype)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t())
         return out.view(result.shape)  # W0 x + h B^T, (b, t, out)
 
     def _folded_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,9 @@ class XLoraModel(nn.Module):
         are how one request's options reach the model without touching `model.config`. Inside `folded(...)`
         the experts are already in the weights: pass the frozen `scalings`, and no mixing weights are computed."""
         top_k_lora = self._gate_top_k(top_k_lora)
+        stack = self._direct_stack()
+        if stack is not None and inputs_embeds is None and not isinstance(stack.backbone.embed_tokens, MixedLoraLayer):
+            input_ids, inputs_embeds = None, stack.embed(input_ids)  # the same in both passes: looked up once
         inputs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                       position_ids=position_ids, use_cache=use_cache)
         folded = self._state.folded_weights is not None
@@ -228,7 +231,7 @@ class XLoraModel(nn.Module):
                     **inputs)  # (b, t, L, E)
             # Pass 2: every adapted layer mixes its experts with per-token weights (folded: already in W).
             self._state.set(None if folded else self.mixing_weights(scalings, top_k_lora=top_k_lora))
-            if self._direct_stack() is not None:
+            if stack is not None:
                 logits, past_key_values, _ = self._run_layers(cache=past_key_values,
                                                               prepared=prepared if share_step else None,
                                                               logits_to_keep=logits_to_keep, **inputs)
@@ -342,6 +345,13 @@ class XLoraModel(nn.Module):
             return out.last_hidden_state, output_cache(out), None
         out = self.base(output_hidden_states=True, return_dict=True, **with_cache(self.base, cache), **inputs)
         return out.hidden_states[-1], output_cache(out), None
+
+    @property
+    def decodes_by_hand(self) -> bool:
+        """Whether one-token steps run through the hand-written decoder layers (fast_decode.py), which is when a
+        `loramix.kv_cache.GrowingCache` may hold the KV cache of both passes."""
+        stack = self._direct_stack()
+        return stack is not None and stack.hand_written is not None
 
     def _direct_stack(self) -> DecoderStack | None:
         return self._stack if self.direct_layers else None
