@@ -275,8 +275,8 @@ def _rms_norm_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def rms_norm(x: torch.Tensor) -> torch.Tensor:  # the same operations, in the same order, as the module's forward
         dtype = x.dtype
-        if dtype is torch.float32:
-            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        if dtype is torch.float32:  # the conversions are no-ops; in place where the module allocates (same values)
+            return weight * (x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_())
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x.to(dtype)

@@ -108,6 +108,11 @@ class MixedLoraLayer(nn.Module):
         # F.linear over its weights, without a module call: at decode time that call costs more than the product
         self.plain_linear_base = type(base_layer) is nn.Linear and not (
             base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"))
+        # the Parameters `forward` reads, also held in a plain tuple (the same objects: `.to()` and optimizers
+        # change their data in place), because each nn.Module attribute lookup costs about what a decode step's
+        # small product costs
+        self.tensors = (getattr(base_layer, "weight", None), getattr(base_layer, "bias", None), self.lora_A,
+                        self.lora_B)
 
     def folded_weight(self, expert_weights: torch.Tensor) -> torch.Tensor:
         """W0 + sum_e w_e s_e B_e A_e for fixed per-expert weights (E,), in the base layer's layout (frozen
@@ -168,15 +173,17 @@ class MixedLoraLinear(MixedLoraLayer):
         state = self._state
         if state.folded_weights is not None:  # set while the model runs folded (XLoraModel.folded)
             return self._folded_forward(x, state.folded_weights[self.split_position])
-        base = self.base_layer
-        result = F.linear(x, base.weight, base.bias) if self.plain_linear_base else base(x)  # W0 x, (b, t, out)
+        weight, bias, lora_A, lora_B = self.tensors
+        result = F.linear(x, weight, bias) if self.plain_linear_base else self.base_layer(x)  # W0 x, (b, t, out)
         if state.rank_weights is None:
             return result
-        w = self.rank_weights(x)  # (b, t, R), in the experts' dtype
+        w = state.layer_weights[self.split_position]  # (b, t, R)
+        if not (w.device == x.device == lora_A.device and w.dtype == lora_A.dtype):  # sharded or offloaded base
+            w = self.rank_weights(x)
+            lora_A, lora_B = self.lora_A, self.lora_B
         if self.has_dropout:
             x = self.dropout(x)
-        h = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), self.lora_A) * w  # (b, t, R)
-        lora_B = self.lora_B
+        h = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), lora_A) * w  # (b, t, R), in the experts' dtype
         if h.dtype != result.dtype:  # a float32 base with bf16 experts, say
             h, lora_B = h.to(result.dtype), lora_B.to(result.dtype)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t())
