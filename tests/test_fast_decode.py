@@ -11,6 +11,7 @@ from transformers import DynamicCache, MistralConfig, MistralForCausalLM, Qwen2C
 
 from loramix.compat import output_cache, with_cache
 from loramix.fast_decode import DecoderStack
+from loramix.kv_cache import GrowingCache
 
 from loramix import XLoraConfig, XLoraModel
 
@@ -87,6 +88,88 @@ def test_cached_steps_match_the_models_forward(arch):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_cached_steps_in_a_growing_cache_match_the_models_forward(arch):
+    """Prefill into a DynamicCache, convert it to a GrowingCache (what generation does), then 300 one-token steps
+    through the hand-written layers (the buffer grows past its first room of 256): every step's logits are
+    base(...)'s with its own DynamicCache, bit for bit, and every step ran by hand."""
+    base = bases()[arch]
+    stack = DecoderStack.of(base)
+    ids, mask = left_padded()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ref_cache = DynamicCache()
+    with torch.no_grad():
+        prefill = DynamicCache()
+        stack_forward(stack, ids, mask, positions, prefill)
+        model_forward(base, ids, mask, positions, ref_cache)
+        ours_cache = GrowingCache.from_cache(prefill)
+        ids = torch.tensor([[5], [6], [7]])
+        for step in range(300):
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            embeds = stack.embed(ids)
+            prepared = stack.prepare(embeds, mask, positions, ours_cache)
+            assert prepared.hand_written
+            ours = stack.logits(stack.hidden_states(embeds, prepared, ours_cache))
+            ref = model_forward(base, ids, mask, positions, ref_cache)
+            assert torch.equal(ours, ref), f"step {step}: max diff {(ours - ref).abs().max()}"
+            ids = ref[:, -1].argmax(-1, keepdim=True)
+    assert ours_cache.get_seq_length() == ref_cache.get_seq_length() == 7 + 300
+
+
+def test_which_steps_run_by_hand():
+    """One-token steps of full-attention Llama/Mistral/Qwen2 without autograd run by hand; a sliding window, a
+    prompt, autograd with a DynamicCache, or an eager-attention model keep the model's own layers; a GrowingCache
+    on a step it cannot serve is refused by name."""
+    def step(arch, t=1, grad=False, cache=None):
+        base = bases()[arch]
+        stack = DecoderStack.of(base)
+        cache = cache if cache is not None else DynamicCache()
+        with torch.set_grad_enabled(grad):
+            embeds = stack.embed(torch.full((1, t), 5))
+            return stack.prepare(embeds, None, None, cache).hand_written
+
+    assert step("llama") and step("mistral") and step("qwen2")
+    assert not step("mistral-window") and not step("qwen2-window")
+    assert not step("llama", t=3) and not step("llama", grad=True)
+    eager = tiny_base("llama")
+    eager.config._attn_implementation = "eager"
+    assert DecoderStack.of(eager).hand_written is None
+    prefill = DynamicCache()
+    base = bases()["llama"]
+    with torch.no_grad():
+        base(input_ids=torch.full((1, 4), 5), use_cache=True, **with_cache(base, prefill))
+    growing = GrowingCache.from_cache(prefill)
+    assert step("llama", grad=True, cache=growing)  # made for the hand-written layers: taken under autograd too
+    with pytest.raises(ValueError, match="GrowingCache serves one-token steps"):
+        step("llama", t=2, cache=growing)
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                  {"rope_type": "dynamic", "factor": 2.0}])
+def test_rotary_rows_are_the_modules_own(rope):
+    """The rows a one-token step reads (from the table built in one call, grown past 256 positions) are the model's
+    rotary module's for those positions alone, bit for bit, with the sign of rotate_half folded into sin."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(COMMON, rope_scaling=rope) if rope else COMMON
+    base = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    stack = DecoderStack.of(base)
+    like = torch.zeros(3, 1, 32)
+    with torch.no_grad():
+        for positions in ([[0], [5], [9]], [[255], [256], [700]], [[3], [1000], [1]]):
+            position_ids = torch.tensor(positions)
+            cos, signed_sin, order = stack.rotary.rows(like, position_ids)
+            ref_cos, ref_sin = base.model.rotary_emb(like, position_ids=position_ids)  # (3, 1, head_dim)
+            x = torch.randn(3, 4, 1, ref_cos.shape[-1])
+            half = x.shape[-1] // 2
+            rotate_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+            assert torch.equal(cos[:, 0], ref_cos)
+            assert torch.equal(x.index_select(-1, order) * signed_sin, rotate_half * ref_sin.unsqueeze(1))
+    assert stack.rotary.static == (rope is None or rope["rope_type"] != "dynamic")
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral-window", "qwen2-window"])
 def test_without_cache_or_positions_matches(arch):
     """No cache, no position ids (the training and prefill call): the model's defaults are reproduced."""
@@ -145,7 +228,7 @@ def plain(model: XLoraModel):
         model.direct_layers = True
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral-window", "qwen2-window"])
 def test_xlora_forward_with_caches_matches_the_plain_path(arch, tmp_path):
     """Prefill a left-padded batch, then 10 cached steps, granular: logits and scalings of every step as
     through base(...); so is the frozen step (scalings given, no scaling pass)."""
@@ -177,7 +260,7 @@ def test_xlora_forward_with_caches_matches_the_plain_path(arch, tmp_path):
     assert torch.allclose(outs[True].logits, outs[False].logits, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "mistral-window", "qwen2-window"])
 @pytest.mark.parametrize("mode", [{}, {"freeze_scalings_after": 2}, {"freeze_scalings_after": 0, "fold_frozen": True}])
 def test_generate_is_token_for_token_the_plain_path_and_a_no_cache_run(arch, mode, tmp_path):
     """Batched, left-padded greedy generation: the same tokens and scalings as through base(...), and the

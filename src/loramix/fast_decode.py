@@ -47,7 +47,7 @@ class PreparedStep:
 
     position_ids: torch.Tensor  # (b, t)
     cache_position: torch.Tensor  # (t,) slots of the new tokens in the cache (transformers 4.x layers take it)
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (b, t, head_dim)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), each (b, t, head_dim); None: by hand
     layer_masks: list[Any]  # per decoder layer: whatever the model's mask function returned (None: plain causal)
     # a one-token step through the hand-written layers (`_decode_layer`); layer_masks then hold the SDPA mask
     # over the cache's padding, (b, 1, 1, cached + 1) bool, or None where nothing is padded
@@ -75,7 +75,7 @@ class DecoderStack:
         self.layer_takes_cache_position = "cache_position" in layer_parameters
         self.final_norm = _rms_norm_of(self.backbone.norm) if _is_llama_rms_norm(self.backbone.norm) else \
             self.backbone.norm.forward
-        self.half_swaps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (head_dim, dtype, device) -> _half_swap
+        self.rotary = RotaryRows(self.backbone.rotary_emb)
         self.hand_written = _hand_written_layers(base, self.layers, self.layer_kinds)  # None: not supported
 
     @classmethod
@@ -106,17 +106,12 @@ class DecoderStack:
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)  # (1, t), as the model's forward does
         if t == 1 and self._decodes_by_hand(cache) and _padding_mask_fits(attention_mask, b, past + 1):
-            cos, sin = self.backbone.rotary_emb(inputs_embeds, position_ids=position_ids)  # (b, 1, head_dim) each
-            key = (cos.shape[-1], sin.dtype, sin.device)
-            if key not in self.half_swaps:
-                self.half_swaps[key] = _half_swap(*key)
-            sign, swapped = self.half_swaps[key]
-            # what `_rotate` reads: rotate_half(x) * sin is x[..., swapped] * (sign * sin), bit for bit
-            rotary = (cos.unsqueeze(1), (sin * sign).unsqueeze(1), swapped)  # (b, 1, 1, head_dim), ..., (head_dim,)
             mask = None if attention_mask is None or bool(attention_mask.all()) else \
                 attention_mask.bool()[:, None, None, :]  # (b, 1, 1, past + 1): True where a key may be read
-            return PreparedStep(position_ids=position_ids, cache_position=cache_position, position_embeddings=(cos, sin),
-                                layer_masks=[mask] * len(self.layers), hand_written=True, rotary=rotary)
+            cos, signed_sin, swapped = self.rotary.rows(inputs_embeds, position_ids)  # (b, 1, 1, head_dim) each
+            return PreparedStep(position_ids=position_ids, cache_position=cache_position, position_embeddings=None,
+                                layer_masks=[mask] * len(self.layers), hand_written=True,
+                                rotary=(cos, signed_sin, swapped))
         if isinstance(cache, GrowingCache):
             raise ValueError("cache: a GrowingCache serves one-token steps through the hand-written decoder layers; "
                              "this step has {t} tokens (or a mask not over the cache's {past} + 1 positions)"
@@ -221,12 +216,65 @@ def _decode_layer(parts: LayerParts, index: int, hidden: torch.Tensor, rotary: t
     return hidden + parts.down_proj(parts.act(parts.gate_proj(x)) * parts.up_proj(x))
 
 
-def _half_swap(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """rotate_half(x) = (-x2, x1) as a gather and a sign: (sign (head_dim,), the halves' order swapped)."""
-    half = head_dim // 2
-    sign = torch.ones(head_dim, dtype=dtype, device=device)
-    sign[:half] = -1
-    return sign, torch.cat([torch.arange(half, 2 * half), torch.arange(half)]).to(device)
+class RotaryRows:
+    """What `_rotate` reads for one-token steps: (cos, sign * sin, the halves' order swapped), so that
+    rotate_half(x) * sin, where rotate_half(x) = (-x2, x1), is x[..., swapped] * (sign * sin), bit for bit (a sign
+    flip is exact).
+
+    For the rotary kinds whose table depends on the position alone (STATIC), the model's own rotary module computes
+    the table for positions 0..n-1 in one call, grown (doubled) when a step goes past it, and a step looks its rows
+    up: the module's per-call cost is a tenth of a tiny model's decode step. One call over many positions gives
+    each position's row bit for bit as a call for that position alone (tests/test_fast_decode.py checks it). Other
+    kinds ("dynamic", "longrope", ...) call the module at every step."""
+
+    STATIC = ("default", "linear", "llama3", "yarn")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.static = getattr(module, "rope_type", None) in self.STATIC
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (dtype, device) -> (cos, signed sin)
+        self.swaps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (head_dim, dtype, device) -> (sign, order)
+
+    def rows(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each (b, 1, 1, head_dim), and the swapped order (head_dim,), for positions (b, 1)."""
+        b = position_ids.shape[0]
+        if not self.static:
+            cos, sin = self.module(like, position_ids=position_ids)  # (b, 1, head_dim)
+            return cos.unsqueeze(1), (sin * self.sign(cos)).unsqueeze(1), self.order(cos)
+        key = (like.dtype, like.device)
+        positions = position_ids.reshape(-1)
+        try:
+            cos, signed_sin = self.tables[key]
+            rows = cos.index_select(0, positions), signed_sin.index_select(0, positions)
+        except (KeyError, IndexError):  # no table yet, or a position past it
+            self._grow(like, int(positions.max()) + 1)
+            cos, signed_sin = self.tables[key]
+            rows = cos.index_select(0, positions), signed_sin.index_select(0, positions)
+        return rows[0].view(b, 1, 1, -1), rows[1].view(b, 1, 1, -1), self.order(cos)
+
+    def sign(self, like: torch.Tensor) -> torch.Tensor:
+        return self._swap(like)[0]
+
+    def order(self, like: torch.Tensor) -> torch.Tensor:
+        return self._swap(like)[1]
+
+    def _swap(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (like.shape[-1], like.dtype, like.device)
+        if key not in self.swaps:
+            head_dim, half = like.shape[-1], like.shape[-1] // 2
+            sign = torch.ones(head_dim, dtype=like.dtype, device=like.device)
+            sign[:half] = -1
+            order = torch.cat([torch.arange(half, 2 * half), torch.arange(half)]).to(like.device)
+            self.swaps[key] = (sign, order)
+        return self.swaps[key]
+
+    def _grow(self, like: torch.Tensor, needed: int) -> None:
+        key = (like.dtype, like.device)
+        old = self.tables[key][0].shape[0] if key in self.tables else 0
+        size = max(needed, 2 * old, 256)
+        positions = torch.arange(size, device=like.device)[None]  # (1, size)
+        cos, sin = self.module(like[:1, :1], position_ids=positions)  # (1, size, head_dim)
+        self.tables[key] = (cos[0], sin[0] * self.sign(cos))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, swapped: torch.Tensor) -> torch.Tensor:

@@ -118,8 +118,11 @@ class MixedLoraLayer(nn.Module):
         """W0 + sum_e w_e s_e B_e A_e for fixed per-expert weights (E,), in the base layer's layout (frozen
         scalings: the model installs it with `XLoraModel.folded`)."""
         self.check_foldable()
-        delta = self.delta_weight(expert_weights)  # (out, in)
         w0 = self.base_layer.weight
+        if isinstance(self.base_layer, nn.Linear) and self.lora_A.dtype == w0.dtype:
+            # W0 + (B * w) A in one product that adds into a copy of W0: one pass over the weight, not three
+            w = expert_weights.to(self.scale_of_rank.dtype).index_select(0, self.expert_of_rank) * self.scale_of_rank
+            return torch.addmm(w0, self.lora_B * w.to(w0.dtype), self.lora_A).detach()  # (out, in)
         delta = self.delta_weight(expert_weights)  # (out, in)
         transposed = not isinstance(self.base_layer, nn.Linear)  # Conv1D (in, out), Embedding (num, dim)
         return (w0 + (delta.t() if transposed else delta).to(w0.dtype)).detach()
