@@ -204,17 +204,22 @@ PROFILE_PARTS = [  # (label, [(file name, function name), ...] whose cumulative 
      [("model.py", "_compute_scalings"), ("model.py", "mixing_weights")]),
     ("  of both passes: positions, masks, rotary table", [("masking_utils.py", "create_causal_mask"),
                                                            ("masking_utils.py", "create_sliding_window_causal_mask"),
-                                                           ("modeling_rope_utils.py", "wrapper")], []),
-    ("  of both passes: KV cache appends", [("cache_utils.py", "update")], []),
+                                                           ("modeling_rope_utils.py", "wrapper"),
+                                                           ("fast_decode.py", "rows")], []),
+    ("  of both passes: KV cache appends", [("cache_utils.py", "update"), ("kv_cache.py", "update")], []),
     ("sampling (sample_next_token)", [("generation.py", "sample_next_token")], []),
     ("rows, caches and the loop (the rest)", [("generation.py", "generate")],
      [("model.py", "forward"), ("generation.py", "sample_next_token")]),
 ]
+# the three ways a decode step can run, oldest first: (label, model.direct_layers, model.decodes_by_hand)
+PROFILE_PATHS = [("through base(...)", False, False), ("model's layers run directly", True, False),
+                 ("hand-written step (default)", True, True)]
 
 
 def profile_decode(size: str, folder: str, threads: int, tokens: int = 300) -> dict:
-    """cProfile one greedy generate of `tokens` tokens, granular, through base(...) (as before fast_decode) and
-    with the decoder layers run directly; returns {path: {part: share of the time, "us_per_token": ...}}."""
+    """For each way a step can run (PROFILE_PATHS): tokens/s of a granular greedy generate of `tokens` tokens
+    (best of 3, no profiler), and the shares of one such generate under cProfile; returns
+    {path: {part: share of the time, "us_per_token": under the profiler, "tokens_per_s": without it}}."""
     import cProfile
     import pstats
 
@@ -228,9 +233,14 @@ def profile_decode(size: str, folder: str, threads: int, tokens: int = 300) -> d
                                        base=AutoModelForCausalLM.from_pretrained(os.path.join(folder, "base")))
     ids = tokenizer(PEER_SIZES[size]["vocab_size"])(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
     result = {}
-    for path, direct in (("through base(...)", False), ("layers run directly", True)):
-        model.direct_layers = direct
+    for path, direct, by_hand in PROFILE_PATHS:
+        model.direct_layers, model.decodes_by_hand = direct, by_hand
         model.generate(ids, max_new_tokens=20)
+        best = 0.0
+        for _ in range(3):
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=tokens)
+            best = max(best, tokens / (time.perf_counter() - start))
         profiler = cProfile.Profile()
         profiler.enable()
         model.generate(ids, max_new_tokens=tokens)
@@ -247,7 +257,8 @@ def profile_decode(size: str, folder: str, threads: int, tokens: int = 300) -> d
         whole = cumulative([("generation.py", "generate")])
         result[path] = {label: (cumulative(add) - cumulative(sub)) / whole for label, add, sub in PROFILE_PARTS}
         result[path]["us_per_token"] = whole / tokens * 1e6
-    model.direct_layers = True
+        result[path]["tokens_per_s"] = best
+    model.direct_layers, model.decodes_by_hand = True, True
     return result
 
 
@@ -308,6 +319,8 @@ def report(results: dict, threads: int, rounds: int, profile: dict | None = None
             lines.append(f"| {label} | " + " | ".join(f"{profile[p][label] * 100:.0f}%" for p in paths) + " |")
         lines.append("| time per token under the profiler | " +
                      " | ".join(f"{profile[p]['us_per_token'] / 1e3:.2f} ms" for p in paths) + " |")
+        lines.append("| tokens/s without the profiler (best of 3) | " +
+                     " | ".join(f"{profile[p]['tokens_per_s']:.0f}" for p in paths) + " |")
         lines.append("")
     lines += READING.splitlines()
     return "\n".join(lines) + "\n"

@@ -270,10 +270,14 @@ def test_generate_is_token_for_token_the_plain_path_and_a_no_cache_run(arch, mod
     kwargs = dict(max_new_tokens=10, eos_token_id=None, return_scalings=True, **mode)
     with torch.no_grad():
         ours = model.generate(ids, mask, **kwargs)
+        model.decodes_by_hand = False  # the model's own layers, run directly
+        layers = model.generate(ids, mask, **kwargs)
+        model.decodes_by_hand = True
         with plain(model):
             ref = model.generate(ids, mask, **kwargs)
-    assert torch.equal(ours.sequences, ref.sequences)
+    assert torch.equal(ours.sequences, ref.sequences) and torch.equal(layers.sequences, ref.sequences)
     assert torch.allclose(ours.scalings, ref.scalings, atol=1e-6, rtol=0)
+    assert torch.allclose(layers.scalings, ref.scalings, atol=1e-6, rtol=0)
     if mode:
         return
     seqs, full_mask = ids, mask

@@ -76,6 +76,7 @@ class DecoderStack:
         self.final_norm = _rms_norm_of(self.backbone.norm) if _is_llama_rms_norm(self.backbone.norm) else \
             self.backbone.norm.forward
         self.rotary = RotaryRows(self.backbone.rotary_emb)
+        self.by_hand = True  # False: one-token steps too go through the model's layers (for comparisons)
         self.hand_written = _hand_written_layers(base, self.layers, self.layer_kinds)  # None: not supported
 
     @classmethod
@@ -152,7 +153,7 @@ class DecoderStack:
     def _decodes_by_hand(self, cache: Any) -> bool:
         """Whether a one-token step may run through `_decode_layer`: a supported stack, and either a GrowingCache or
         no autograd (training keeps the model's layers and their checkpointing) with no cache or a DynamicCache."""
-        if self.hand_written is None:
+        if self.hand_written is None or not self.by_hand:
             return False
         if isinstance(cache, GrowingCache):  # made for these layers (generation converts its caches to it)
             return True
@@ -285,10 +286,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, swappe
 def _hand_written_layers(base: nn.Module, layers: list[nn.Module], layer_kinds: list[str]) -> list[LayerParts] | None:
     """The parts of every layer when `_decode_layer` computes what the layers compute, else None: full attention
     in every layer (a sliding window goes through the model's mask functions), SDPA attention, the Llama layout of
-    modules, RMSNorms of the Llama kind, and no forward hooks (which calling a module's `forward` would skip)."""
+    modules, RMSNorms of the Llama kind, no forward hooks (which calling a module's `forward` would skip) and no
+    accelerate dispatch (a base sharded with device_map or offloaded moves its tensors in hooks)."""
     if any(kind != FULL for kind in layer_kinds):
         return None
     if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return None
+    if any(hasattr(m, "_hf_hook") for m in base.modules()):  # dispatched by accelerate (device_map, offload)
         return None
     found = []
     for layer in layers:
@@ -298,8 +302,8 @@ def _hand_written_layers(base: nn.Module, layers: list[nn.Module], layer_kinds: 
             return None
         if not all(hasattr(attention, n) for n in _ATTENTION_PARTS) or not all(hasattr(mlp, n) for n in _MLP_PARTS):
             return None
-        if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
-            return None
+        if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in layer.modules()):
+            return None  # hooks (accelerate's device placement and offload among them) run only in module calls
         found.append(LayerParts(
             input_norm=_rms_norm_of(norms[0]), post_norm=_rms_norm_of(norms[1]),
             **{n: _projection(getattr(attention, n)) for n in _ATTENTION_PARTS[:4]},

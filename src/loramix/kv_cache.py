@@ -45,21 +45,21 @@ class GrowingCache:
                cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `key`, `value` (b, kv_heads, t, head_dim) to layer `layer_idx`; returns that layer's keys and values
         so far, (b, kv_heads, length + t, head_dim), views of the buffers (DynamicCache.update's contract)."""
-        start = self.lengths[layer_idx]
-        stop = start + key.shape[2]
-        if stop > self.key_buffers[layer_idx].shape[2]:  # full: double the room
-            self.key_buffers[layer_idx] = _with_room(self.keys(layer_idx), stop)
-            self.value_buffers[layer_idx] = _with_room(self.values(layer_idx), stop)
-        self.key_buffers[layer_idx][:, :, start:stop] = key
-        self.value_buffers[layer_idx][:, :, start:stop] = value
-        self.lengths[layer_idx] = stop
-        return self.keys(layer_idx), self.values(layer_idx)
+        start, t = self.lengths[layer_idx], key.shape[2]
+        keys, values = self.key_buffers[layer_idx], self.value_buffers[layer_idx]
+        if start + t > keys.shape[2]:  # full: double the room
+            keys = self.key_buffers[layer_idx] = _with_room(self.keys(layer_idx), start + t)
+            values = self.value_buffers[layer_idx] = _with_room(self.values(layer_idx), start + t)
+        keys.narrow(2, start, t).copy_(key)
+        values.narrow(2, start, t).copy_(value)
+        self.lengths[layer_idx] = start + t
+        return keys.narrow(2, 0, start + t), values.narrow(2, 0, start + t)
 
     def keys(self, layer_idx: int) -> torch.Tensor:
-        return self.key_buffers[layer_idx][:, :, : self.lengths[layer_idx]]
+        return self.key_buffers[layer_idx].narrow(2, 0, self.lengths[layer_idx])
 
     def values(self, layer_idx: int) -> torch.Tensor:
-        return self.value_buffers[layer_idx][:, :, : self.lengths[layer_idx]]
+        return self.value_buffers[layer_idx].narrow(2, 0, self.lengths[layer_idx])
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only the rows `index` (1-d), in place."""

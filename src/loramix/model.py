@@ -349,9 +349,16 @@ class XLoraModel(nn.Module):
     @property
     def decodes_by_hand(self) -> bool:
         """Whether one-token steps run through the hand-written decoder layers (fast_decode.py), which is when a
-        `loramix.kv_cache.GrowingCache` may hold the KV cache of both passes."""
+        `loramix.kv_cache.GrowingCache` may hold the KV cache of both passes. True by default for Llama, Mistral
+        and Qwen2 bases with full attention; set it to False to run every step through the model's own layers
+        (the same tokens; for comparisons)."""
         stack = self._direct_stack()
-        return stack is not None and stack.hand_written is not None
+        return stack is not None and stack.hand_written is not None and stack.by_hand
+
+    @decodes_by_hand.setter
+    def decodes_by_hand(self, on: bool) -> None:
+        if self._stack is not None:
+            self._stack.by_hand = bool(on)
 
     def _direct_stack(self) -> DecoderStack | None:
         return self._stack if self.direct_layers else None
