@@ -22,6 +22,16 @@ the plain `base(...)` call.
 Both transformers 4.57 and 5.x are served through public surfaces only: the mask functions of
 `transformers.masking_utils` and the layers' `forward`, whose argument names (`cache` / `past_key_values`,
 `inputs_embeds` / `input_embeds`, `cache_position`) are read from their signatures.
+
+One-token steps (decoding) go further when every layer has full attention, SDPA and the Llama layout: they run
+through `_decode_layer`, a hand-written decoder layer that calls the layer's own projections (the mixed LoRA
+layers included) and computes the norms, rotary embedding and attention with the same operations in the same
+order as the model's forward, so the logits stay bit for bit those of `base(...)` (tests/test_fast_decode.py).
+What it drops is per-call machinery, which at decode time costs more than the math of a small model: module
+calls and attribute lookups (each layer's parts are looked up once, `LayerParts`), the mask functions (a
+one-token step needs at most the padding mask), the rotary module (`RotaryRows`: its table is computed once and
+looked up), and the cache's copy per step (with a `GrowingCache`, kv_cache.py). What each change bought is
+measured in docs/benchmarks.md (benchmarks/bench_peers.py). Training (autograd on) keeps the model's own layers.
 """
 
 from __future__ import annotations
