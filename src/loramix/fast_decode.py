@@ -210,7 +210,7 @@ def _decode_layer(parts: LayerParts, index: int, hidden: torch.Tensor, rotary: t
         x = input_norm(h);  q, k, v = rotary(q_proj x), rotary(k_proj x), v_proj x;  k, v = cache + (k, v)
         h = h + o_proj(attention(q, k, v));  x = post_norm(h);  h = h + down(act(gate x) * up x)
 
-    `rotary`: from `_rotary_tables`; `mask`: (b, 1, 1, keys) bool or None (every key visible)."""
+    `rotary`: from `RotaryRows.rows`; `mask`: (b, 1, 1, keys) bool or None (every key visible)."""
     b = hidden.shape[0]
     heads = (b, -1, 1, parts.head_dim)  # one token: (b, 1, heads, head_dim) transposed is this very layout
     x = parts.input_norm(hidden)
