@@ -103,21 +103,29 @@ def report(results: dict, threads: int) -> str:
         base, peft, ours, frozen = (by_system[s] for s in SYSTEMS)
         lines += ["", "| ratio | value | target |", "|---|---|---|",
                   f"| loramix decode / PEFT decode | {fmt_ratio(ours['decode'] / peft['decode'])} | ≥ 14× |",
-                  f"| loramix decode / base decode | {fmt_ratio(ours['decode'] / base['decode'])} | ≥ 0.4× |",
+                  f"| loramix decode / base decode | {fmt_ratio(ours['decode'] / base['decode'])} | ≥ 0.5× |",
                   f"| loramix prefill 256 / base prefill 256 (time) | "
-                  f"{fmt_ratio(ours['prefill_256'] / base['prefill_256'])} | ≤ 2.5× |",
+                  f"{fmt_ratio(ours['prefill_256'] / base['prefill_256'])} | ≤ 2× |",
                   f"| PEFT prefill 256 / base prefill 256 (time) | {fmt_ratio(peft['prefill_256'] / base['prefill_256'])} | |",
                   f"| loramix prefill 1024 / base prefill 1024 (time) | "
                   f"{fmt_ratio(ours['prefill_1024'] / base['prefill_1024'])} | |",
                   f"| frozen decode / base decode | {fmt_ratio(frozen['decode'] / base['decode'])} | |",
                   f"| frozen + folded decode / base decode | {fmt_ratio(frozen['decode_folded'] / base['decode'])} "
-                  f"| ≥ 0.85× |", ""]
+                  f"| ≥ 0.9× |", ""]
     ceiling = ", ".join(f"{size} {by['base']['decode'] / by['peft']['decode']:.1f}×" for size, by in results.items())
     lines += ["### Reading the numbers", "",
               f"- The base model with its KV cache decodes {ceiling} faster than PEFT's X-LoRA here. X-LoRA runs two "
               "passes per token, so no X-LoRA can beat the base model: a target of 14× PEFT needs a machine where "
               "the base model is more than 14× PEFT (as in the issue's measurement, 244 vs 6.8 tokens/s). loramix "
-              "stays above 0.5× the base because its scaling pass stops at the last hidden state (no LM head).",
+              "stays above 0.5× the base because its scaling pass stops at the last hidden state (no LM head) and "
+              "its one-token steps run through hand-written decoder layers (fast_decode.py).",
+              "- Prefill runs both passes over the prompt through the model's own layers, so its time is bounded "
+              "below by about (2 × decoder layers + experts + LM head) / (decoder layers + LM head) of the base's, "
+              "1.9× on the small size: the ≤ 2× target leaves little room, and no change to the per-step machinery "
+              "moves it.",
+              "- *Folded* includes the fold itself (W0 + the mixed update, once per request): it costs about "
+              "in·out/(in+out) tokens of per-token LoRA work per adapted matrix, so it pays off on long answers "
+              "and costs on short ones.",
               "- PEFT on the small size decodes 32 tokens, not 128: without a cache its cost per token grows with the "
               "length, so the shorter run flatters PEFT.",
               "- Peak RSS is each process's maximum, and loading the weights sets it on these sizes; the runtime "
