@@ -88,12 +88,14 @@ def test_cached_steps_match_the_models_forward(arch):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_cached_steps_in_a_growing_cache_match_the_models_forward(arch):
+@pytest.mark.parametrize("arch,dtype,steps", [("llama", torch.float32, 300), ("mistral", torch.float32, 300),
+                                              ("qwen2", torch.float32, 300), ("llama", torch.bfloat16, 20)])
+def test_cached_steps_in_a_growing_cache_match_the_models_forward(arch, dtype, steps):
     """Prefill into a DynamicCache, convert it to a GrowingCache (what generation does), then 300 one-token steps
     through the hand-written layers (the buffer grows past its first room of 256): every step's logits are
-    base(...)'s with its own DynamicCache, bit for bit, and every step ran by hand."""
-    base = bases()[arch]
+    base(...)'s with its own DynamicCache, bit for bit, and every step ran by hand. In bfloat16 too (the RMSNorm's
+    float32 round trip)."""
+    base = bases()[arch].to(dtype)
     stack = DecoderStack.of(base)
     ids, mask = left_padded()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -104,7 +106,7 @@ def test_cached_steps_in_a_growing_cache_match_the_models_forward(arch):
         model_forward(base, ids, mask, positions, ref_cache)
         ours_cache = GrowingCache.from_cache(prefill)
         ids = torch.tensor([[5], [6], [7]])
-        for step in range(300):
+        for step in range(steps):
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             embeds = stack.embed(ids)
@@ -114,7 +116,7 @@ def test_cached_steps_in_a_growing_cache_match_the_models_forward(arch):
             ref = model_forward(base, ids, mask, positions, ref_cache)
             assert torch.equal(ours, ref), f"step {step}: max diff {(ours - ref).abs().max()}"
             ids = ref[:, -1].argmax(-1, keepdim=True)
-    assert ours_cache.get_seq_length() == ref_cache.get_seq_length() == 7 + 300
+    assert ours_cache.get_seq_length() == ref_cache.get_seq_length() == 7 + steps
 
 
 def test_which_steps_run_by_hand():
