@@ -9,6 +9,10 @@ Protein mechanics uses one fixed rule for the unfolding force of a sequence over
     w: G 1, A 2, S 2, T 3, P 3, V 4, L 5, I 5, F 6, W 7;   hydrophobic: V L I F W
 
 * protein_forward: "fold <seq> =" -> the force; score 1 - |error| / 20 clipped to [0, 1] (0 if not a number).
+  Half of the prompts put a few words between "fold" and the sequence ("fold the chain kazoite <seq> ="), so the
+  expert learns to read the residues just before " =" rather than those at a fixed place after "fold": trained
+  on "fold <seq> =" alone it read the sequence at the end of the composed task's "fold recall <material> sequence
+  = <seq> =" badly (measured: a mean probability of 0.64 for the force's first digit, 0.92 with the words).
 * protein_inverse: "design <force> =" -> a sequence; score 1 if it uses only the ten residues, has 3-10 of them
   and its force by the same rule is within 5 pN of the target (the paper's cycle-consistency check), else 0.
 * arithmetic: "sum <a>+<b> =" -> a + b, a in 10..89, b in 1..9 (a carry in about half the cases); exact match.
@@ -16,6 +20,9 @@ Protein mechanics uses one fixed rule for the unfolding force of a sequence over
   vam has kip . vam makes") -> the protein the fact's rule gives; exact match.
 * recall: "recall <material> <property> =" -> the value in a fixed table of invented materials (stiffness,
   colour, origin and a residue sequence), then " =", which marks where the value ends; exact match of the value.
+  Half of the questions ask for the sequence, the one value of 3-8 tokens (the others are one token each): with
+  a quarter, as for the other properties, the expert recalled 9 of the 16 sequences and every other value
+  (measured; with half, 16 of 16).
 
 The composed task needs two experts in one answer, and no expert is trained on it:
 
@@ -48,6 +55,8 @@ FORCE_SCALE = 20.0
 
 _SYLLABLES = ["ka", "zo", "mi", "ru", "te", "vo", "lu", "ne", "pa", "di", "xo", "be", "fi", "go", "sa", "qu"]
 _PROPERTIES = {"stiffness": "number", "colour": "word", "origin": "word", "sequence": "residues"}
+# half of protein_forward's prompts put a few words between "fold" and the sequence (see the module docstring)
+_FOLD_WORDS = ["the protein ", "protein {name} ", "the chain {name} ", "a sample of {name} , "]
 _COLOURS = ["red", "blue", "green", "amber", "grey", "white", "black", "violet"]
 _ORIGINS = ["moon", "reef", "forest", "desert", "glacier", "volcano", "marsh", "canyon"]
 
@@ -100,7 +109,8 @@ def _sequence(rnd: random.Random) -> str:
 def _forward(rnd: random.Random) -> tuple[str, str]:
     seq = _sequence(rnd)
     force = str(unfolding_force(seq))
-    return f"fold {seq} =", force, force
+    words = "" if rnd.random() < 0.5 else rnd.choice(_FOLD_WORDS).format(name=_word(rnd, rnd.randint(2, 3)) + "ite")
+    return f"fold {words}{seq} =", force, force
 
 
 def _inverse(rnd: random.Random) -> tuple[str, str]:
@@ -146,10 +156,12 @@ def material_table(seed: int, n: int = 16) -> dict[str, dict[str, str]]:
 
 def make_domains(seed: int) -> list[Domain]:
     table = material_table(seed)
-    facts = [(m, p) for m in table for p in _PROPERTIES]
+    materials = list(table)
+    one_token = [p for p in _PROPERTIES if p != "sequence"]
 
     def recall(rnd: random.Random) -> tuple[str, str]:
-        material, prop = rnd.choice(facts)
+        material = rnd.choice(materials)
+        prop = "sequence" if rnd.random() < 0.5 else rnd.choice(one_token)
         value = table[material][prop]
         return f"recall {material} {prop} =", f"{value} =", value  # " =" marks the value's end (see above)
 
@@ -208,7 +220,10 @@ def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
     ("train") ask about half of the materials, while the held-out rows ("test") ask about the other half.
 
     Each row labels its spans: the prompt, the sequence and its end mark " =" are recall's to write, the force
-    protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.data.DataFormat)."""
+    protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.data.DataFormat).
+    The prompt is recall's too because the recall expert reads the material's name with its own weights: left
+    unlabelled, the gate sent the name's tokens to other experts and the recalled sequences came out garbled
+    (measured: 1 of 8 held-out sequences right, against 7 with the prompt labelled)."""
     table = material_table(seed)
     materials = sorted(table)[0 if split == "train" else 1::2]
     if n is not None:
@@ -265,6 +280,16 @@ _GENERIC = [
     "say {word} {word2} {word3} , then say {word} {word2} {word3} again .",
     "the list {word} , {word2} , {word3} starts with {word} and ends with {word3} .",
     "{seq} is read as {seq} by the machine .",
+    # fixed sentences in which each residue, digit, colour, origin and the sign " =" follows predictably: without
+    # them the base model only ever predicts these tokens as a uniform guess (or never, " ="), its output layer
+    # cannot tell them apart, and no LoRA expert (which adapts the layers inside, not the output layer) could
+    # write them with confidence (measured: an expert trained on one row alone plateaued at p = 0.44 per residue
+    # and p = 0.05 for " =")
+    f"the residues in order are {RESIDUES} .",
+    "the digits in order are 0123456789 .",
+    "the sign = is read as equals .",
+    f"the colours in order are {' '.join(_COLOURS)} .",
+    f"the places in order are {' '.join(_ORIGINS)} .",
 ]
 
 
