@@ -9,10 +9,6 @@ Protein mechanics uses one fixed rule for the unfolding force of a sequence over
     w: G 1, A 2, S 2, T 3, P 3, V 4, L 5, I 5, F 6, W 7;   hydrophobic: V L I F W
 
 * protein_forward: "fold <seq> =" -> the force; score 1 - |error| / 20 clipped to [0, 1] (0 if not a number).
-  Half of the prompts put a few words between "fold" and the sequence ("fold the chain kazoite <seq> ="), so the
-  expert learns to read the residues just before " =" rather than those at a fixed place after "fold": trained
-  on "fold <seq> =" alone it read the sequence at the end of the composed task's "fold recall <material> sequence
-  = <seq> =" badly (measured: a mean probability of 0.64 for the force's first digit, 0.92 with the words).
 * protein_inverse: "design <force> =" -> a sequence; score 1 if it uses only the ten residues, has 3-10 of them
   and its force by the same rule is within 5 pN of the target (the paper's cycle-consistency check), else 0.
 * arithmetic: "sum <a>+<b> =" -> a + b, a in 10..89, b in 1..9 (a carry in about half the cases); exact match.
@@ -55,8 +51,6 @@ FORCE_SCALE = 20.0
 
 _SYLLABLES = ["ka", "zo", "mi", "ru", "te", "vo", "lu", "ne", "pa", "di", "xo", "be", "fi", "go", "sa", "qu"]
 _PROPERTIES = {"stiffness": "number", "colour": "word", "origin": "word", "sequence": "residues"}
-# half of protein_forward's prompts put a few words between "fold" and the sequence (see the module docstring)
-_FOLD_WORDS = ["the protein ", "protein {name} ", "the chain {name} ", "a sample of {name} , "]
 _COLOURS = ["red", "blue", "green", "amber", "grey", "white", "black", "violet"]
 _ORIGINS = ["moon", "reef", "forest", "desert", "glacier", "volcano", "marsh", "canyon"]
 
@@ -109,8 +103,7 @@ def _sequence(rnd: random.Random) -> str:
 def _forward(rnd: random.Random) -> tuple[str, str]:
     seq = _sequence(rnd)
     force = str(unfolding_force(seq))
-    words = "" if rnd.random() < 0.5 else rnd.choice(_FOLD_WORDS).format(name=_word(rnd, rnd.randint(2, 3)) + "ite")
-    return f"fold {words}{seq} =", force, force
+    return f"fold {seq} =", force, force
 
 
 def _inverse(rnd: random.Random) -> tuple[str, str]:
@@ -200,13 +193,18 @@ def domain_rows(domain: Domain, n: int, seed: int, split: str, exclude: set[str]
 
 
 # ---- tasks that need two experts in one answer, and conversations across the domains (for the gate only) ----------
-def score_composed(answer: str, reference: str) -> float:
-    """Half for the recalled sequence (the answer's first word, exact), half for its force (the first number in
-    the answer, within FORCE_TOLERANCE pN of the rule's force of the right sequence)."""
+def composed_parts(answer: str, reference: str) -> tuple[bool, bool]:
+    """(sequence right, force right) of a composed answer: the sequence is the answer's first word (exact), the
+    force the first number in the answer, within FORCE_TOLERANCE pN of the rule's force of the right sequence."""
     sequence, force = reference.split()
     numbers = re.findall(r"-?\d+", answer)
-    force_right = bool(numbers) and abs(int(numbers[0]) - int(force)) <= FORCE_TOLERANCE
-    return 0.5 * (_first_token(answer) == sequence) + 0.5 * force_right
+    return _first_token(answer) == sequence, bool(numbers) and abs(int(numbers[0]) - int(force)) <= FORCE_TOLERANCE
+
+
+def score_composed(answer: str, reference: str) -> float:
+    """Half for the recalled sequence, half for its force (see composed_parts)."""
+    sequence_right, force_right = composed_parts(answer, reference)
+    return 0.5 * sequence_right + 0.5 * force_right
 
 
 COMPOSED = Domain("material_force", "\"fold recall <material> sequence =\" -> the material's sequence (recall's "
@@ -223,7 +221,7 @@ def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
     protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.data.DataFormat).
     The prompt is recall's too because the recall expert reads the material's name with its own weights: left
     unlabelled, the gate sent the name's tokens to other experts and the recalled sequences came out garbled
-    (measured: 1 of 8 held-out sequences right, against 7 with the prompt labelled)."""
+    (measured: 1 of 8 held-out sequences right, against 4 with the prompt labelled)."""
     table = material_table(seed)
     materials = sorted(table)[0 if split == "train" else 1::2]
     if n is not None:
