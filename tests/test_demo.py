@@ -98,10 +98,21 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_writes_every_file_with_the_documented_schema(quick_demo):
     out, results = quick_demo
     names = [d.name for d in make_domains(0)]
-    assert set(results) == {"domains", "composed", "routing", "r2", "mixing", "history", "composed_figure",
-                            "seconds", "cpu_seconds", "cpus", "quick", "seed", "versions"} and results["quick"] is True
+    assert set(results) == {"domains", "composed", "composed_parts", "routing", "r2", "mixing", "history",
+                            "composed_figure", "seconds", "cpu_seconds", "cpus", "quick", "seed",
+                            "versions"} and results["quick"] is True
     assert set(results["composed"]) == {"material_force"}
-    assert set(results["composed"]["material_force"]) == {"base", "experts", "static_merge", "xlora"}
+    composed, parts = results["composed"]["material_force"], results["composed_parts"]["material_force"]
+    assert set(composed) == {"base", "experts", "static_merge", "xlora"}
+    scores = {"base": composed["base"], **composed["experts"], "static_merge": composed["static_merge"],
+              "xlora": composed["xlora"]}
+    for system, value in scores.items():  # the score is half a point per right part, from the same answers
+        right = parts["sequence_right"][system] + parts["force_right"][system]
+        assert value == round(right / (2 * parts["prompts"]), 4), system
+    assert all(parts["force_right"][k] <= parts["force_written"][k] <= parts["prompts"] for k in scores)
+    assert set(parts["force_first_digit"]) == {"protein_forward_throughout", "recall_then_protein_forward", "gate"}
+    assert all(0 <= p <= 1 for p in parts["force_first_digit"].values())
+    assert set(parts["end_mark"]) == {"recall", "protein_forward"} and sum(parts["end_mark"].values()) <= 1 + 1e-3
     assert set(results["r2"]["protein_forward"]["experts"]) == set(names)
     assert results["history"]["turns"] == 5
     for domain in names:
@@ -198,7 +209,7 @@ def test_quick_demo_reruns_to_the_same_scores(quick_demo, tmp_path):
     run = _run(["demo", "--quick", "--out", str(again), "--no-progress"], hash_seed="12345")
     assert run.returncode == 0, run.stderr[-3000:]
     rerun = json.loads((again / "results.json").read_text())
-    for key in ("domains", "composed", "routing", "r2", "mixing", "history", "composed_figure"):
+    for key in ("domains", "composed", "composed_parts", "routing", "r2", "mixing", "history", "composed_figure"):
         assert rerun[key] == results[key], key
 
 

@@ -16,6 +16,9 @@ Protein mechanics uses one fixed rule for the unfolding force of a sequence over
   vam has kip . vam makes") -> the protein the fact's rule gives; exact match.
 * recall: "recall <material> <property> =" -> the value in a fixed table of invented materials (stiffness,
   colour, origin and a residue sequence), then " =", which marks where the value ends; exact match of the value.
+  Half of the questions ask for the sequence, the one value of 3-8 tokens (the others are one token each): with
+  a quarter, as for the other properties, the expert recalled 9 of the 16 sequences and every other value
+  (measured; with half, 16 of 16).
 
 The composed task needs two experts in one answer, and no expert is trained on it:
 
@@ -146,10 +149,12 @@ def material_table(seed: int, n: int = 16) -> dict[str, dict[str, str]]:
 
 def make_domains(seed: int) -> list[Domain]:
     table = material_table(seed)
-    facts = [(m, p) for m in table for p in _PROPERTIES]
+    materials = list(table)
+    one_token = [p for p in _PROPERTIES if p != "sequence"]
 
     def recall(rnd: random.Random) -> tuple[str, str]:
-        material, prop = rnd.choice(facts)
+        material = rnd.choice(materials)
+        prop = "sequence" if rnd.random() < 0.5 else rnd.choice(one_token)
         value = table[material][prop]
         return f"recall {material} {prop} =", f"{value} =", value  # " =" marks the value's end (see above)
 
@@ -188,13 +193,18 @@ def domain_rows(domain: Domain, n: int, seed: int, split: str, exclude: set[str]
 
 
 # ---- tasks that need two experts in one answer, and conversations across the domains (for the gate only) ----------
-def score_composed(answer: str, reference: str) -> float:
-    """Half for the recalled sequence (the answer's first word, exact), half for its force (the first number in
-    the answer, within FORCE_TOLERANCE pN of the rule's force of the right sequence)."""
+def composed_parts(answer: str, reference: str) -> tuple[bool, bool]:
+    """(sequence right, force right) of a composed answer: the sequence is the answer's first word (exact), the
+    force the first number in the answer, within FORCE_TOLERANCE pN of the rule's force of the right sequence."""
     sequence, force = reference.split()
     numbers = re.findall(r"-?\d+", answer)
-    force_right = bool(numbers) and abs(int(numbers[0]) - int(force)) <= FORCE_TOLERANCE
-    return 0.5 * (_first_token(answer) == sequence) + 0.5 * force_right
+    return _first_token(answer) == sequence, bool(numbers) and abs(int(numbers[0]) - int(force)) <= FORCE_TOLERANCE
+
+
+def score_composed(answer: str, reference: str) -> float:
+    """Half for the recalled sequence, half for its force (see composed_parts)."""
+    sequence_right, force_right = composed_parts(answer, reference)
+    return 0.5 * sequence_right + 0.5 * force_right
 
 
 COMPOSED = Domain("material_force", "\"fold recall <material> sequence =\" -> the material's sequence (recall's "
@@ -208,7 +218,10 @@ def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
     ("train") ask about half of the materials, while the held-out rows ("test") ask about the other half.
 
     Each row labels its spans: the prompt, the sequence and its end mark " =" are recall's to write, the force
-    protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.data.DataFormat)."""
+    protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.data.DataFormat).
+    The prompt is recall's too because the recall expert reads the material's name with its own weights: left
+    unlabelled, the gate sent the name's tokens to other experts and the recalled sequences came out garbled
+    (measured: 1 of 8 held-out sequences right, against 4 with the prompt labelled)."""
     table = material_table(seed)
     materials = sorted(table)[0 if split == "train" else 1::2]
     if n is not None:
@@ -265,6 +278,16 @@ _GENERIC = [
     "say {word} {word2} {word3} , then say {word} {word2} {word3} again .",
     "the list {word} , {word2} , {word3} starts with {word} and ends with {word3} .",
     "{seq} is read as {seq} by the machine .",
+    # fixed sentences in which each residue, digit, colour, origin and the sign " =" follows predictably: without
+    # them the base model only ever predicts these tokens as a uniform guess (or never, " ="), its output layer
+    # cannot tell them apart, and no LoRA expert (which adapts the layers inside, not the output layer) could
+    # write them with confidence (measured: an expert trained on one row alone plateaued at p = 0.44 per residue
+    # and p = 0.05 for " =")
+    f"the residues in order are {RESIDUES} .",
+    "the digits in order are 0123456789 .",
+    "the sign = is read as equals .",
+    f"the colours in order are {' '.join(_COLOURS)} .",
+    f"the places in order are {' '.join(_ORIGINS)} .",
 ]
 
 

@@ -1,5 +1,6 @@
 """The demo's evaluate stage: greedy answers of every system on held-out prompts, their scores, X-LoRA's routing,
-the protein forward task's R², and how much the gate mixes experts (entropy, experts above 0.2 per layer)."""
+the protein forward task's R², how much the gate mixes experts (entropy, experts above 0.2 per layer), and the
+composed task part by part, with where X-LoRA loses its force (composed_checks)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .domains import COMPOSED, Domain, first_number
+from .domains import COMPOSED, Domain, composed_parts, first_number
 
 MIXING_THRESHOLD = 0.2  # an expert "takes part" in a layer when its scaling there is at least this
 
@@ -92,7 +93,8 @@ def evaluate(base: str, experts: str, xlora: str, data: str, domains: list[Domai
     peft_model.add_weighted_adapter(names, [1.0 / len(names)] * len(names), "static_merge", combination_type="cat")
     peft_model.eval()
     gate = evaluate_xlora(base, xlora, data, domains)
-    results: dict = {"domains": {}, "composed": {}, "routing": gate["routing"], "r2": {}, "mixing": gate["mixing"]}
+    results: dict = {"domains": {}, "composed": {}, "composed_parts": {}, "routing": gate["routing"], "r2": {},
+                     "mixing": gate["mixing"]}
     examples: dict = {}
     for task in [*domains, COMPOSED]:
         test = _test_rows(data, task)
@@ -112,6 +114,15 @@ def evaluate(base: str, experts: str, xlora: str, data: str, domains: list[Domai
         row = {"base": score(task, answers["base"], test), "experts": {n: score(task, answers[n], test) for n in names},
                "static_merge": score(task, answers["static_merge"], test), "xlora": gate["scores"][task.name]}
         results["composed" if task is COMPOSED else "domains"][task.name] = row
+        if task is COMPOSED:
+            parts = {system: [composed_parts(a, r["reference"]) for a, r in zip(answers[system], test)]
+                     for system in ["base", *names, "static_merge", "xlora"]}
+            results["composed_parts"][task.name] = {
+                "prompts": len(test), "sequence_right": {k: sum(s for s, _ in v) for k, v in parts.items()},
+                "force_right": {k: sum(f for _, f in v) for k, v in parts.items()},
+                "force_written": {k: sum(first_number(a.split("=", 1)[-1]) is not None for a in answers[k])
+                                  for k in parts},
+                **gate["composed_checks"]}
         if task.name == "protein_forward":
             results["r2"][task.name] = {"base": r_squared(answers["base"], test),
                                         "experts": {n: r_squared(answers[n], test) for n in names},
@@ -152,6 +163,7 @@ def evaluate_xlora(base: str, xlora: str, data: str, domains: list[Domain]) -> d
         if task is COMPOSED:
             out["mixing"]["composed_answers"] = mixing(_answer_scalings(model, tokenizer, prompts,
                                                                         out["answers"][task.name]))
+            out["composed_checks"] = composed_checks(model, tokenizer, test)
             continue
         tokenizer.padding_side = "left"
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
@@ -173,3 +185,36 @@ def _answer_scalings(model, tokenizer, prompts: list[str], answers: list[str]) -
         scalings = model(input_ids=ids).scalings[0]  # (t, L, E)
         rows.append(scalings[n_prompt - 1:ids.shape[1] - 1].float())
     return torch.cat(rows)
+
+
+def composed_checks(model, tokenizer, test: list[dict]) -> dict[str, dict[str, float]]:
+    """Where the composed task's answer is lost, measured on the held-out rows with the reference answer given:
+    force_first_digit: the mean probability of the force's first digit under three scalings: protein_forward's
+    weights on every token, recall's on the prompt and the sequence and protein_forward's from the end mark on
+    (the hand-over the task asks for), and the gate's own; end_mark: the gate's mean scaling of recall and of
+    protein_forward (over the LoRA layers) at the end mark " =", the position that writes the force's first token."""
+    names = list(model.expert_names)
+    recall, forward = names.index("recall"), names.index("protein_forward")
+    probs: dict[str, list[float]] = {"protein_forward_throughout": [], "recall_then_protein_forward": [], "gate": []}
+    at_mark: dict[str, list[float]] = {"recall": [], "protein_forward": []}
+    for row in test:
+        sequence, force = row["reference"].split()
+        ids = tokenizer(f"{row['prompt']} {sequence} = {force}", return_tensors="pt")["input_ids"]
+        t = ids.shape[1]
+        n_force = len(tokenizer(f" {force}", add_special_tokens=False)["input_ids"])  # "▁" and the digits
+        digit = t - n_force + 1  # the first digit, written at position digit - 1
+        handover = t - n_force - 1  # the end mark " =", which writes the "▁" before the force
+        throughout = torch.zeros(1, t, model.n_lora_layers, len(names))
+        throughout[..., forward] = 1
+        switched = torch.zeros_like(throughout)
+        switched[:, :handover, :, recall] = 1
+        switched[:, handover:, :, forward] = 1
+        for key, scalings in (("protein_forward_throughout", throughout), ("recall_then_protein_forward", switched),
+                              ("gate", None)):
+            out = model(input_ids=ids, scalings=scalings)
+            probs[key].append(float(out.logits[0, digit - 1].softmax(-1)[ids[0, digit]]))
+        mark = out.scalings[0, handover].float().mean(0)  # (E,): the gate's, from the last pass
+        at_mark["recall"].append(float(mark[recall]))
+        at_mark["protein_forward"].append(float(mark[forward]))
+    return {"force_first_digit": {key: round(sum(v) / len(v), 4) for key, v in probs.items()},
+            "end_mark": {key: round(sum(v) / len(v), 4) for key, v in at_mark.items()}}

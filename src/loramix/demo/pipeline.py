@@ -38,7 +38,7 @@ SCALES = {
 MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=512)
 VOCAB_SIZE = 384
-DEMO_REVISION = 5  # bump when the data or a stage changes, so reruns rebuild instead of reusing
+DEMO_REVISION = 7  # bump when the data or a stage changes, so reruns rebuild instead of reusing
 EXPERT = dict(rank=16, alpha=32, dropout=0.0, lr=3e-3, batch_size=32)
 GATE = dict(xlora_depth=2, xlora_size=64, layerwise_scalings=True, lr=1e-2, batch_size=32)
 # The gate's objective: the paper's next-token cross-entropy plus loramix's supervised routing term, whose labels

@@ -138,6 +138,7 @@ def write_report(out: str, results: dict, figures: dict, domains: list, timings:
         f"X-LoRA `{examples['material_force']['xlora']}`, recall expert `{examples['material_force']['recall']}`, "
         f"protein_forward expert `{examples['material_force']['protein_forward']}`, static merge "
         f"`{examples['material_force']['static_merge']}`.", "",
+        *_composed_parts_lines(results["composed_parts"]["material_force"]),
         f"![composed token history]({figures['composed_history']})", "",
         f"![composed heatmap]({figures['composed_scalings']})", "",
         f"The token history (top) plots, for each token, the scalings summed over the {model['num_hidden_layers']}"
@@ -269,3 +270,29 @@ def _ablation_lines(results: dict, ablation: dict | None) -> list[str]:
               f"With cross-entropy alone the domains' mean is {mean_ce:.2f} against {mean_main:.2f}, and its own "
               f"expert tops the routing on {own_top} of {len(ablation['routing'])} domains.", ""]
     return lines
+
+
+def _composed_parts_lines(parts: dict) -> list[str]:
+    """The composed task part by part, and where its force is lost, measured."""
+    n, digit, mark = parts["prompts"], parts["force_first_digit"], parts["end_mark"]
+
+    def counts(system: str) -> str:
+        return (f"{parts['sequence_right'][system]} / {parts['force_written'][system]} / "
+                f"{parts['force_right'][system]}")
+
+    return [
+        f"Part by part, over the {n} held-out prompts (right sequence / a force written / the force within 5 pN): "
+        f"X-LoRA {counts('xlora')}, the recall expert {counts('recall')}, the protein_forward expert "
+        f"{counts('protein_forward')}, the static merge {counts('static_merge')}.", "",
+        "Where the force is lost, measured on this run's models with the reference answer given up to the force: "
+        f"at the end mark ` =`, where the answer should pass to protein_forward, the gate gives recall (whose own "
+        f"answers end there) {mark['recall']:.2f} of the weight and protein_forward {mark['protein_forward']:.2f}; "
+        "and the force's first digit gets a mean probability of "
+        f"{digit['protein_forward_throughout']:.2f} when protein_forward's weights read every token, "
+        f"{digit['recall_then_protein_forward']:.2f} when recall's read the prompt and the sequence and "
+        "protein_forward's take over at the end mark (the hand-over the task asks for), and "
+        f"{digit['gate']:.2f} with the gate's scalings. The force is a sum over the residues, and in X-LoRA's single "
+        "pass the recalled residues are read with the weights that wrote them, recall's, so protein_forward finds "
+        "less of what it sums: even a perfect hand-over loses part of the force, and this gate's hand-over is not "
+        "perfect.", "",
+    ]
