@@ -272,3 +272,24 @@ def test_log_probabilities_are_those_of_the_distribution_sampled_from(experts):
     torch.testing.assert_close(sampled.top_logprobs.double(), top, atol=1e-4, rtol=0)
     assert torch.equal(sampled.top_ids, top_ids)
     assert int(sampled.tokens[0]) == int(top_ids[0, 0])  # the greedy row took the most likely token
+
+
+def test_an_expert_on_the_lm_head_generates(tmp_path):
+    """An expert that also adapts lm_head: the prefill keeps the logits of the last position only, so the LM head's
+    mixing weights must be the last position's too (a shape mismatch crashed generate before). Greedy tokens as a
+    loop that re-runs the whole sequence without a cache, through the hand-written step and through base(...)."""
+    from loramix.tiny import random_experts
+
+    base = tiny_base("llama")
+    adapters = random_experts(base, str(tmp_path), [4, 6], targets=["q_proj", "v_proj", "lm_head"])
+    model = XLoraModel.from_base(base, XLoraConfig(adapters=adapters, xlora_depth=2, layerwise_scalings=True))
+    assert "lm_head" in model.lora_layer_names
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.normal_(0, 0.5)
+    ids, mask = batch()
+    reference = no_cache_greedy(model, ids[:1], 8)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=8, eos_token_id=None), reference)
+    model.direct_layers = False
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=8, eos_token_id=None), reference)

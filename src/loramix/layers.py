@@ -184,6 +184,8 @@ class MixedLoraLinear(MixedLoraLayer):
         if not (w.device == x.device == lora_A.device and w.dtype == lora_A.dtype):  # sharded or offloaded base
             w = self.rank_weights(x)
             lora_A, lora_B = self.lora_A, self.lora_B
+        if w.shape[-2] > x.shape[-2] and w.dim() == x.dim():  # an LM head over the last positions (logits_to_keep)
+            w = w[..., -x.shape[-2]:, :]
         if self.has_dropout:
             x = self.dropout(x)
         h = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), lora_A) * w  # (b, t, R), in the experts' dtype
