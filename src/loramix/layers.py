@@ -191,6 +191,11 @@ class MixedLoraLinear(MixedLoraLayer):
         h = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), lora_A) * w  # (b, t, R), in the experts' dtype
         if h.dtype != result.dtype:  # a float32 base with bf16 experts, say
             h, lora_B = h.to(result.dtype), lora_B.to(result.dtype)
+        if self.plain_linear_base and not (result.requires_grad or h.requires_grad):
+            # no autograd: add h B^T into W0 x where it lies (the same product; at prefill this spares a fresh
+            # (tokens, out) tensor per adapted layer, a few MB each)
+            result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), lora_B.t())
+            return result
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t())
         return out.view(result.shape)  # W0 x + h B^T, (b, t, out)
 
