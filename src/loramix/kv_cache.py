@@ -26,9 +26,12 @@ class GrowingCache:
         """`keys`, `values`: the filled part of each layer, (b, kv_heads, length, head_dim); `room`: spare positions
         allocated beyond it."""
         self.room = room
+        self._fill(keys, values)
+
+    def _fill(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         self.lengths = [k.shape[2] for k in keys]
-        self.key_buffers = [_with_room(k, room) for k in keys]
-        self.value_buffers = [_with_room(v, room) for v in values]
+        self.key_buffers = [_with_room(k, self.room) for k in keys]
+        self.value_buffers = [_with_room(v, self.room) for v in values]
 
     @classmethod
     def from_cache(cls, cache, room: int = 256) -> "GrowingCache":
@@ -73,7 +76,7 @@ class GrowingCache:
                 for i in range(len(self.lengths))]
         values = [torch.cat([_pad_left(self.values(i), width), _pad_left(other.values(i), width)])
                   for i in range(len(self.lengths))]
-        self.__init__(keys, values, room=self.room)
+        self._fill(keys, values)
 
 
 def _with_room(filled: torch.Tensor, room: int) -> torch.Tensor:

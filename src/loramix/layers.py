@@ -103,14 +103,13 @@ class MixedLoraLayer(nn.Module):
         self.register_buffer("scale_of_rank", scale_of_rank.to(device), persistent=False)  # (R,)
         self.split_position = 0  # this layer's view in MixingState.layer_weights (set by the model)
         self.dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
-        self.has_dropout = dropout_p > 0
         # a plain nn.Linear base (no hooks, not quantized, not offloaded) is computed as its forward computes it,
         # F.linear over its weights, without a module call: at decode time that call costs more than the product
         self.plain_linear_base = type(base_layer) is nn.Linear and not (
             base_layer._forward_hooks or base_layer._forward_pre_hooks or hasattr(base_layer, "_hf_hook"))
-        # the Parameters `forward` reads, also held in a plain tuple (the same objects: `.to()` and optimizers
-        # change their data in place), because each nn.Module attribute lookup costs about what a decode step's
-        # small product costs
+        # the Parameters `forward` reads, also held in a plain tuple (the same objects: `.to()`, `_move_experts`
+        # and optimizers change their data in place), because each nn.Module attribute lookup costs about what a
+        # decode step's small product costs
         self.tensors = (getattr(base_layer, "weight", None), getattr(base_layer, "bias", None), self.lora_A,
                         self.lora_B)
 
@@ -121,8 +120,8 @@ class MixedLoraLayer(nn.Module):
         w0 = self.base_layer.weight
         if isinstance(self.base_layer, nn.Linear) and self.lora_A.dtype == w0.dtype:
             # W0 + (B * w) A in one product that adds into a copy of W0: one pass over the weight, not three
-            w = expert_weights.to(self.scale_of_rank.dtype).index_select(0, self.expert_of_rank) * self.scale_of_rank
-            return torch.addmm(w0, self.lora_B * w.to(w0.dtype), self.lora_A).detach()  # (out, in)
+            w = self._scale_per_rank(expert_weights).to(w0.dtype)
+            return torch.addmm(w0, self.lora_B * w, self.lora_A).detach()  # (out, in)
         delta = self.delta_weight(expert_weights)  # (out, in)
         transposed = not isinstance(self.base_layer, nn.Linear)  # Conv1D (in, out), Embedding (num, dim)
         return (w0 + (delta.t() if transposed else delta).to(w0.dtype)).detach()
@@ -140,14 +139,16 @@ class MixedLoraLayer(nn.Module):
     def rank_weights(self, like: torch.Tensor) -> torch.Tensor | None:
         """This layer's per-rank-row weights w[..., expert_of_rank] * scale_of_rank (b, t, R) on the device and in
         the dtype of `like` (this layer's activations), or None."""
-        if self._state.rank_weights is None:
+        state = self._state
+        if state.rank_weights is None:
             return None
-        if self.lora_A.device != like.device:  # offloaded base: compute where accelerate runs the base layer
-            self._move_experts(like.device)
-        w = self._state.layer_weights[self.split_position]
-        if w.device == like.device and w.dtype == self.lora_A.dtype:  # one device, the model's dtype: as it is
+        w = state.layer_weights[self.split_position]
+        lora_A = self.tensors[2]  # self.lora_A without a module attribute lookup (this runs in every mixed layer)
+        if w.device == like.device == lora_A.device and w.dtype == lora_A.dtype:  # one device, the model's dtype
             return w
-        return w.to(like.device, self.lora_A.dtype)
+        if lora_A.device != like.device:  # offloaded base: compute where accelerate runs the base layer
+            self._move_experts(like.device)
+        return w.to(like.device, lora_A.dtype)
 
     def _move_experts(self, device: torch.device) -> None:
         """Move A, B and their bookkeeping (not the base layer: accelerate places that) keeping the Parameters."""
@@ -165,8 +166,11 @@ class MixedLoraLayer(nn.Module):
 
     def delta_weight(self, expert_weights: torch.Tensor) -> torch.Tensor:
         """The dense update sum_e w_e s_e B_e A_e for fixed per-expert weights (E,): (out, in)."""
-        w = expert_weights.to(self.scale_of_rank.dtype).index_select(0, self.expert_of_rank) * self.scale_of_rank
-        return (self.lora_B * w.to(self.lora_B.dtype)) @ self.lora_A
+        return (self.lora_B * self._scale_per_rank(expert_weights).to(self.lora_B.dtype)) @ self.lora_A
+
+    def _scale_per_rank(self, expert_weights: torch.Tensor) -> torch.Tensor:
+        """Fixed per-expert weights (E,) -> w_e s_e for every rank row (R,), float32."""
+        return expert_weights.to(self.scale_of_rank.dtype).index_select(0, self.expert_of_rank) * self.scale_of_rank
 
 
 class MixedLoraLinear(MixedLoraLayer):
@@ -178,15 +182,12 @@ class MixedLoraLinear(MixedLoraLayer):
             return self._folded_forward(x, state.folded_weights[self.split_position])
         weight, bias, lora_A, lora_B = self.tensors
         result = F.linear(x, weight, bias) if self.plain_linear_base else self.base_layer(x)  # W0 x, (b, t, out)
-        if state.rank_weights is None:
+        w = self.rank_weights(x)  # (b, t, R) where x is, in the experts' dtype (moves offloaded experts there)
+        if w is None:
             return result
-        w = state.layer_weights[self.split_position]  # (b, t, R)
-        if not (w.device == x.device == lora_A.device and w.dtype == lora_A.dtype):  # sharded or offloaded base
-            w = self.rank_weights(x)
-            lora_A, lora_B = self.lora_A, self.lora_B
         if w.shape[-2] > x.shape[-2] and w.dim() == x.dim():  # an LM head over the last positions (logits_to_keep)
             w = w[..., -x.shape[-2]:, :]
-        if self.has_dropout:
+        if self.training:  # nn.Dropout, or nn.Identity when the experts have none
             x = self.dropout(x)
         h = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), lora_A) * w  # (b, t, R), in the experts' dtype
         if h.dtype != result.dtype:  # a float32 base with bf16 experts, say
