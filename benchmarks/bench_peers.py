@@ -79,7 +79,6 @@ against 85 us eager, after a 17 s compile; a fused rotate-half by a permutation 
 under TF32 on a GPU. No GPU was lent to this work, so there is no CUDA table (mistral.rs's `mistralrs-cuda`, CUDA
 graphs) yet.
 """
-PASS_THROUGH = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 PROMPT = "a"  # one token
 
 
@@ -119,20 +118,11 @@ def build(size: str, folder: str) -> None:
 
 
 def tokenizer(vocab_size: int):
-    """A tokenizer mistral.rs can read: byte-level characters (one byte each) then pairs of them, up to the
-    vocabulary; `</s>` at id `vocab_size`, outside what the model can produce."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level tokenizer mistral.rs can read, with `</s>` at id `vocab_size`, outside what the model can
+    produce (every run makes its full number of tokens)."""
+    from loramix.tiny import byte_level_tokenizer
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    pieces = alphabet + [a + b for a in alphabet for b in alphabet]
-    vocab = {"<pad>": 0, "<s>": 1, **{p: i + 2 for i, p in enumerate(pieces[: vocab_size - 2])}, "</s>": vocab_size}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.ByteLevel()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    out.chat_template = PASS_THROUGH
-    return out
+    return byte_level_tokenizer(vocab_size, eos_outside=True)
 
 
 # ---- measuring (runs in the environment that has mistralrs) ---------------------------------------------------

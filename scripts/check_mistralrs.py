@@ -22,25 +22,6 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MISTRALRS_CPU_KV_F32", "1")
 
-PASS_THROUGH = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
-
-
-def char_tokenizer(vocab_size: int):
-    """A character-level fast tokenizer (ids 0-2 special) that mistral.rs can read from tokenizer.json (its
-    token trie needs a byte-level or byte-fallback decoder, so the characters are byte-level ones)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())[: vocab_size - 3]  # characters that stand for one byte
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = PASS_THROUGH
-    return tokenizer
-
-
 ISSUE_14_EXPERTS = [(4, 8, ["q_proj", "v_proj", "down_proj"], {})] * 2  # (rank, alpha, targets, LoraConfig extras)
 
 
@@ -57,7 +38,7 @@ def compare_greedy(work: str, tokens: int, prompt: str = "a", experts=ISSUE_14_E
     from loramix import XLoraConfig, XLoraModel
     from loramix.export import export
     from loramix.mistralrs import ORDERING_NAME
-    from loramix.tiny import tiny_llama
+    from loramix.tiny import byte_level_tokenizer, tiny_llama
 
     base = tiny_llama(hidden_size=64, layers=2, vocab_size=128, seed=0)
     adapters = {}
@@ -77,7 +58,7 @@ def compare_greedy(work: str, tokens: int, prompt: str = "a", experts=ISSUE_14_E
     with torch.no_grad():
         for p in model.classifier.parameters():
             p.normal_(0, 0.5)
-    tokenizer = char_tokenizer(128)
+    tokenizer = byte_level_tokenizer(128)
     folder = export(model, "mistralrs", os.path.join(work, "mistralrs"), tokenizer=tokenizer)
 
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]

@@ -207,3 +207,25 @@ def test_cli_export_from_data_writes_a_peft_adapter(tmp_path, ids):
         torch.testing.assert_close(peft_model(input_ids=ids).logits, fixed_logits(model, scalings, ids),
                                    atol=1e-5, rtol=1e-5)
     assert main(["export", "--model", str(tmp_path / "ck"), "--to", "peft", "--output", str(out)]) == 2  # not new
+
+
+@pytest.mark.parametrize("eos_outside", [False, True])
+def test_byte_level_tokenizer_round_trips_through_its_saved_json(eos_outside, tmp_path):
+    """The tokenizer the mistral.rs check and benchmark write beside an export: one id per byte-level character,
+    text back exactly after a save and reload from tokenizer.json, `</s>` where asked, the pass-through template."""
+    from transformers import AutoTokenizer
+
+    from loramix.tiny import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer(300, eos_outside=eos_outside)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "foldA=12"
+    ids = loaded(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and max(ids) < 300
+    assert loaded.decode(ids) == text
+    assert loaded(" ", add_special_tokens=False)["input_ids"] == [0]  # no byte-level mapping: a space is unknown
+    assert loaded.eos_token_id == (300 if eos_outside else 2) and loaded.pad_token_id == 0
+    chat = loaded.apply_chat_template([{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}],
+                                      tokenize=False)
+    assert chat == "abc"

@@ -39,3 +39,31 @@ def random_experts(base, folder: str, ranks: list[int], targets="all-linear", se
         model.save_pretrained(path)
         adapters[f"expert_{i}"] = path
     return adapters
+
+
+# a chat template that passes the messages' text through: mistral.rs returns token ids only for chat requests
+PASS_THROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def byte_level_tokenizer(vocab_size: int, eos_outside: bool = False):
+    """An offline fast tokenizer that mistral.rs can read from tokenizer.json (its token trie needs a byte-level
+    decoder): `<pad>` 0, `<s>` 1, `</s>` 2, then byte-level characters (one byte each) and pairs of them up to the
+    vocabulary. `eos_outside` puts `</s>` at id `vocab_size` instead, where a model of that vocabulary can never
+    produce it (every generation then runs its full length). Chat template: the messages' text passed through.
+    Text is split per character without byte-level mapping, so a character outside the byte-level alphabet (a
+    space, written 'Ġ' there) is unknown (`<pad>`): enough for the offline checks that use it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"<pad>": 0, "<s>": 1, **({} if eos_outside else {"</s>": 2})}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    pieces = (alphabet + [a + b for a in alphabet for b in alphabet])[: vocab_size - len(specials)]
+    vocab = {**specials, **{p: i + len(specials) for i, p in enumerate(pieces)}}
+    if eos_outside:
+        vocab["</s>"] = vocab_size
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = PASS_THROUGH_TEMPLATE
+    return tokenizer
