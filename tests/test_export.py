@@ -229,3 +229,5 @@ def test_byte_level_tokenizer_round_trips_through_its_saved_json(eos_outside, tm
     chat = loaded.apply_chat_template([{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}],
                                       tokenize=False)
     assert chat == "abc"
+    with pytest.raises(ValueError, match="vocab_size"):
+        byte_level_tokenizer(2, eos_outside=eos_outside)

@@ -56,6 +56,8 @@ def byte_level_tokenizer(vocab_size: int, eos_outside: bool = False):
     from transformers import PreTrainedTokenizerFast
 
     specials = {"<pad>": 0, "<s>": 1, **({} if eos_outside else {"</s>": 2})}
+    if not isinstance(vocab_size, int) or vocab_size <= len(specials):
+        raise ValueError(f"vocab_size: got {vocab_size!r}, expected an integer > {len(specials)} (the special tokens)")
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     pieces = (alphabet + [a + b for a in alphabet for b in alphabet])[: vocab_size - len(specials)]
     vocab = {**specials, **{p: i + len(specials) for i, p in enumerate(pieces)}}
