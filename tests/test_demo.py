@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from loramix.demo.domains import (COMPOSED, composed_rows, domain_rows, make_domains, material_table, score_exact,
-                                  score_forward, score_inverse, unfolding_force)
+from loramix.demo.domains import (COMPOSED, CONVERSATION_SEPARATOR, composed_rows, conversation_rows, domain_rows,
+                                  handover_rows, make_domains, material_table, score_exact, score_forward,
+                                  score_inverse, unfolding_force, with_context)
 
 
 def test_the_force_rule_by_hand():
@@ -55,6 +56,84 @@ def test_composed_rows_score_each_part_and_hold_out_materials():
         assert COMPOSED.score(f"{sequence} =", row["reference"]) == 0.5  # the recall expert's answer alone
         assert COMPOSED.score(f"GG = {force + 5}", row["reference"]) == 0.5  # a wrong sequence, a force within 5
         assert COMPOSED.score(f"{sequence} = {force + 6}", row["reference"]) == 0.5
+
+
+def test_composed_split_covers_the_sequence_lengths():
+    """Held-out and training materials alternate by sequence length, so neither half lacks the long ones."""
+    for seed in (0, 3):
+        table = material_table(seed)
+        lengths = {split: sorted(len(table[r["prompt"].split()[2]]["sequence"]) for r in composed_rows(seed, split))
+                   for split in ("train", "test")}
+        ranked = sorted(len(v["sequence"]) for v in table.values())
+        assert lengths["train"] == ranked[0::2] and lengths["test"] == ranked[1::2]
+
+
+def test_handover_rows_train_only_the_force_of_materials_no_expert_knows():
+    table = material_table(3)
+    rows = handover_rows(3, 200)
+    assert rows == handover_rows(3, 200) and len(rows) == 200
+    lengths = set()
+    for row in rows:
+        words = row["prompt"].split()
+        material, sequence = words[2], words[5]
+        assert words[:2] == ["fold", "recall"] and words[3:5] == ["sequence", "="] and words[6:] == ["="]
+        assert material.endswith("ite") and material not in table
+        assert row["completion"] == f" {unfolding_force(sequence)}"
+        end = len(row["prompt"])
+        assert row["expert"] == [[end, end + len(row["completion"]), "protein_forward"]]  # the prompt: no label
+        lengths.add(len(sequence))
+    assert lengths == set(range(3, 9))
+
+
+def test_conversations_label_each_turn_and_train_the_last_answer():
+    domains = make_domains(3)
+    train = {d.name: domain_rows(d, 30, 3, "train") for d in domains}
+    rows = conversation_rows(train, 300, 3)
+    assert rows == conversation_rows(train, 300, 3)
+    assert {len(r["expert"]) for r in rows} == {2, 3, 4, 5}
+    for row in rows[:50]:
+        text = row["prompt"] + row["completion"]
+        spans = row["expert"]
+        assert spans[0][0] == 0 and spans[-1][1] == len(text)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # the turns tile the text
+        assert len({name for _, _, name in spans}) == len(spans)  # distinct domains
+        for k, (start, end, name) in enumerate(spans):
+            turn = text[start:end]
+            if k:
+                assert turn.startswith(CONVERSATION_SEPARATOR + " ")
+                turn = turn[len(CONVERSATION_SEPARATOR) + 1:]
+            assert turn in {r["prompt"] + r["completion"] for r in train[name]}
+        assert any(turn == r["prompt"] + row["completion"] for r in train[name])  # the last answer is trained
+
+
+def test_context_is_unlabelled_and_untrained_and_keeps_the_task():
+    """with_context puts a generic sentence before about half of the prompts. Tokenized for the gate, a row
+    gives the tokens of its whole text (the labelled span starts at a space), trains only the completion, leaves
+    the context without a routing label, and routes the task's tokens as the plain row does."""
+    from loramix.data import DataFormat, tokenize_row
+    from loramix.demo.pipeline import build_tokenizer
+
+    domains = make_domains(3)
+    names = [d.name for d in domains]
+    rows = domain_rows(domains[4], 200, 3, "train")  # recall
+    framed = with_context(rows, 3)
+    assert framed == with_context(rows, 3)
+    prefixed = [(plain, row) for plain, row in zip(rows, framed) if plain != row]
+    assert 70 <= len(prefixed) <= 130 and len(framed) == len(rows)
+    tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in framed], vocab_size=200)
+    fmt = DataFormat(expert_field="expert")
+    for plain, row in prefixed[:20]:
+        context = row["prompt"][:-len(plain["prompt"]) - 1]
+        assert row["prompt"] == f"{context} {plain['prompt']}" and row["completion"] == plain["completion"]
+        assert row["expert"] == [[len(context), len(row["prompt"] + row["completion"]), "recall"]]
+        before, after = tokenize_row(plain, fmt, tokenizer, names), tokenize_row(row, fmt, tokenizer, names)
+        assert after.input_ids[:-1] == tokenizer(row["prompt"] + row["completion"])["input_ids"]  # then </s>
+        n = len(after.input_ids) - len(before.input_ids)  # the context's tokens
+        assert after.input_ids[n:] == before.input_ids and after.labels[n:] == before.labels
+        assert set(after.labels[:n]) == {-100}  # the context is not trained
+        assert set(after.routing[:n - 1]) == {-100}  # nor labelled, but for its last position, which writes
+        assert after.routing[n - 1] == names.index("recall")  # the task's first token
+        assert after.routing[n:] == before.routing
 
 
 def test_static_merge_is_xlora_with_constant_scalings(tmp_path):

@@ -20,12 +20,16 @@ Protein mechanics uses one fixed rule for the unfolding force of a sequence over
   a quarter, as for the other properties, the expert recalled 9 of the 16 sequences and every other value
   (measured; with half, 16 of 16).
 
+Half of each domain's training rows carry one generic sentence before the prompt (with_context), so that an
+expert also answers after other text: an earlier turn, or the "fold" that opens the composed task.
+
 The composed task needs two experts in one answer, and no expert is trained on it:
 
 * material_force: "fold recall <material> sequence =" -> "<the material's sequence> = <its force>": the
   sequence (and its end mark " =") is recall's knowledge, the force protein_forward's rule, which reads
   "fold ... <sequence> =" as in its own prompts. Half credit for the sequence (exact), half for the force (within
-  5 pN of the force of the right sequence).
+  5 pN of the force of the right sequence). The gate trains on it for half of the materials, and on hand-over
+  rows over invented materials whose sequence the prompt gives (handover_rows).
 
 Why recall's answers end with " =": X-LoRA's gate reads the base model's hidden states, which do not know a
 material's sequence, so without a mark it cannot tell where a recalled sequence (3 to 8 residues) ends and has to
@@ -215,7 +219,8 @@ COMPOSED = Domain("material_force", "\"fold recall <material> sequence =\" -> th
 def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
     """Rows of the composed task. Its two parts are the recall and protein_forward experts' formats one after
     the other, so each expert sees text it knows; no expert is trained on these rows, only the gate, whose rows
-    ("train") ask about half of the materials, while the held-out rows ("test") ask about the other half.
+    ("train") ask about half of the materials, while the held-out rows ("test") ask about the other half, both
+    halves with sequences of 3 to 8 residues.
 
     Each row labels its spans: the prompt, the sequence and its end mark " =" are recall's to write, the force
     protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.data.DataFormat).
@@ -223,7 +228,11 @@ def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
     unlabelled, the gate sent the name's tokens to other experts and the recalled sequences came out garbled
     (measured: 1 of 8 held-out sequences right, against 4 with the prompt labelled)."""
     table = material_table(seed)
-    materials = sorted(table)[0 if split == "train" else 1::2]
+    # the materials in order of sequence length, taken alternately, so both halves cover the lengths (split by
+    # name, the gate's materials had 3-5 residues and half the held-out ones 7-8, and after those the gate ended
+    # the answer at the end mark instead of passing to protein_forward: measured, 3 of those 4 answers)
+    by_length = sorted(table, key=lambda name: (len(table[name]["sequence"]), name))
+    materials = by_length[0 if split == "train" else 1::2]
     if n is not None:
         rnd = random.Random(f"composed-{split}-{seed}")
         materials = [rnd.choice(materials) for _ in range(n)]
@@ -239,27 +248,54 @@ def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
     return rows
 
 
+def handover_rows(seed: int, n: int) -> list[dict]:
+    """n rows that teach the gate where a composed answer passes from recall to protein_forward, for any material
+    and sequence: "fold recall <invented material> sequence = <random sequence> =" -> " <its force>". The
+    materials are none of the table's, so no expert knows them, and the sequence is part of the prompt: only the
+    force is trained, and only the force is labelled (protein_forward's, from the end mark on).
+
+    Measured, full run: the composed rows alone show the gate 8 materials, and on the held-out ones it ended 3 of
+    8 answers at the end mark instead of passing on (composed score 0.75). With these rows it passed on in all 8.
+    Their prompt is not labelled because no expert writes it: labelled recall's like a composed row's, it taught
+    the gate that "fold" and residues are recall's (protein_inverse fell to 0.66 against its expert's 0.78, the
+    quick run routed protein_forward's prompts to recall)."""
+    rnd = random.Random(f"handover-{seed}")
+    known = set(material_table(seed))
+    rows = []
+    while len(rows) < n:
+        material = _word(rnd, 3) + "ite"
+        if material in known:
+            continue
+        sequence = _sequence(rnd)
+        prompt, computed = f"fold recall {material} sequence = {sequence} =", f" {unfolding_force(sequence)}"
+        rows.append({"prompt": prompt, "completion": computed, "domain": COMPOSED.name,
+                     "expert": [[len(prompt), len(prompt) + len(computed), "protein_forward"]]})
+    return rows
+
+
 CONVERSATION_SEPARATOR = " |"
+CONVERSATION_TURNS = (2, 5)  # the fewest and most turns of a training conversation
 
 
-def conversation_rows(train: dict[str, list[dict]], n: int, seed: int) -> list[dict]:
-    """n exchanges of 2-4 turns over distinct domains, drawn from the domains' training rows and joined with
-    " |": the earlier turns (prompt and answer) are context, the last answer is trained, and every turn (its
+def conversation_rows(train: dict[str, list[dict]], n: int, seed: int,
+                      turns: tuple[int, int] = CONVERSATION_TURNS) -> list[dict]:
+    """n exchanges of 2 to 5 turns (`turns`) over distinct domains, drawn from the domains' training rows and
+    joined with " |": the earlier turns (prompt and answer) are context, the last answer is trained, and every turn (its
     separator included) is labelled with its domain's expert, so the gate learns to follow a conversation."""
     rnd = random.Random(f"conversations-{seed}")
     names = sorted(train)
     rows = []
     for _ in range(n):
-        turns = [rnd.choice(train[name]) for name in rnd.sample(names, rnd.randint(2, 4))]
+        chosen = [rnd.choice(train[name]) for name in rnd.sample(names, rnd.randint(*turns))]
         text, spans = "", []
-        for k, turn in enumerate(turns):
+        for k, turn in enumerate(chosen):
             start = len(text)
             text += (CONVERSATION_SEPARATOR + " " if k else "") + turn["prompt"]
-            if k < len(turns) - 1:
+            last = k == len(chosen) - 1
+            if not last:
                 text += turn["completion"]
-            spans.append([start, len(text) + (len(turn["completion"]) if k == len(turns) - 1 else 0),
-                          turn["domain"]])
-        rows.append({"prompt": text, "completion": turns[-1]["completion"], "domain": "conversation",
+            spans.append([start, len(text) + (len(turn["completion"]) if last else 0), turn["domain"]])
+        rows.append({"prompt": text, "completion": chosen[-1]["completion"], "domain": "conversation",
                      "expert": spans})
     return rows
 
@@ -291,6 +327,12 @@ _GENERIC = [
 ]
 
 
+def _fill(rnd: random.Random, materials: list[str]) -> dict[str, object]:
+    return dict(material=rnd.choice(materials), colour=rnd.choice(_COLOURS), origin=rnd.choice(_ORIGINS),
+                seq=_sequence(rnd), seq2=_sequence(rnd), n=rnd.randint(0, 99), m=rnd.randint(0, 99),
+                word=_word(rnd), word2=_word(rnd), word3=_word(rnd))
+
+
 def generic_text(n: int, seed: int) -> list[dict]:
     """Sentences over the domains' vocabulary (words, numbers, sequences) that teach none of the tasks."""
     rnd = random.Random(f"generic-{seed}")
@@ -298,8 +340,33 @@ def generic_text(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         a, b = rnd.sample(_GENERIC, 2)
-        fill = dict(material=rnd.choice(materials), colour=rnd.choice(_COLOURS), origin=rnd.choice(_ORIGINS),
-                    seq=_sequence(rnd), seq2=_sequence(rnd), n=rnd.randint(0, 99), m=rnd.randint(0, 99),
-                    word=_word(rnd), word2=_word(rnd), word3=_word(rnd))
+        fill = _fill(rnd, materials)
         rows.append({"text": f"{a.format(**fill)} {b.format(**fill)}"})
     return rows
+
+
+CONTEXT_SHARE = 0.5  # of a domain's training rows, preceded by a generic sentence (see with_context)
+
+
+def with_context(rows: list[dict], seed: int, share: float = CONTEXT_SHARE) -> list[dict]:
+    """The rows, a `share` of them with one generic sentence before the prompt, as a domain's examples come with
+    varied context in instruction data. The context is not trained, and the row's expert label covers the task's
+    own text only (the context is unlabelled).
+
+    Why: an expert that only ever saw its prompt at the start of the text fails when anything comes before it,
+    an earlier turn of a conversation or the "fold" that opens the composed task (measured, the recall expert
+    with the composed prompt's sequence given: every residue right for 4 of the 16 materials when trained
+    without context, 16 of 16 with it)."""
+    rnd = random.Random(f"context-{seed}")
+    materials = list(material_table(seed + 1000))
+    out = []
+    for row in rows:
+        if rnd.random() < share:
+            context = rnd.choice(_GENERIC).format(**_fill(rnd, materials))
+            prompt = f"{context} {row['prompt']}"
+            # the label starts at the space, so the pieces tokenize as the whole text does (" recall", not " " +
+            # "recall")
+            row = {**row, "prompt": prompt,
+                   "expert": [[len(context), len(prompt) + len(row["completion"]), row["expert"]]]}
+        out.append(row)
+    return out
