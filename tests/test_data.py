@@ -314,6 +314,28 @@ def test_expert_spans_label_the_tokens_they_cover_and_leave_the_rest_unlabelled(
     assert _trained_text(example) == " xy = 7</s>"  # the loss mask is the completion's, spans or not
 
 
+def test_expert_spans_cut_where_the_whole_text_tokenizes(tmp_path):
+    """A span that starts (or ends) just after a space gives the tokens of the whole text: the space goes with
+    the word after it, as the tokenizer puts it, not into a token of its own; the word keeps the span's label."""
+    from loramix.demo.pipeline import build_tokenizer
+
+    prompt, completion = "the list is long . recall kazoite colour =", " red ="
+    tok = build_tokenizer([prompt + completion] * 3, vocab_size=120)
+    text = prompt + completion
+    start = text.index("recall")  # just after the space
+    row = {"prompt": prompt, "completion": completion, "task": [[start, len(text) - 2, "recall"]]}
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    (example,) = load_dataset([path], tok, DataFormat(expert_field="task"), expert_names=["recall"],
+                              log=lambda *a: None).examples
+    assert example.input_ids[:-1] == tok(text)["input_ids"] and example.input_ids[-1] == tok.eos_token_id
+    pieces = tok.convert_ids_to_tokens(example.input_ids)
+    recall = pieces.index("▁re")  # "recall" begins with "▁re" (so does "red", later)
+    written_by = [-100] + example.routing[:-1]  # token t is written by the expert routed at position t - 1
+    assert pieces[recall - 1] == "." and written_by[recall - 1] == -100  # no token of its own for the space
+    assert set(written_by[recall:-2]) == {0}  # "recall kazoite colour = red": the span's, to its end
+    assert pieces[-2:] == ["▁=", "</s>"] and written_by[-2] == -100  # the last " =" is after the span
+
+
 def test_expert_spans_that_are_malformed_name_the_field(tmp_path):
     rows = [{"prompt": "ab", "completion": " c", "task": [[0, 9, "recall"]]},
             {"prompt": "ab", "completion": " c", "task": [[0, 2, "recall"], [1, 3, "recall"]]},

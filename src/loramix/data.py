@@ -361,8 +361,12 @@ def _labelled_pieces(prompt: str, completion: str, label: Any, field_name: str |
     out, offset = [], 0
     for text, trained in pieces:  # cut each piece at the span boundaries inside it
         cuts = sorted({0, len(text)} | {p - offset for s in spans for p in s[:2] if 0 < p - offset < len(text)})
-        for a, b in zip(cuts, cuts[1:]):
-            expert = next((e for start, end, e in spans if start <= offset + a < end), -100)
+        # a cut just after a space moves before it: tokenizers join a space to the word after it, so "a| b"
+        # tokenizes as "a" + " b" like the whole text, where "a " + "b" would add a token of its own for the space
+        moved = [c - 1 if 1 < c < len(text) and text[c - 1].isspace() and not text[c].isspace() else c
+                 for c in cuts]
+        for a, b, labelled_from in zip(moved, moved[1:], cuts):
+            expert = next((e for start, end, e in spans if start <= offset + labelled_from < end), -100)
             out.append((text[a:b], trained, expert))
         offset += len(text)
     return out

@@ -257,8 +257,8 @@ def handover_rows(seed: int, n: int) -> list[dict]:
     Measured, full run: the composed rows alone show the gate 8 materials, and on the held-out ones it ended 3 of
     8 answers at the end mark instead of passing on (composed score 0.75). With these rows it passed on in all 8.
     Their prompt is not labelled because no expert writes it: labelled recall's like a composed row's, it taught
-    the gate that "fold" and residues are recall's (protein_inverse fell to 0.66 against its expert's 0.78, the
-    quick run routed protein_forward's prompts to recall)."""
+    the gate that "fold" and residues are recall's (protein_inverse fell to 0.66 against its expert's 0.78, and
+    the five-turn exchange's protein_inverse turn went to recall)."""
     rnd = random.Random(f"handover-{seed}")
     known = set(material_table(seed))
     rows = []
@@ -280,8 +280,10 @@ CONVERSATION_TURNS = (2, 5)  # the fewest and most turns of a training conversat
 def conversation_rows(train: dict[str, list[dict]], n: int, seed: int,
                       turns: tuple[int, int] = CONVERSATION_TURNS) -> list[dict]:
     """n exchanges of 2 to 5 turns (`turns`) over distinct domains, drawn from the domains' training rows and
-    joined with " |": the earlier turns (prompt and answer) are context, the last answer is trained, and every turn (its
-    separator included) is labelled with its domain's expert, so the gate learns to follow a conversation."""
+    joined with " |": the earlier turns (prompt and answer) are context, the last answer is trained, and every
+    turn (its separator included) is labelled with its domain's expert, so the gate learns to follow a
+    conversation. Up to 5 turns, as many as the exchange the demo draws (measured once, same experts and gate
+    data otherwise: with 2 to 4 turns the gate followed 3 of that exchange's 5 turns, with 2 to 5, 4)."""
     rnd = random.Random(f"conversations-{seed}")
     names = sorted(train)
     rows = []
@@ -355,8 +357,8 @@ def with_context(rows: list[dict], seed: int, share: float = CONTEXT_SHARE) -> l
 
     Why: an expert that only ever saw its prompt at the start of the text fails when anything comes before it,
     an earlier turn of a conversation or the "fold" that opens the composed task (measured, the recall expert
-    with the composed prompt's sequence given: every residue right for 4 of the 16 materials when trained
-    without context, 16 of 16 with it)."""
+    without k_proj and v_proj, given the composed prompt and the sequence: every residue right for 4 of the 16
+    materials when trained without context, 16 of 16 with it)."""
     rnd = random.Random(f"context-{seed}")
     materials = list(material_table(seed + 1000))
     out = []
