@@ -314,26 +314,34 @@ def test_expert_spans_label_the_tokens_they_cover_and_leave_the_rest_unlabelled(
     assert _trained_text(example) == " xy = 7</s>"  # the loss mask is the completion's, spans or not
 
 
-def test_expert_spans_cut_where_the_whole_text_tokenizes(tmp_path):
-    """A span that starts (or ends) just after a space gives the tokens of the whole text: the space goes with
-    the word after it, as the tokenizer puts it, not into a token of its own; the word keeps the span's label."""
+@pytest.mark.parametrize("where", ["starts after a space", "starts at the completion's first word",
+                                   "ends after a space"])
+def test_expert_spans_cut_where_the_whole_text_tokenizes(tmp_path, where):
+    """A span that starts or ends just after a space gives the tokens of the whole text: the space goes with the
+    word after it, as the tokenizer puts it, not into a token of its own, and each word keeps its span's label."""
     from loramix.demo.pipeline import build_tokenizer
 
     prompt, completion = "the list is long . recall kazoite colour =", " red ="
-    tok = build_tokenizer([prompt + completion] * 3, vocab_size=120)
     text = prompt + completion
-    start = text.index("recall")  # just after the space
-    row = {"prompt": prompt, "completion": completion, "task": [[start, len(text) - 2, "recall"]]}
-    path = write_jsonl(tmp_path / "d.jsonl", [row])
-    (example,) = load_dataset([path], tok, DataFormat(expert_field="task"), expert_names=["recall"],
-                              log=lambda *a: None).examples
+    tok = build_tokenizer([text] * 3, vocab_size=120)
+    recall, red = text.index("recall"), text.index("red")  # both just after a space
+    span = {"starts after a space": [recall, len(text) - 2], "starts at the completion's first word":
+            [red, len(text)], "ends after a space": [0, recall]}[where]
+    row = {"prompt": prompt, "completion": completion, "task": [[*span, "recall"]]}
+    (example,) = load_dataset([write_jsonl(tmp_path / "d.jsonl", [row])], tok, DataFormat(expert_field="task"),
+                              expert_names=["recall"], log=lambda *a: None).examples
     assert example.input_ids[:-1] == tok(text)["input_ids"] and example.input_ids[-1] == tok.eos_token_id
     pieces = tok.convert_ids_to_tokens(example.input_ids)
-    recall = pieces.index("▁re")  # "recall" begins with "▁re" (so does "red", later)
     written_by = [-100] + example.routing[:-1]  # token t is written by the expert routed at position t - 1
-    assert pieces[recall - 1] == "." and written_by[recall - 1] == -100  # no token of its own for the space
-    assert set(written_by[recall:-2]) == {0}  # "recall kazoite colour = red": the span's, to its end
-    assert pieces[-2:] == ["▁=", "</s>"] and written_by[-2] == -100  # the last " =" is after the span
+    first_re, last_re = pieces.index("▁re"), len(pieces) - 1 - pieces[::-1].index("▁re")  # "recall", "red"
+    assert pieces[first_re - 1] == "." and pieces[last_re - 1] == "▁="  # no token of its own for either space
+    labelled = [t for t, r in zip(pieces, written_by) if r == 0]
+    if where == "starts after a space":  # "recall kazoite colour = red", not the last " ="
+        assert labelled == pieces[first_re:-2] and written_by[first_re - 1] == -100
+    elif where == "starts at the completion's first word":  # "red =" and the end of the row
+        assert labelled == pieces[last_re:]
+    else:  # everything before "recall" (the first token is nobody's to write)
+        assert labelled == pieces[1:first_re]
 
 
 def test_expert_spans_that_are_malformed_name_the_field(tmp_path):

@@ -103,7 +103,8 @@ def test_conversations_label_each_turn_and_train_the_last_answer():
                 assert turn.startswith(CONVERSATION_SEPARATOR + " ")
                 turn = turn[len(CONVERSATION_SEPARATOR) + 1:]
             assert turn in {r["prompt"] + r["completion"] for r in train[name]}
-        assert any(turn == r["prompt"] + row["completion"] for r in train[name])  # the last answer is trained
+        _, _, last = spans[-1]  # the last turn's answer is the one trained
+        assert text.endswith(row["completion"]) and row["completion"] in {r["completion"] for r in train[last]}
 
 
 def test_context_is_unlabelled_and_untrained_and_keeps_the_task():

@@ -46,7 +46,8 @@ class DataFormat:
     completion_template: str | None = None
     expert_field: str | None = None  # rows may name the expert that should handle them (supervised routing):
     # a name labels the whole row; a list of [start, end, name] character spans over prompt + completion labels
-    # the tokens inside each span (cut spans at word boundaries: each span is tokenized on its own); in the chat
+    # the tokens inside each span (cut spans at word boundaries: each span is tokenized on its own, and a cut just
+    # after a space moves before it, so that the space goes with the word after it); in the chat
     # format an `expert` key on a message labels that message. A row (or message, or text outside every span)
     # whose label is missing, null or "" is unlabelled: it trains with cross-entropy only
     max_length: int = 512
@@ -361,13 +362,14 @@ def _labelled_pieces(prompt: str, completion: str, label: Any, field_name: str |
     out, offset = [], 0
     for text, trained in pieces:  # cut each piece at the span boundaries inside it
         cuts = sorted({0, len(text)} | {p - offset for s in spans for p in s[:2] if 0 < p - offset < len(text)})
-        # a cut just after a space moves before it: tokenizers join a space to the word after it, so "a| b"
-        # tokenizes as "a" + " b" like the whole text, where "a " + "b" would add a token of its own for the space
-        moved = [c - 1 if 1 < c < len(text) and text[c - 1].isspace() and not text[c].isspace() else c
-                 for c in cuts]
+        # a cut just after a space moves before it: tokenizers that join a space to the word after it (byte-level
+        # BPE, Metaspace) tokenize "a" + " b" like the whole text "a b", where "a " + "b" gives the space a token
+        # of its own
+        moved = [c - 1 if 0 < c < len(text) and text[c - 1] == " " and text[c] != " " else c for c in cuts]
         for a, b, labelled_from in zip(moved, moved[1:], cuts):
-            expert = next((e for start, end, e in spans if start <= offset + labelled_from < end), -100)
-            out.append((text[a:b], trained, expert))
+            if a < b:  # (a cut at 1 after a leading space leaves nothing before it)
+                expert = next((e for start, end, e in spans if start <= offset + labelled_from < end), -100)
+                out.append((text[a:b], trained, expert))
         offset += len(text)
     return out
 

@@ -363,6 +363,8 @@ def with_context(rows: list[dict], seed: int, share: float = CONTEXT_SHARE) -> l
     materials = list(material_table(seed + 1000))
     out = []
     for row in rows:
+        if not isinstance(row["expert"], str):
+            raise ValueError(f"with_context: a row labelled by spans ({row['expert']!r}), expected one expert's name")
         if rnd.random() < share:
             context = rnd.choice(_GENERIC).format(**_fill(rnd, materials))
             prompt = f"{context} {row['prompt']}"

@@ -115,8 +115,9 @@ def write_report(out: str, results: dict, figures: dict, domains: list, timings:
         f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}). Everything was built here, offline: the "
         f"tokenizer, a tiny Llama ({model['num_hidden_layers']} layers, hidden {model['hidden_size']}) pre-trained "
         f"on {settings['generic_rows']} generic sentences that teach none of the tasks, one LoRA expert per domain "
-        f"(rank {expert['rank']} on {', '.join(expert['target_modules'])}, {settings['expert_steps']} steps on "
-        f"{settings['train_rows']} examples of its domain, half of them after a generic sentence), and the X-LoRA "
+        f"(rank {expert['rank']} on {', '.join(expert['target_modules'][:-1])} and {expert['target_modules'][-1]}; "
+        f"{settings['expert_steps']} steps on {settings['train_rows']} examples of its domain, "
+        f"{_context_share()} of them after a generic sentence), and the X-LoRA "
         f"gate (depth {gate['xlora_depth']}, layerwise scalings, {settings['gate_steps']} steps, experts frozen) on "
         f"the mix of the domains, the composed task on half of the materials ({setup['composed_rows']} rows), as "
         f"many hand-over rows (invented materials, the sequence given, only the force trained) and conversations "
@@ -244,6 +245,12 @@ def _paper_lines(results: dict, ablation: dict | None, means: dict, composed: di
     ]
 
 
+def _context_share() -> str:
+    from .domains import CONTEXT_SHARE
+
+    return "half" if CONTEXT_SHARE == 0.5 else f"{CONTEXT_SHARE:.0%}"
+
+
 def _turns() -> str:
     from .domains import CONVERSATION_TURNS
 
@@ -301,7 +308,7 @@ def _composed_parts_lines(parts: dict) -> list[str]:
         f"{digit['recall_then_protein_forward']:.2f} when recall's read the prompt and the sequence and "
         "protein_forward's take over at the end mark (the hand-over the task asks for), and "
         f"{digit['gate']:.2f} with the gate's scalings. The force is a sum over the residues, and in X-LoRA's single "
-        "pass the recalled residues' keys and values are written by the weights that wrote them, recall's, so "
-        "protein_forward reads them second-hand: the gap between the first two numbers is what that costs, and the "
+        "pass the recalled residues' keys and values are computed with the weights the gate chose at their "
+        "positions, recall's, so protein_forward reads them second-hand: the gap between the first two numbers is what that costs, and the "
         "gap to the third what the gate's own hand-over costs.", "",
     ]
