@@ -368,8 +368,6 @@ def with_context(rows: list[dict], seed: int, share: float = CONTEXT_SHARE) -> l
         if rnd.random() < share:
             context = rnd.choice(_GENERIC).format(**_fill(rnd, materials))
             prompt = f"{context} {row['prompt']}"
-            # the label starts at the space, so the pieces tokenize as the whole text does (" recall", not " " +
-            # "recall")
             row = {**row, "prompt": prompt,
                    "expert": [[len(context), len(prompt) + len(row["completion"]), row["expert"]]]}
         out.append(row)

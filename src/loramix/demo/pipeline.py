@@ -28,14 +28,20 @@ from .domains import (COMPOSED, CONVERSATION_SEPARATOR, Domain, composed_rows, c
 from .evaluation import evaluate, evaluate_xlora, read_jsonl
 from .report import summary_table, write_report
 
-# sizes: "full" is the README's main job (<= 10 minutes on 2 cores), "quick" the CI run (<= 2 minutes). The full
-# gate takes 1000 steps: measured while building, with the data of that time, 500 steps followed the five-turn
-# exchange in 2 of 5 turns and 1000 steps in 4 of 5, with the same composed score.
+# sizes: "full" is the README's main job (<= 10 minutes on 2 cores), "quick" the CI run (<= 2 minutes).
+# The full gate takes 1000 steps: measured while building, with the data of that time, 500 steps followed the
+# five-turn exchange in 2 of 5 turns and 1000 steps in 4 of 5, with the same composed score.
+# composed_rows: the gate's composed rows, and as many hand-over rows (domains.handover_rows). In the full run as
+# many as one domain's: the end mark " =" ends recall's own answers too, so the gate must learn from these rows that
+# after "fold recall ..." it passes to protein_forward there (measured, full run, composed rows alone: composed
+# score 0.44 with a quarter as many rows and 500 gate steps, 0.75 with as many and 1000 steps). The quick run's
+# gate, 150 steps, gets a quarter of a domain's: with as many, its "fold" prompts went to recall (protein_forward's
+# prompts 0.38 recall, 0.25 protein_forward).
 SCALES = {
     "full": dict(generic_rows=4000, base_steps=800, train_rows=3000, expert_steps=700, gate_steps=1000,
-                 composed_rows=3000, test_prompts=50),
+                 composed_rows=3000, conversation_rows=1500, test_prompts=50),
     "quick": dict(generic_rows=1500, base_steps=300, train_rows=800, expert_steps=200, gate_steps=150,
-                  composed_rows=200, test_prompts=20),
+                  composed_rows=200, conversation_rows=400, test_prompts=20),
 }
 MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=512)
@@ -61,20 +67,6 @@ HISTORY_ORDER = ["recall", "arithmetic", "protein_forward", "logic", "protein_in
 _STAGE_FILE = ".stage.json"
 _OUTPUTS = ["data", "base", "experts", "xlora", "xlora_ce_only", "figures", "report.md", "results.json",
             "ablation.json"]
-
-
-def composed_train_rows(scale: dict) -> int:
-    """The gate's composed rows, and as many hand-over rows (domains.handover_rows). In the full run as many as
-    one domain's: the end mark " =" ends recall's own answers too, so the gate must learn from these rows that
-    after "fold recall ..." it passes to protein_forward there (measured, full run, composed rows alone: composed
-    score 0.44 with a quarter as many rows and 500 gate steps, 0.75 with as many and 1000 steps). The quick run's
-    gate, 150 steps, gets a quarter of a domain's: with as many, its "fold" prompts went to recall (protein_forward's
-    prompts 0.38 recall, 0.25 protein_forward)."""
-    return scale["composed_rows"]
-
-
-def conversation_train_rows(scale: dict) -> int:
-    return scale["train_rows"] // 2
 
 
 def _routing(scale: dict) -> dict:
@@ -163,8 +155,7 @@ def _run_demo(out: str, quick: bool, fresh: bool, seed: int, log: Callable[[str]
     _write_json(os.path.join(out, "results.json"), results)
     report = write_report(out, results, figures, domains, timings, settings, examples, ablation,
                           dict(model=MODEL, expert=EXPERT, gate=GATE, routing=_routing(scale),
-                               history_order=HISTORY_ORDER, composed_rows=composed_train_rows(scale),
-                               conversation_rows=conversation_train_rows(scale)))
+                               history_order=HISTORY_ORDER))
     log(summary_table(results))
     log(f"report: {report}")
     return results
@@ -183,12 +174,12 @@ def _make_data(folder: str, domains: list[Domain], scale: dict, seed: int) -> No
         trains[domain.name] = train
     # for the gate only: the composed task on half of the materials, hand-over rows, conversations over the domains
     write_jsonl(os.path.join(folder, f"{COMPOSED.name}_train.jsonl"),
-                composed_rows(seed, "train", composed_train_rows(scale)))
+                composed_rows(seed, "train", scale["composed_rows"]))
     write_jsonl(os.path.join(folder, f"{COMPOSED.name}_test.jsonl"), composed_rows(seed, "test"))
     write_jsonl(os.path.join(folder, f"{COMPOSED.name}_handover_train.jsonl"),
-                handover_rows(seed, composed_train_rows(scale)))
+                handover_rows(seed, scale["composed_rows"]))
     write_jsonl(os.path.join(folder, "conversations_train.jsonl"),
-                conversation_rows(trains, conversation_train_rows(scale), seed))
+                conversation_rows(trains, scale["conversation_rows"], seed))
     write_jsonl(os.path.join(folder, "generic.jsonl"), generic_text(scale["generic_rows"], seed))
 
 

@@ -119,9 +119,9 @@ def write_report(out: str, results: dict, figures: dict, domains: list, timings:
         f"{settings['expert_steps']} steps on {settings['train_rows']} examples of its domain, "
         f"{_context_share()} of them after a generic sentence), and the X-LoRA "
         f"gate (depth {gate['xlora_depth']}, layerwise scalings, {settings['gate_steps']} steps, experts frozen) on "
-        f"the mix of the domains, the composed task on half of the materials ({setup['composed_rows']} rows), as "
+        f"the mix of the domains, the composed task on half of the materials ({settings['composed_rows']} rows), as "
         f"many hand-over rows (invented materials, the sequence given, only the force trained) and conversations "
-        f"of {_turns()} turns across the domains ({setup['conversation_rows']} rows). No expert saw a composed row, "
+        f"of {_turns()} turns across the domains ({settings['conversation_rows']} rows). No expert saw a composed row, "
         "a hand-over row or a conversation. The experts leave k_proj and v_proj alone so that one expert can read "
         "the keys and values of tokens another expert wrote (see `pipeline.EXPERT`).", "",
         "## Scores on held-out prompts", "",
@@ -248,7 +248,7 @@ def _paper_lines(results: dict, ablation: dict | None, means: dict, composed: di
 def _context_share() -> str:
     from .domains import CONTEXT_SHARE
 
-    return "half" if CONTEXT_SHARE == 0.5 else f"{CONTEXT_SHARE:.0%}"
+    return f"{CONTEXT_SHARE:.0%}"
 
 
 def _turns() -> str:
