@@ -15,7 +15,7 @@ import os
 import resource
 import time
 
-from common import RANKS, SIZES, best_time, bench_main
+from common import RANKS, SIZES, bench_main, best_time
 
 SYSTEMS = ["base", "peft", "loramix", "loramix-frozen"]
 

@@ -89,7 +89,7 @@ def build(size: str, folder: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loramix import XLoraConfig, XLoraModel
-    from loramix.export import export_mistralrs
+    from loramix.interop.export import export_mistralrs
     from loramix.tiny import random_experts
 
     cfg = PEER_SIZES[size]
@@ -128,12 +128,12 @@ def tokenizer(vocab_size: int):
 # ---- measuring (runs in the environment that has mistralrs) ---------------------------------------------------
 def worker(size: str, folder: str, threads: int, rounds: int) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import torch
     import mistralrs
+    import torch
     from transformers import AutoModelForCausalLM
 
     from loramix import XLoraModel
-    from loramix.mistralrs import BASE_FOLDER, ORDERING_NAME
+    from loramix.interop.mistralrs import BASE_FOLDER, ORDERING_NAME
 
     torch.set_num_threads(threads)
     cfg = PEER_SIZES[size]

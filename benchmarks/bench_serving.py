@@ -36,7 +36,7 @@ def serve(folder: str, max_batch: int):
     import uvicorn
 
     from loramix import XLoraConfig, XLoraModel
-    from loramix.server import ServerState, create_app
+    from loramix.serving.app import ServerState, create_app
 
     adapters = {f"expert_{i}": os.path.join(folder, "experts", f"expert_{i}") for i in range(8)}
     model = XLoraModel.from_base(os.path.join(folder, "base"), XLoraConfig(adapters=adapters, xlora_depth=2,

@@ -25,7 +25,7 @@ SHAPES = {"tiny": [(8, 128, 8), (1, 64, 12)], "small": [(4, 128, 5), (1, 64, 8)]
 def worker(system: str, size: str, folder: str, threads: int) -> dict:
     import torch
 
-    from loramix.model import causal_lm_loss
+    from loramix.losses import causal_lm_loss
 
     torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM
@@ -72,7 +72,7 @@ def _floor(base) -> dict:
     forward and backward through the whole base model (the gate's gradient reaches every layer), no LoRA."""
     import torch
 
-    from loramix.model import causal_lm_loss
+    from loramix.losses import causal_lm_loss
 
     for p in base.parameters():
         p.requires_grad_(False)

@@ -36,8 +36,8 @@ def compare_greedy(work: str, tokens: int, prompt: str = "a", experts=ISSUE_14_E
     from peft import LoraConfig, get_peft_model
 
     from loramix import XLoraConfig, XLoraModel
-    from loramix.export import export
-    from loramix.mistralrs import ORDERING_NAME
+    from loramix.interop.export import export
+    from loramix.interop.mistralrs import ORDERING_NAME
     from loramix.tiny import byte_level_tokenizer, tiny_llama
 
     base = tiny_llama(hidden_size=64, layers=2, vocab_size=128, seed=0)

@@ -4,7 +4,6 @@ character-level tokenizer and small data files, all made on the spot with no net
 from __future__ import annotations
 
 import contextlib
-
 import copy
 
 import torch
@@ -14,8 +13,16 @@ VOCAB = 97
 
 
 def tiny_base(arch: str = "llama", seed: int = 0):
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -187,7 +194,7 @@ class LiveServer:
         import threading
         import time
 
-        from loramix.server import make_server
+        from loramix.serving.app import make_server
 
         self.server = make_server(state, host="127.0.0.1", port=0, api_key=api_key, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -205,7 +212,7 @@ class LiveServer:
 
 def start_server(checkpoint, **options):
     """Load `checkpoint` with the server's options and serve it: (state, LiveServer)."""
-    from loramix.server import load_state
+    from loramix.serving.app import load_state
 
     api_key = options.pop("api_key", None)
     state = load_state(str(checkpoint), **options)

@@ -95,7 +95,7 @@ def test_flags_are_named_after_config_fields_and_old_spellings_still_work(capsys
     import dataclasses
 
     from loramix.cli import _parser
-    from loramix.training import RoutingLosses
+    from loramix.training.loop import RoutingLosses
 
     parser = _parser()
     new = parser.parse_args(TRAIN + ["--xlora-dropout-p", "0.3", "--balance-weight", "2", "--routing-weight", "1"])

@@ -10,9 +10,21 @@ import sys
 import pytest
 import torch
 
-from loramix.demo.domains import (COMPOSED, CONVERSATION_SEPARATOR, composed_rows, conversation_rows, domain_rows,
-                                  handover_rows, make_domains, material_table, score_exact, score_forward,
-                                  score_inverse, unfolding_force, with_context)
+from loramix.demo.domains import (
+    COMPOSED,
+    CONVERSATION_SEPARATOR,
+    composed_rows,
+    conversation_rows,
+    domain_rows,
+    handover_rows,
+    make_domains,
+    material_table,
+    score_exact,
+    score_forward,
+    score_inverse,
+    unfolding_force,
+    with_context,
+)
 
 
 def test_the_force_rule_by_hand():
@@ -111,8 +123,8 @@ def test_context_is_unlabelled_and_untrained_and_keeps_the_task():
     """with_context puts a generic sentence before about half of the prompts. Tokenized for the gate, a row
     gives the tokens of its whole text (the labelled span starts at a space), trains only the completion, leaves
     the context without a routing label, and routes the task's tokens as the plain row does."""
-    from loramix.data import DataFormat, tokenize_row
     from loramix.demo.pipeline import build_tokenizer
+    from loramix.training.data import DataFormat, tokenize_row
 
     domains = make_domains(3)
     names = [d.name for d in domains]

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loramix.files import (append_jsonl, atomic_write, atomic_write_text, move_into, read_jsonl, replace_dir,
-                           write_jsonl)
+from loramix.files import append_jsonl, atomic_write, atomic_write_text, move_into, read_jsonl, replace_dir, write_jsonl
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

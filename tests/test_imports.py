@@ -99,9 +99,9 @@ def test_finder_sees_a_cycle():
 
 def test_loading_is_used_by_its_callers():
     graph = import_graph()
-    for user in ("loramix.model", "loramix.server", "loramix.training", "loramix.demo.pipeline", "loramix.cli"):
+    for user in ("loramix.model", "loramix.serving.app", "loramix.training.loop", "loramix.demo.pipeline", "loramix.cli"):
         assert "loramix.loading" in graph[user] or "loramix.model" in graph[user], user
-    assert "loramix.cli" not in graph["loramix.server"]  # the old cli <-> server cycle
+    assert "loramix.cli" not in graph["loramix.serving.app"]  # the old cli <-> server cycle
 
 
 def test_no_import_cycles():
@@ -149,4 +149,4 @@ def test_import_and_help_load_no_torch():
 def test_public_names_still_import():
     out = _run("from loramix import XLoraConfig, XLoraModel, train_xlora; import loramix\n"
                "print(XLoraModel.__module__, XLoraConfig.__module__, train_xlora.__module__, 'XLoraModel' in dir(loramix))")
-    assert out == "loramix.model loramix.config loramix.training True"
+    assert out == "loramix.model loramix.config loramix.training.loop True"

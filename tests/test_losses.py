@@ -7,8 +7,16 @@ import torch
 from helpers import VOCAB, tiny_base
 
 from loramix import model as model_module
-from loramix.losses import (RoutingLosses, balance_loss, causal_lm_loss, entropy_loss, routing_log_probs,
-                            routing_loss, routing_losses, shift_labels)
+from loramix.losses import (
+    RoutingLosses,
+    balance_loss,
+    causal_lm_loss,
+    entropy_loss,
+    routing_log_probs,
+    routing_loss,
+    routing_losses,
+    shift_labels,
+)
 
 
 def test_causal_lm_loss_equals_the_loss_transformers_computes():

@@ -9,15 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {  # public name -> the module that defines it
     "XLoraConfig": "config",
     "XLoraModel": "model",
     "XLoraOutput": "model",
-    "TrainResult": "training",
-    "train_expert": "training",
-    "train_xlora": "training",
+    "TrainResult": "training.loop",
+    "train_expert": "training.loop",
+    "train_xlora": "training.loop",
     "load_base": "loading",
     "load_tokenizer": "loading",
     "evaluate": "evaluation",
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .evaluation import evaluate
     from .loading import load_base, load_tokenizer
     from .model import XLoraModel, XLoraOutput
-    from .training import TrainResult, train_expert, train_xlora
+    from .training.loop import TrainResult, train_expert, train_xlora
 
 
 def __getattr__(name: str):

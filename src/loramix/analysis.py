@@ -148,7 +148,7 @@ def analyze(out: str, model=None, tokenizer=None, prompt: str | None = None, max
     if log is None:
         if model is None or tokenizer is None or prompt is None:
             raise ValueError("analyze: give a model, its tokenizer and a prompt, or a saved scalings log")
-        from .generation import special_tokens
+        from .engine.generate import special_tokens
 
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
         n_prompt = ids.shape[1]

@@ -14,7 +14,8 @@ def quickstart(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import XLoraConfig, XLoraModel
+    from .config import XLoraConfig
+    from .model import XLoraModel
     from .tiny import random_experts, tiny_llama
 
     start = time.time()
@@ -47,9 +48,11 @@ def quickstart(args: argparse.Namespace) -> int:
 
 def generate(args: argparse.Namespace) -> int:
     """Complete a prompt; --stream prints tokens as they come, --show-experts marks each token's top expert."""
-    from . import XLoraModel
-    from .generation import SamplingParams, context_length, decode_steps, special_tokens
+    from .config import GateOptions
+    from .engine.generate import context_length, decode_steps, special_tokens
+    from .engine.params import SamplingParams
     from .loading import load_tokenizer
+    from .model import XLoraModel
 
     model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
     tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
@@ -62,8 +65,9 @@ def generate(args: argparse.Namespace) -> int:
     tokens: list[int] = []
     pieces: list[str] = []  # the text each token adds, marked with its dominant expert when asked
     decoded = ""
-    for step in decode_steps(model, ids, None, [params], eos_token_ids=eos_ids, tokenizer=tokenizer,
-                             freeze_scalings_after=args.freeze_scalings_after, max_length=context_length(model)):
+    gate = GateOptions(freeze_scalings_after=args.freeze_scalings_after)
+    for step in decode_steps(model, ids, None, [params], eos_token_ids=eos_ids, tokenizer=tokenizer, gate=gate,
+                             max_length=context_length(model)):
         token = int(step.tokens[0])
         if token in eos_ids:
             break
@@ -155,7 +159,7 @@ def _placement(args: argparse.Namespace) -> dict:
 
 def train_expert(args: argparse.Namespace) -> int:
     """Train one LoRA expert on its domain's data; writes a PEFT adapter folder."""
-    from .training import train_expert as run
+    from .training.loop import train_expert as run
 
     result = run(args.base, args.data, args.output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                  target_modules=args.target_modules, eval_data=args.eval_data, data_weights=args.data_weights,
@@ -168,7 +172,7 @@ def train_expert(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Train the X-LoRA gate over frozen experts on a mixture of their data."""
-    from .training import train_xlora
+    from .training.loop import train_xlora
 
     adapters = {}
     for item in args.adapters:
@@ -299,7 +303,8 @@ def demo(args: argparse.Namespace) -> int:
 
 def analyze(args: argparse.Namespace) -> int:
     """Figures of a model's scalings for a prompt (heatmap + bars, token history), or of a saved scalings log."""
-    from .analysis import ScalingsLog, analyze as run
+    from .analysis import ScalingsLog
+    from .analysis import analyze as run
 
     if args.scalings:
         if args.model or args.prompt:
@@ -308,8 +313,8 @@ def analyze(args: argparse.Namespace) -> int:
     else:
         if not args.model or args.prompt is None:
             raise ValueError("give --model and --prompt (or --scalings FILE)")
-        from . import XLoraModel
         from .loading import load_tokenizer
+        from .model import XLoraModel
 
         model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
         tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
@@ -327,7 +332,7 @@ def serve(args: argparse.Namespace) -> int:
     _check_serve_args(args)  # before any heavy import or loading
     import signal
 
-    from .server import load_state, make_server
+    from .serving.app import load_state, make_server
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"loramix serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
@@ -383,9 +388,10 @@ def _check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--host/--port: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
 def export(args: argparse.Namespace) -> int:
     """Export for another server: a PEFT LoRA or a merged model with fixed expert weights, or mistral.rs's X-LoRA."""
-    from . import XLoraModel
-    from .data import DataFormat
-    from .export import export as run, mean_gate_scalings, scalings_from_json
+    from .interop.export import export as run
+    from .interop.export import mean_gate_scalings, scalings_from_json
+    from .model import XLoraModel
+    from .training.data import DataFormat
 
     model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
     tokenizer = _maybe_tokenizer(args.model, args.base or model.base_model_id)
@@ -423,8 +429,8 @@ def _maybe_tokenizer(model_dir: str, base: str | None):
 
 def eval_(args: argparse.Namespace) -> int:
     """Benchmark with lm-evaluation-harness in process; writes its results and the routing per task."""
-    from . import XLoraModel
     from .evaluation import evaluate, lm_class
+    from .model import XLoraModel
 
     lm_class()  # a missing lm-eval is an ImportError that main() reports in one line, before the model loads
     from .loading import load_tokenizer
@@ -472,10 +478,7 @@ VERBS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="loramix", description="X-LoRA: a mixture of LoRA experts.")
-    sub = parser.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("serve", help=VERBS["serve"][1])
+def _serve_flags(p: argparse.ArgumentParser) -> None:
     _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
@@ -491,13 +494,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", help="a Jinja chat template file, for tokenizers without one")
     p.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code (off)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
-    p = sub.add_parser("demo", help=VERBS["demo"][1])
+
+
+def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller run (about 2 minutes; used in CI)")
     p.add_argument("--out", default="loramix-demo", help="output folder (reused stages are skipped)")
     p.add_argument("--fresh", action="store_true", help="redo every stage")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p = sub.add_parser("analyze", help=VERBS["analyze"][1])
+
+
+def _analyze_flags(p: argparse.ArgumentParser) -> None:
     _add_placement_flags(p, inference=True)
     p.add_argument("--model", help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
@@ -505,10 +512,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=non_negative_int, default=0, help="also generate and show these tokens")
     p.add_argument("--scalings", help="a saved scalings log (.safetensors) instead of a model")
     p.add_argument("--out", required=True, help="folder for heatmap.png, history.png, scalings.safetensors")
-    p = sub.add_parser("quickstart", help=VERBS["quickstart"][1])
+
+
+def _quickstart_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="loramix-quickstart", help="folder for the tiny base, experts and X-LoRA")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p = sub.add_parser("generate", help=VERBS["generate"][1])
+
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
     _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
@@ -524,14 +535,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--show-experts", action="store_true", help="mark each token with its dominant expert")
     p.add_argument("--no-colour", action="store_true", help="plain [i] marks even on a terminal")
-    p = sub.add_parser("train-expert", help=VERBS["train-expert"][1])
+
+
+def _train_expert_flags(p: argparse.ArgumentParser) -> None:
     _add_training_flags(p)
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=positive_int, default=8)
     g.add_argument("--alpha", type=positive_float, default=16)
     g.add_argument("--dropout", type=dropout_float, default=0.05)
     g.add_argument("--target-modules", help="comma-separated module names (default: all linear layers)")
-    p = sub.add_parser("train", help=VERBS["train"][1])
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
     _add_training_flags(p)
     p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR", help="the experts, in order")
     g = p.add_argument_group("X-LoRA (flags named after the XLoraConfig fields)")
@@ -556,7 +571,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--routing-anneal-steps", type=non_negative_int, default=0,
                    help="lower the routing weight linearly to 0 over this many steps (0: constant)")
     _alias(g, "--routing-loss-weight", "routing_weight", type=non_negative_float)
-    p = sub.add_parser("export", help=VERBS["export"][1])
+
+
+def _export_flags(p: argparse.ArgumentParser) -> None:
     _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
@@ -574,7 +591,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-template")
     g.add_argument("--completion-template")
     g.add_argument("--max-length", type=positive_int, default=512)
-    p = sub.add_parser("eval", help=VERBS["eval"][1])
+
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
     _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
@@ -585,7 +604,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=non_negative_int)
     p.add_argument("--no-builtin-tasks", action="store_true", help="only --include-path's tasks (skips indexing lm-eval's)")
     p.add_argument("--output", help="folder for results.json, routing.csv, routing.png")
-    p = sub.add_parser("memory", help=VERBS["memory"][1])
+
+
+def _memory_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model folder or its config.json (only the config is read)")
     p.add_argument("--experts", type=positive_int, required=True, help="number of LoRA experts")
     p.add_argument("--rank", type=positive_int, required=True, help="rank of each expert")
@@ -597,6 +618,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--xlora-depth", type=positive_int, default=1)
     p.add_argument("--xlora-size", type=positive_int, default=2048)
     p.add_argument("--broadcast-scalings", action="store_true", help="one scaling per expert for all layers")
+
+
+FLAGS = {  # verb -> the function that adds its flags
+    "serve": _serve_flags,
+    "demo": _demo_flags,
+    "analyze": _analyze_flags,
+    "quickstart": _quickstart_flags,
+    "generate": _generate_flags,
+    "train-expert": _train_expert_flags,
+    "train": _train_flags,
+    "export": _export_flags,
+    "eval": _eval_flags,
+    "memory": _memory_flags,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="loramix", description="X-LoRA: a mixture of LoRA experts.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb, (_, help_text) in VERBS.items():
+        FLAGS[verb](sub.add_parser(verb, help=help_text))
     return parser
 
 

@@ -7,12 +7,12 @@ mixing weights). Run settings (training, generation, serving) live with the code
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from .checks import is_finite_number, is_int, read_json_object
 
 CONFIG_NAME = "xlora_config.json"
 
@@ -144,38 +144,34 @@ class XLoraConfig:
         return cls.from_dict(data, source=str(path)), data
 
 
-def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON file holding an object; unreadable, non-UTF-8, invalid JSON or another JSON type is a ValueError
-    naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}")
-    return data
-
-
-def is_int(v: Any) -> bool:
-    """An int that is not a bool (True is an int to Python, never a count or a size to us)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_finite_number(v: Any) -> bool:
-    """A finite int or float (not a bool, NaN, an infinity or an int beyond float range)."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:
-        return False
-
-
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
     if not ok:
         raise ValueError(f"{name}: got {value!r}, expected {expected}")
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """How the gate mixes the experts for one call or request; None keeps the model's own setting.
+
+    Rows decode in one batch only when their options are equal (they change what the classifier's output means).
+    `top_k_lora` is bounded by the model's number of experts, which only the model knows: `XLoraModel` checks
+    that bound."""
+
+    top_k_lora: int | None = None  # keep the k largest scalings per LoRA layer
+    softmax_temperature: float | None = None  # of the classifier's softmax
+    freeze_scalings_after: int | None = None  # keep a row's scalings after N generated tokens; skip pass 1 then
+    fold_frozen: bool = False  # frozen rows that share their scalings run with the experts folded into W
+
+    def __post_init__(self) -> None:
+        if self.top_k_lora is not None and not (is_int(self.top_k_lora) and self.top_k_lora >= 1):
+            raise ValueError(f"top_k_lora: got {self.top_k_lora!r}, expected an integer >= 1")
+        if self.softmax_temperature is not None and not (
+                is_finite_number(self.softmax_temperature) and self.softmax_temperature > 0):
+            raise ValueError(f"softmax_temperature: got {self.softmax_temperature!r}, expected a finite number > 0")
+        if self.freeze_scalings_after is not None and not (
+                is_int(self.freeze_scalings_after) and self.freeze_scalings_after >= 0):
+            raise ValueError(f"freeze_scalings_after: got {self.freeze_scalings_after!r}, expected an integer >= 0")
+        if not isinstance(self.fold_frozen, bool):
+            raise ValueError(f"fold_frozen: got {self.fold_frozen!r}, expected true or false")
+        if self.fold_frozen and self.freeze_scalings_after is None:
+            raise ValueError("fold_frozen: needs freeze_scalings_after")

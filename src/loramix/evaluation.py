@@ -49,7 +49,7 @@ def lm_class():
 
         def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None) -> None:
             super().__init__()
-            from .generation import context_length
+            from .engine.generate import context_length
 
             self.model, self.tokenizer, self.batch_size = model, tokenizer, int(batch_size)
             self.max_length = max_length or context_length(model) or 2048

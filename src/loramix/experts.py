@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import is_finite_number, is_int, read_json_object
+from .checks import is_finite_number, is_int, read_json_object
 from .hub import resolve_file
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import read_json_object
 from .classifier import XLoraClassifier
-from .config import CONFIG_NAME, XLoraConfig, read_json_object
+from .config import CONFIG_NAME, XLoraConfig
 from .experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert, load_expert, load_safetensors
 from .hub import check_local, resolve_file
 

@@ -26,15 +26,23 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .backbone.compat import enable_activation_checkpointing, output_cache, with_cache
+from .backbone.decoder import DecoderStack, PreparedStep
+from .checks import is_finite_number, is_int
 from .classifier import XLoraClassifier, mixing_weights
-from .compat import enable_activation_checkpointing, output_cache, with_cache
-from .config import CONFIG_NAME, XLoraConfig, is_finite_number, is_int
+from .config import CONFIG_NAME, XLoraConfig
 from .experts import Expert, save_expert, supported_module
-from .fast_decode import DecoderStack, PreparedStep
 from .files import atomic_write, atomic_write_text, replace_dir
 from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
-from .loading import (CLASSIFIER_NAME, Checkpoint, base_model_id, load_base, load_classifier, load_experts,
-                      read_checkpoint)
+from .loading import (
+    CLASSIFIER_NAME,
+    Checkpoint,
+    base_model_id,
+    load_base,
+    load_classifier,
+    load_experts,
+    read_checkpoint,
+)
 from .losses import causal_lm_loss, shift_labels  # noqa: F401  (re-exported: loramix.model.causal_lm_loss)
 
 
@@ -141,13 +149,13 @@ class XLoraModel(nn.Module):
                         max_memory: dict | None = None, offload_folder: str | None = None,
                         quantization: Any = None) -> "XLoraModel":
         """Load a saved X-LoRA: loramix / original `xlora` layout, an X-LoRA saved by PEFT, or a local mistral.rs
-        X-LoRA folder (ordering file + flat `<expert>.adapter_*` files; see loramix.mistralrs).
+        X-LoRA folder (ordering file + flat `<expert>.adapter_*` files; see loramix.interop.mistralrs).
 
         `base` defaults to the base model id recorded in the checkpoint. `adapters` (name -> folder or hub id)
         loads the experts from elsewhere instead of the checkpoint's own folders; names must match the saved ones.
         `device_map`, `max_memory`, `offload_folder` and `quantization` are passed to `from_base`.
         """
-        from .mistralrs import find_ordering_file, read_mistralrs_checkpoint
+        from .interop.mistralrs import find_ordering_file, read_mistralrs_checkpoint
 
         placement = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, device_map=device_map,
                          max_memory=max_memory, offload_folder=offload_folder, quantization=quantization)
@@ -176,7 +184,7 @@ class XLoraModel(nn.Module):
         config = self.config.to_dict()
         config["adapters"] = list(self.expert_names)
         config["base_model_id"] = self.base_model_id
-        from . import __version__
+        from ._version import __version__
 
         config["loramix_version"] = __version__
         atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2) + "\n")
@@ -349,7 +357,7 @@ class XLoraModel(nn.Module):
     @property
     def decodes_by_hand(self) -> bool:
         """Whether one-token steps run through the hand-written decoder layers (fast_decode.py), which is when a
-        `loramix.kv_cache.GrowingCache` may hold the KV cache of both passes. True by default for Llama, Mistral
+        `loramix.backbone.kv_cache.GrowingCache` may hold the KV cache of both passes. True by default for Llama, Mistral
         and Qwen2 bases with full attention; set it to False to run every step through the model's own layers
         (the same tokens; for comparisons)."""
         stack = self._direct_stack()
@@ -388,8 +396,8 @@ class XLoraModel(nn.Module):
             self._scalings_log.append(scalings.detach())
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Cached generation with one KV cache per pass; see `loramix.generation.generate` for the options."""
-        from .generation import generate
+        """Cached generation with one KV cache per pass; see `loramix.engine.generate.generate` for the options."""
+        from .engine.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
 

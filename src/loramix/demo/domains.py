@@ -223,7 +223,7 @@ def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
     halves with sequences of 3 to 8 residues.
 
     Each row labels its spans: the prompt, the sequence and its end mark " =" are recall's to write, the force
-    protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.data.DataFormat).
+    protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.training.data.DataFormat).
     The prompt is recall's too because the recall expert reads the material's name with its own weights: left
     unlabelled, the gate sent the name's tokens to other experts and the recalled sequences came out garbled
     (measured: 1 of 8 held-out sequences right, against 4 with the prompt labelled)."""

@@ -21,10 +21,19 @@ from typing import Callable
 
 import torch
 
-from ..files import write_jsonl
-from ..files import atomic_write_text
-from .domains import (COMPOSED, CONVERSATION_SEPARATOR, Domain, composed_rows, conversation_rows, domain_rows,
-                      generic_text, handover_rows, make_domains, with_context)
+from ..files import atomic_write_text, write_jsonl
+from .domains import (
+    COMPOSED,
+    CONVERSATION_SEPARATOR,
+    Domain,
+    composed_rows,
+    conversation_rows,
+    domain_rows,
+    generic_text,
+    handover_rows,
+    make_domains,
+    with_context,
+)
 from .evaluation import evaluate, evaluate_xlora, read_jsonl
 from .report import summary_table, write_report
 
@@ -228,7 +237,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
 def _make_base(folder: str, data: str, scale: dict, seed: int, log, progress: bool) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..training import train_base
+    from ..training.loop import train_base
 
     texts = [json.loads(line)["text"] for line in open(os.path.join(data, "generic.jsonl"), encoding="utf-8")]
     domain_names = {d.name for d in make_domains(seed)}
@@ -248,7 +257,7 @@ def _make_base(folder: str, data: str, scale: dict, seed: int, log, progress: bo
 
 def _make_experts(folder: str, base: str, data: str, domains: list[Domain], scale: dict, seed: int, log,
                   progress: bool) -> None:
-    from ..training import train_expert
+    from ..training.loop import train_expert
 
     os.makedirs(folder)
     for domain in domains:
@@ -260,7 +269,7 @@ def _make_experts(folder: str, base: str, data: str, domains: list[Domain], scal
 
 def _make_gate(folder: str, base: str, experts: str, data: str, domains: list[Domain], scale: dict, seed: int,
                log, progress: bool, routing: dict) -> None:
-    from ..training import train_xlora
+    from ..training.loop import train_xlora
 
     adapters = {d.name: os.path.join(experts, d.name) for d in domains}
     files = [os.path.join(data, f"{name}_train.jsonl")
@@ -274,8 +283,8 @@ def _make_gate(folder: str, base: str, experts: str, data: str, domains: list[Do
 def make_figures(out: str, base: str, xlora: str, data: str, domains: list[Domain], examples: dict) -> dict:
     """Per domain: heatmap + bars for its first held-out prompt; the composed task: the token history and the
     heatmap of one held-out prompt answered by X-LoRA; a multi-turn history across the domains."""
-    from ..loading import load_tokenizer
     from ..analysis import plot_history, plot_scalings, scalings_of_ids
+    from ..loading import load_tokenizer
     from ..model import XLoraModel
 
     tokenizer = load_tokenizer(base)

@@ -35,8 +35,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .generation import SamplingParams
-from .openai_requests import (
+from ..config import GateOptions
+from ..engine.params import SamplingParams
+from .protocol import (
     ApiError,
     Choices,
     choices_from,
@@ -48,8 +49,8 @@ from .openai_requests import (
     sampling_from,
     short_value,
 )
-from .openai_responses import Reply, usage
-from .serving import Engine, Event, GateOptions, QueueFull, Request
+from .responses import Reply, usage
+from .scheduler import Engine, Event, QueueFull, Request
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context of today's models holds
 SHUTDOWN_GRACE_S = 5  # uvicorn's backstop: tasks still running this long after shutdown starts are cancelled
@@ -68,7 +69,7 @@ class ServerState:
     def __init__(self, model, tokenizer, model_name: str, max_batch: int = 8, max_queue: int = 64,
                  max_tokens_cap: int = 1024, chat_template: str | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
-        from .generation import context_length, special_tokens
+        from ..engine.generate import context_length, special_tokens
 
         for name, value in (("max_tokens_cap", max_tokens_cap), ("max_request_bytes", max_request_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -316,7 +317,8 @@ def create_app(state: ServerState, api_key: str | None = None):
             for j in range(choices.n):
                 seed = params.seed if params.seed is None or j == 0 else (params.seed + j) % (1 << 64)
                 jobs.append(Request(prompt_ids=ids, params=replace(params, seed=seed), gate=gate,
-                                    emit=_deliverer(loop, events, len(jobs)), logprobs=choices.logprobs,
+                                    emit=_deliverer(loop, events, len(jobs)), scalings=choices.scalings,
+                                    logprobs=choices.logprobs,
                                     prompt_logprobs=choices.logprobs if choices.echo else None))
         try:
             state.engine.submit_all(jobs)
@@ -344,7 +346,7 @@ def create_app(state: ServerState, api_key: str | None = None):
         events: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()  # None: the client has gone
         jobs = _submit(prompts, params, gate, choices, events)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        reply = Reply(state.tokenizer, chat, choices, gate, prompts, texts)
+        reply = Reply(state.tokenizer, chat, choices, prompts, texts)
         if stream:
             return StreamingResponse(_stream(jobs, events, ident, reply, body),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -373,7 +375,7 @@ def create_app(state: ServerState, api_key: str | None = None):
         response = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                     "created": int(time.time()), "model": state.model_name,
                     "choices": [reply.choice(i) for i in range(len(jobs))], "usage": usage(prompts, jobs)}
-        if gate.return_scalings:
+        if choices.scalings:
             response["xlora"] = {"experts": list(state.model.expert_names), "scalings": reply.scalings[0]}
         return response
 
@@ -385,7 +387,7 @@ def create_app(state: ServerState, api_key: str | None = None):
 
         def chunk(choice: dict, scalings=None) -> str:
             data = {"id": ident, "object": kind, "created": created, "model": state.model_name, "choices": [choice]}
-            if reply.gate.return_scalings and scalings is not None:
+            if reply.choices.scalings and scalings is not None:
                 data["xlora"] = {"experts": list(state.model.expert_names), "scalings": scalings}
             return f"data: {json.dumps(data)}\n\n"
 
@@ -455,7 +457,7 @@ def _check_model(body: dict, state: ServerState) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .._version import __version__
 
     return __version__
 
@@ -464,8 +466,8 @@ def load_state(model_dir: str, base: str | None = None, name: str | None = None,
                chat_template_file: str | None = None, placement: dict | None = None, **engine) -> ServerState:
     """Load the checkpoint (`placement`: dtype, quantization, device, device_map, ... as `from_pretrained` takes
     them) and its tokenizer, and start the engine."""
-    from . import XLoraModel
-    from .loading import load_tokenizer
+    from ..loading import load_tokenizer
+    from ..model import XLoraModel
 
     model = XLoraModel.from_pretrained(model_dir, base=base, trust_remote_code=trust_remote_code, **(placement or {}))
     tokenizer = load_tokenizer(model_dir, base or model.base_model_id, chat_template_file=chat_template_file)

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from helpers import (CHAT_TEMPLATE, openai_client, post_json, serving, slow_down_engine, tiny_tokenizer, wait_until)
+from helpers import CHAT_TEMPLATE, openai_client, post_json, serving, slow_down_engine, tiny_tokenizer, wait_until
 
 from loramix import XLoraModel
-from loramix.serving import wait_idle
+from loramix.serving.scheduler import wait_idle
 
 
 @pytest.fixture(scope="module")

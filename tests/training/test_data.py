@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import tiny_tokenizer, write_jsonl
 
-from loramix.data import BatchPlan, DataError, DataFormat, collate, load_dataset, read_rows
+from loramix.training.data import BatchPlan, DataError, DataFormat, collate, load_dataset, read_rows
 
 
 def _quiet(*_):

@@ -9,10 +9,11 @@ import json
 import httpx
 import pytest
 import torch
-from helpers import (CHAT_TEMPLATE, openai_client, post_json, serving, slow_down_engine, tiny_tokenizer, wait_until)
+from helpers import CHAT_TEMPLATE, openai_client, post_json, serving, slow_down_engine, tiny_tokenizer, wait_until
 
 from loramix import XLoraModel
-from loramix.generation import prompt_logprobs
+from loramix.config import GateOptions
+from loramix.engine.sampling import prompt_logprobs
 
 MODEL = "tiny-xlora"
 
@@ -51,7 +52,7 @@ def _ids(text: str) -> list[int]:
 def test_prompt_logprobs_equal_a_direct_log_softmax(model, temperature):
     ids = _ids("mixture of experts")
     reference = _distribution(model, ids, temperature, top_k_lora=2)
-    entries = prompt_logprobs(model, ids, top=3, temperature=temperature, top_k_lora=2)
+    entries = prompt_logprobs(model, ids, top=3, temperature=temperature, gate=GateOptions(top_k_lora=2))
     assert [e.token for e in entries] == ids and entries[0].logprob is None and entries[0].top == []
     for t, entry in enumerate(entries[1:]):
         assert abs(entry.logprob - reference[t, ids[t + 1]].item()) < 1e-4

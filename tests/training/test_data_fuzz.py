@@ -14,7 +14,7 @@ from helpers import tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loramix.data import DataError, DataFormat, load_dataset
+from loramix.training.data import DataError, DataFormat, load_dataset
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOKENIZER = tiny_tokenizer()

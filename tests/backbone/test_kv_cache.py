@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from loramix.generation import merge_caches, select_cache_rows
-from loramix.kv_cache import GrowingCache
+from loramix.backbone.kv_cache import GrowingCache
+from loramix.engine.batch import merge_caches, select_cache_rows
 
 LAYERS, HEADS, DIM = 2, 3, 4
 

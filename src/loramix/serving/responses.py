@@ -4,9 +4,9 @@ deltas, and its token usage."""
 
 from __future__ import annotations
 
-from .generation import TokenLogprob
-from .openai_requests import Choices
-from .serving import Event, GateOptions, Request
+from ..engine.sampling import TokenLogprob
+from .protocol import Choices
+from .scheduler import Event, Request
 
 LOGPROB_FLOOR = -9999.0  # what -inf is reported as: JSON has no infinities
 
@@ -26,9 +26,9 @@ class Reply:
     """The choices of one answer, built from the engine's events: text (the echoed prompt first), log-probabilities
     in the completions or the chat format, scalings; whole (`add`, then `choice`) or as stream deltas."""
 
-    def __init__(self, tokenizer, chat: bool, choices: Choices, gate: GateOptions,
-                 prompts: list[list[int]], texts: list[str | None]) -> None:
-        self.tokenizer, self.chat, self.choices, self.gate = tokenizer, chat, choices, gate
+    def __init__(self, tokenizer, chat: bool, choices: Choices, prompts: list[list[int]],
+                 texts: list[str | None]) -> None:
+        self.tokenizer, self.chat, self.choices = tokenizer, chat, choices
         self.prompts, self.texts = prompts, texts
         rows = len(prompts) * choices.n
         self.parts: list[list[str]] = [[] for _ in range(rows)]
@@ -64,7 +64,7 @@ class Reply:
         choice = {"index": index, "finish_reason": self.reasons[index],
                   "logprobs": self._logprobs(index, self.logprobs[index])}
         choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
-        if self.gate.return_scalings:
+        if self.choices.scalings:
             choice["xlora"] = {"scalings": self.scalings[index]}
         return choice
 

@@ -18,8 +18,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.data import DataFormat, tokenize_row
-from loramix.export import export, mean_gate_scalings, scalings_from_json
+from loramix.interop.export import export, mean_gate_scalings, scalings_from_json
+from loramix.training.data import DataFormat, tokenize_row
 
 CASES = [  # (arch, X-LoRA config): top-k with a global weight, softmax over the kept experts, dense GPT-2
     ("llama", dict(layerwise_scalings=True, top_k_lora=2, global_scaling_weight=0.7)),
@@ -172,7 +172,7 @@ def test_mistralrs_generates_loramix_greedy_tokens(tmp_path):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MISTRALRS_CPU_KV_F32", "1")
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "check_mistralrs.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "check_mistralrs.py")
     spec = importlib.util.spec_from_file_location("check_mistralrs", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

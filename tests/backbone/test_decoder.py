@@ -7,15 +7,13 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import VOCAB, make_experts, tiny_base
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from loramix.compat import output_cache, with_cache
-from loramix.fast_decode import DecoderStack
-from loramix.kv_cache import GrowingCache
-
 from loramix import XLoraConfig, XLoraModel
-
-from helpers import VOCAB, make_experts, tiny_base
+from loramix.backbone.compat import output_cache, with_cache
+from loramix.backbone.decoder import DecoderStack
+from loramix.backbone.kv_cache import GrowingCache
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)

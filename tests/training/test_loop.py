@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 import loramix
 from loramix import XLoraModel
-from loramix.data import DataFormat, collate, load_dataset
 from loramix.losses import causal_lm_loss
-from loramix.checkpoints import truncate_metrics
-from loramix.training import TrainingArgs, latest_checkpoint
+from loramix.training.checkpoints import truncate_metrics
+from loramix.training.data import DataFormat, collate, load_dataset
+from loramix.training.loop import TrainingArgs, latest_checkpoint
 
 TASKS = ("rev", "sum")
 

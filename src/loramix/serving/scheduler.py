@@ -23,37 +23,20 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from .generation import (
-    DecodeBatch,
-    RowState,
-    SamplingParams,
-    TokenLogprob,
-    chosen_logprobs,
-    prompt_logprobs,
-    sampling_temperature,
-)
+from ..config import GateOptions
+from ..engine.batch import DecodeBatch
+from ..engine.params import SamplingParams
+from ..engine.rows import RowState
+from ..engine.sampling import TokenLogprob, chosen_logprobs, prompt_logprobs
 
 
 class QueueFull(Exception):
     """More requests are waiting than the engine's max_queue."""
-
-
-@dataclass(frozen=True)
-class GateOptions:
-    """Per-request X-LoRA options; None keeps the model's own setting."""
-
-    top_k: int | None = None
-    softmax_temperature: float | None = None
-    freeze_scalings_after: int | None = None
-    return_scalings: bool = False
-
-    def key(self) -> tuple:
-        return (self.top_k, self.softmax_temperature, self.freeze_scalings_after)
 
 
 @dataclass
@@ -74,6 +57,7 @@ class Request:
     params: SamplingParams
     gate: GateOptions
     emit: Callable[[Event], None]  # called from the engine thread
+    scalings: bool = False  # each event carries the new token's scalings, summed over LoRA layers
     logprobs: int | None = None  # k: each new token's log-probability and k alternatives (None: none)
     prompt_logprobs: int | None = None  # k: the same for the prompt's tokens, from one forward pass first
     cancelled: bool = False
@@ -188,16 +172,15 @@ class Engine:
             if request.prompt_logprobs is not None:
                 request.emit(Event(prompt_logprobs=prompt_logprobs(
                     self.model, request.prompt_ids, top=request.prompt_logprobs, logits=logits,
-                    temperature=sampling_temperature(request.params), top_k_lora=gate.top_k,
-                    softmax_temperature=gate.softmax_temperature)))
+                    temperature=request.params.distribution_temperature, gate=gate)))
 
         if request.params.max_new_tokens == 0:  # the prompt alone (echo): one forward pass, nothing generated
             report_prompt()
             self._release(request)
             request.emit(Event(finish_reason="length"))
             return
-        batch = DecodeBatch(self.model, top_k_lora=gate.top_k, softmax_temperature=gate.softmax_temperature,
-                            freeze_scalings_after=gate.freeze_scalings_after, fold_frozen=self.fold_frozen)
+        fold = self.fold_frozen and gate.freeze_scalings_after is not None
+        batch = DecodeBatch(self.model, replace(gate, fold_frozen=fold))
         row = RowState.start(request.prompt_ids, request.params, device=self.model.device,
                              eos_token_ids=self.eos, tokenizer=self.tokenizer, context_length=self.context_length,
                              keep_text=True, owner=request)
@@ -246,7 +229,7 @@ class Engine:
                 try:
                     request.n_generated = len(row.tokens)
                     self.stats["tokens"] += 1
-                    scalings = [batch.scalings[i].float().sum(0).tolist()] if request.gate.return_scalings else None
+                    scalings = [batch.scalings[i].float().sum(0).tolist()] if request.scalings else None
                     logprobs = None if request.logprobs is None else [
                         chosen_logprobs(batch.last_sampled, i, request.logprobs)]
                     event = Event(text=row.take_text(final=reason is not None), scalings=scalings,
@@ -271,4 +254,4 @@ def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
     return False
 
 
-__all__ = ["Engine", "Request", "Event", "GateOptions", "QueueFull", "wait_idle"]
+__all__ = ["Engine", "Request", "Event", "QueueFull", "wait_idle"]

@@ -29,9 +29,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .classifier import mixing_weights
-from .config import CONFIG_NAME
-from .experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExpertModule, save_expert
+from ..classifier import mixing_weights
+from ..config import CONFIG_NAME
+from ..experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExpertModule, save_expert
 from .mistralrs import BASE_FOLDER, CLASSIFIER_NAME, ORDERING_NAME, PEFT_PREFIX
 
 TARGETS = ("peft", "merged", "mistralrs")
@@ -91,7 +91,7 @@ def mean_gate_scalings(model, tokenizer, sources: list[str], fmt=None, batch_siz
                        log=print) -> torch.Tensor:
     """The gate's scalings (n_lora_layers, n_experts) averaged over every token of the data (read with the
     training loaders and data format), prompt and completion alike: a static distillation of the gate."""
-    from .data import DataFormat, collate, load_dataset
+    from ..training.data import DataFormat, collate, load_dataset
 
     dataset = load_dataset(sources, tokenizer, fmt or DataFormat(), log=log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -217,7 +217,7 @@ def new_output_folder(folder: str) -> Iterator[str]:
 
 def export(model, to: str, folder: str, scalings: torch.Tensor | None = None, tokenizer=None, **options) -> str:
     """Export `model` for another server: `to` is 'peft' or 'merged' (fixed `scalings` (n_lora_layers,
-    n_experts), uniform by default) or 'mistralrs' (the gate kept; see loramix.mistralrs)."""
+    n_experts), uniform by default) or 'mistralrs' (the gate kept; see loramix.interop.mistralrs)."""
     if to not in TARGETS:
         raise ValueError(f"to: {to!r} is not one of {list(TARGETS)}")
     if to == "mistralrs":

@@ -36,14 +36,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..backbone.compat import enable_activation_checkpointing
+from ..checks import is_finite_number, is_int
+from ..config import XLoraConfig
+from ..files import append_jsonl, atomic_write_text, move_into, write_jsonl
+from ..loading import base_model_id, load_base, load_tokenizer
+from ..losses import RoutingLosses, causal_lm_loss, routing_losses
 from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, truncate_metrics
-from .config import XLoraConfig, is_finite_number, is_int
 from .data import BatchPlan, DataError, DataFormat, Dataset, collate, load_dataset
-from .compat import enable_activation_checkpointing
 from .distributed import Distributed
-from .files import append_jsonl, atomic_write_text, move_into, write_jsonl
-from .loading import base_model_id, load_base, load_tokenizer
-from .losses import RoutingLosses, causal_lm_loss, routing_losses
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -525,7 +526,7 @@ def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | lis
     softmax_temperature, use_trainable_adapters, ...), RoutingLosses fields (balance_weight, entropy_weight,
     routing_weight; routing needs expert_field), TrainingArgs and DataFormat fields as in `train_expert`.
     The final model is saved to `output_dir` in the engine's layout (XLoraModel.from_pretrained(output_dir))."""
-    from .model import XLoraModel
+    from ..model import XLoraModel
 
     groups = _split_options(options, {"train": _TRAIN_FIELDS, "data": _DATA_FIELDS, "xlora": _XLORA_FIELDS,
                                       "routing": _ROUTING_FIELDS})

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import read_jsonl, replace_dir, write_jsonl
+from ..files import read_jsonl, replace_dir, write_jsonl
 
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable.safetensors"

@@ -11,8 +11,9 @@ import torch
 from helpers import make_experts, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.generation import SamplingParams
-from loramix.serving import Engine, Event, GateOptions, QueueFull, Request
+from loramix.config import GateOptions
+from loramix.engine.params import SamplingParams
+from loramix.serving.scheduler import Engine, Event, QueueFull, Request
 
 EOS = 2
 
@@ -62,7 +63,7 @@ def reference(model, tok, prompt: str, params: SamplingParams, gate: GateOptions
               **kwargs) -> tuple[str, str]:
     """What `generate` answers for one request alone: (text the server sends, finish reason)."""
     ids = torch.tensor([tok(prompt)["input_ids"]])
-    options = dict(top_k_lora=gate.top_k, softmax_temperature=gate.softmax_temperature,
+    options = dict(top_k_lora=gate.top_k_lora, softmax_temperature=gate.softmax_temperature,
                    freeze_scalings_after=gate.freeze_scalings_after)
     result = model.generate(ids, max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
                             do_sample=params.do_sample, temperature=params.temperature, top_p=params.top_p,
@@ -101,8 +102,8 @@ def test_batched_requests_equal_generate_one_at_a_time(model, tok):
 
 def test_gate_options_are_per_request_and_never_touch_the_config(model, tok):
     params = SamplingParams(max_new_tokens=10)
-    jobs = [("route me", params, GateOptions(top_k=1)), ("route me", params, GateOptions(softmax_temperature=0.3)),
-            ("route me", params, GateOptions()), ("route me", params, GateOptions(top_k=2, freeze_scalings_after=1))]
+    jobs = [("route me", params, GateOptions(top_k_lora=1)), ("route me", params, GateOptions(softmax_temperature=0.3)),
+            ("route me", params, GateOptions()), ("route me", params, GateOptions(top_k_lora=2, freeze_scalings_after=1))]
     config = model.config
     engine = engine_for(model, tok, max_batch=8)
     try:
@@ -185,14 +186,14 @@ def test_a_fault_in_a_step_ends_only_that_steps_requests(model, tok):
     engine = engine_for(Faulty(model, poison), tok, max_batch=4)
     try:
         outcomes = serve(engine, tok, [("first", params, GateOptions()), ("second", params, GateOptions()),
-                                       ("other group", params, GateOptions(top_k=1))])
+                                       ("other group", params, GateOptions(top_k_lora=1))])
         after = serve(engine, tok, [("next one", params, GateOptions())])
     finally:
         engine.shutdown()
     for outcome in outcomes[:2]:
         assert outcome.reason == "error" and outcome.error == "RuntimeError: injected fault"
     assert (outcomes[2].text, outcomes[2].reason) == reference(model, tok, "other group", params,
-                                                               GateOptions(top_k=1))
+                                                               GateOptions(top_k_lora=1))
     assert (after[0].text, after[0].reason) == reference(model, tok, "next one", params)
     assert engine.in_flight == 0 and not engine.groups
 

@@ -9,7 +9,9 @@ import torch
 from helpers import make_experts, peft_reference, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.generation import RowState, SamplingParams, finish_reason, sample_next_token
+from loramix.engine.params import SamplingParams
+from loramix.engine.rows import RowState, finish_reason
+from loramix.engine.sampling import sample_next_token
 
 CONFIGS = {
     "layerwise-depth2": dict(layerwise_scalings=True, xlora_depth=2, xlora_size=16),

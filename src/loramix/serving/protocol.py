@@ -16,8 +16,8 @@ from typing import Any
 
 from fastapi.responses import Response
 
-from .generation import SamplingParams
-from .serving import GateOptions
+from ..config import GateOptions
+from ..engine.params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
@@ -126,18 +126,24 @@ def short_value(value: Any) -> str:
 @dataclass(frozen=True)
 class Choices:
     """What a request asks back besides text: `n` choices per prompt, log-probabilities (k alternatives per
-    token, or None) and, for completions, the prompt echoed before the completion."""
+    token, or None), for completions the prompt echoed before the completion, and the X-LoRA scalings of each
+    new token (`xlora.return_scalings`)."""
 
     n: int = 1
     logprobs: int | None = None
     echo: bool = False
+    scalings: bool = False
 
 
 def choices_from(body: dict, chat: bool) -> Choices:
-    """`n`, `logprobs` (completions: an integer 0-20; chat: true, with `top_logprobs` 0-20) and `echo`; 400
-    naming the field otherwise."""
+    """`n`, `logprobs` (completions: an integer 0-20; chat: true, with `top_logprobs` 0-20), `echo` and
+    `xlora.return_scalings`; 400 naming the field otherwise."""
     n = body.get("n")
     n = 1 if n is None else _integer(n, "n", 1, MAX_CHOICES)
+    spec = body.get("xlora")
+    scalings = spec.get("return_scalings", False) if isinstance(spec, dict) else False
+    if not isinstance(scalings, bool):
+        raise ApiError(400, "xlora.return_scalings must be true or false", param="xlora.return_scalings")
     if chat:
         if body.get("echo"):
             raise ApiError(400, "echo is not supported for chat completions", param="echo")
@@ -149,14 +155,14 @@ def choices_from(body: dict, chat: bool) -> Choices:
         top = 0 if top is None else _integer(top, "top_logprobs", 0, MAX_LOGPROBS)
         if top and not flag:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        return Choices(n=n, logprobs=top if flag else None)
+        return Choices(n=n, logprobs=top if flag else None, scalings=scalings)
     logprobs = body.get("logprobs")
     if logprobs is not None:
         logprobs = _integer(logprobs, "logprobs", 0, MAX_LOGPROBS)
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise ApiError(400, "echo must be true or false", param="echo")
-    return Choices(n=n, logprobs=logprobs, echo=bool(echo))
+    return Choices(n=n, logprobs=logprobs, echo=bool(echo), scalings=scalings)
 
 
 def sampling_from(body: dict, max_tokens_cap: int, echo: bool = False) -> SamplingParams:
@@ -195,6 +201,8 @@ def sampling_from(body: dict, max_tokens_cap: int, echo: bool = False) -> Sampli
 
 
 def gate_from(body: dict, n_experts: int) -> GateOptions:
+    """The request's `xlora` object as the gate options of its rows (`return_scalings` is read by `choices_from`);
+    400 naming the field otherwise."""
     spec = body.get("xlora")
     if spec is None:
         return GateOptions()
@@ -213,11 +221,7 @@ def gate_from(body: dict, n_experts: int) -> GateOptions:
     freeze = spec.get("freeze_scalings_after")
     if freeze is not None:
         freeze = _integer(freeze, "xlora.freeze_scalings_after", 0)
-    flag = spec.get("return_scalings", False)
-    if not isinstance(flag, bool):
-        raise ApiError(400, "xlora.return_scalings must be true or false", param="xlora.return_scalings")
-    return GateOptions(top_k=top_k, softmax_temperature=temperature, freeze_scalings_after=freeze,
-                       return_scalings=flag)
+    return GateOptions(top_k_lora=top_k, softmax_temperature=temperature, freeze_scalings_after=freeze)
 
 
 def prompt_list(prompt: Any) -> list[str | list[int]]:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from .config import CONFIG_NAME, XLoraConfig
-from .experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..config import CONFIG_NAME, XLoraConfig
+from ..experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 ORDERING_NAME = "xlora_ordering.json"
 CLASSIFIER_NAME = "xlora_classifier.safetensors"

@@ -1,0 +1,96 @@
+"""One sequence being decoded (`RowState`) and the rules of its end: the token budget and the finish reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .params import SamplingParams
+from .sampling import new_generator
+
+
+@dataclass
+class RowState:
+    """One sequence being decoded: everything the rules of decoding read about it.
+
+    `tokens` are the tokens chosen so far (an ending EOS included); the last one is the next to be fed through
+    the model. `text` is their decoded text, kept only when the row needs it (stop strings, streamed text);
+    `sent` is how much of it `take_text` has handed out. `frozen` holds the row's scalings (L, E) once they are
+    frozen. `owner` is the driver's own handle (generate: the row index; the server's engine: the request)."""
+
+    prompt: list[int]  # prompt ids without padding: the repetition penalty and the positions read them
+    params: SamplingParams
+    budget: int  # most new tokens: max_new_tokens, or less where the context ends first (token_budget)
+    generator: torch.Generator
+    eos_token_ids: frozenset[int] = frozenset()
+    tokenizer: Any = None
+    keep_text: bool = False  # decode the text after every token (streaming); stop strings imply it
+    owner: Any = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    frozen: torch.Tensor | None = None
+    error: str | None = None  # why the row failed, when its finish reason is "error"
+
+    @classmethod
+    def start(cls, prompt: list[int], params: SamplingParams, *, device, eos_token_ids=(), tokenizer=None,
+              context_length: int | None = None, prompt_length: int | None = None, keep_text: bool = False,
+              owner: Any = None) -> "RowState":
+        """A fresh row; `prompt_length` (default: the prompt's) is what the context budget counts."""
+        if params.stop and tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer to decode the text")
+        if keep_text and tokenizer is None:
+            raise ValueError("keep_text: needs a tokenizer to decode the text")
+        length = len(prompt) if prompt_length is None else prompt_length
+        return cls(prompt=list(prompt), params=params, budget=token_budget(params, length, context_length),
+                   generator=new_generator(params.seed, device), eos_token_ids=frozenset(eos_token_ids),
+                   tokenizer=tokenizer, keep_text=keep_text or bool(params.stop), owner=owner)
+
+    def push(self, token: int) -> None:
+        """Record the token just chosen (and its text, when the row keeps text; an EOS adds none)."""
+        self.tokens.append(token)
+        if self.keep_text and token not in self.eos_token_ids:
+            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def take_text(self, final: bool) -> str:
+        """Text not handed out yet. While the row runs, a tail that could still grow into a stop string, or an
+        incomplete character (U+FFFD), is held back; at the end the text is cut before the stop string."""
+        text, end = self.text, len(self.text)
+        if final:
+            hits = [at for at in (text.find(s) for s in self.params.stop) if at >= 0]
+            end = min(hits, default=end)
+        else:
+            if text.endswith("\ufffd"):
+                end = len(text.rstrip("\ufffd"))
+            for stop in self.params.stop:
+                for k in range(min(len(stop) - 1, end), 0, -1):
+                    if text[:end].endswith(stop[:k]):
+                        end -= k
+                        break
+        if end <= self.sent:
+            return ""
+        delta, self.sent = text[self.sent:end], end
+        return delta
+
+
+def token_budget(params: SamplingParams, prompt_length: int, context_length: int | None) -> int:
+    """How many new tokens a row may have: max_new_tokens, or what is left of the context after the prompt."""
+    if context_length is None:
+        return params.max_new_tokens
+    return min(params.max_new_tokens, context_length - prompt_length)
+
+
+def finish_reason(row: RowState) -> str | None:
+    """Why the row ends with its newest token, or None: "stop" for an EOS (once min_new_tokens exist) or a stop
+    string in the text, "length" when the budget (max_new_tokens or the context) is spent. The one place these
+    rules live; `decode_steps` and the server's engine both ask it."""
+    token, n = row.tokens[-1], len(row.tokens)
+    if token in row.eos_token_ids and n > row.params.min_new_tokens:
+        return "stop"
+    if row.params.stop and any(s in row.text for s in row.params.stop):
+        return "stop"
+    if n >= row.budget:
+        return "length"
+    return None
