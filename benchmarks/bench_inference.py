@@ -118,7 +118,7 @@ def report(results: dict, threads: int) -> str:
               "passes per token, so no X-LoRA can beat the base model: a target of 14× PEFT needs a machine where "
               "the base model is more than 14× PEFT (as in the issue's measurement, 244 vs 6.8 tokens/s). loramix "
               "stays above 0.5× the base because its scaling pass stops at the last hidden state (no LM head) and "
-              "its one-token steps run through hand-written decoder layers (fast_decode.py).",
+              "its one-token steps run through hand-written decoder layers (backbone/decoder.py).",
               "- Prefill runs both passes over the prompt through the model's own layers, so its time is bounded "
               "below by about (2 × decoder layers + experts + LM head) / (decoder layers + LM head) of the base's, "
               "1.9× on the small size: the ≤ 2× target leaves little room, and no change to the per-step machinery "

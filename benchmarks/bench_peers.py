@@ -48,7 +48,7 @@ READING = """### Reading the numbers
 - The profile compares the three ways loramix can run a decode step on the same model, in one process: through
   `base(...)` (the model's forward, twice a step), the model's decoder layers called directly with positions, masks
   and rotary table built once a step (`model.decodes_by_hand = False`), and the hand-written one-token step
-  (fast_decode.py, the default). cProfile inflates Python calls, so its shares overstate the machinery; the last
+  (backbone/decoder.py, the default). cProfile inflates Python calls, so its shares overstate the machinery; the last
   row is measured without it.
 - *Folded* includes the fold (once per request, 2·R·in·out operations per adapted matrix against 2·R·(in + out) per
   token for mixing the experts unfolded): on the small size (R = 128, 56 matrices of 1024 × 1024 to 1024 × 2752)
@@ -89,7 +89,7 @@ def build(size: str, folder: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loramix import XLoraConfig, XLoraModel
-    from loramix.interop.export import export_mistralrs
+    from loramix.interop.mistralrs import export_mistralrs
     from loramix.tiny import random_experts
 
     cfg = PEER_SIZES[size]
@@ -213,19 +213,21 @@ def peft_model(base_dir: str, folder: str, ours):
 
 
 # ---- where a decode step's time goes ----------------------------------------------------------------------------
-PROFILE_PARTS = [  # (label, [(file name, function name), ...] whose cumulative times add up, [... subtracted])
-    ("scaling pass (decoder layers, no LM head)", [("model.py", "_last_hidden_state")], []),
-    ("gate: classifier, mixing weights", [("classifier.py", "forward"), ("model.py", "mixing_weights")], []),
-    ("mixed pass (decoder layers, last norm, LM head)", [("model.py", "forward")],
-     [("model.py", "_compute_scalings"), ("model.py", "mixing_weights")]),
+PROFILE_PARTS = [  # (label, [(file path's tail, function name), ...] whose cumulative times add up, [... subtracted])
+    ("scaling pass (decoder layers, no LM head)", [("loramix/model.py", "_scaling_pass")], []),
+    ("gate: classifier, mixing weights", [("loramix/model.py", "_classify"), ("loramix/model.py", "mixing_weights")],
+     []),
+    ("mixed pass (decoder layers, last norm, LM head)", [("loramix/model.py", "forward")],
+     [("loramix/model.py", "_scaling_pass"), ("loramix/model.py", "_classify"),
+      ("loramix/model.py", "mixing_weights")]),
     ("  of both passes: positions, masks, rotary table", [("masking_utils.py", "create_causal_mask"),
                                                            ("masking_utils.py", "create_sliding_window_causal_mask"),
                                                            ("modeling_rope_utils.py", "wrapper"),
-                                                           ("fast_decode.py", "rows")], []),
-    ("  of both passes: KV cache appends", [("cache_utils.py", "update"), ("kv_cache.py", "update")], []),
-    ("sampling (sample_next_token)", [("generation.py", "sample_next_token")], []),
-    ("rows, caches and the loop (the rest)", [("generation.py", "generate")],
-     [("model.py", "forward"), ("generation.py", "sample_next_token")]),
+                                                           ("backbone/decoder.py", "rows")], []),
+    ("  of both passes: KV cache appends", [("cache_utils.py", "update"), ("backbone/kv_cache.py", "update")], []),
+    ("sampling (sample_next_token)", [("engine/sampling.py", "sample_next_token")], []),
+    ("rows, caches and the loop (the rest)", [("engine/generate.py", "generate")],
+     [("loramix/model.py", "forward"), ("engine/sampling.py", "sample_next_token")]),
 ]
 # the three ways a decode step can run, oldest first: (label, model.direct_layers, model.decodes_by_hand)
 PROFILE_PATHS = [("through base(...)", False, False), ("model's layers run directly", True, False),
@@ -270,7 +272,7 @@ def profile_decode(size: str, folder: str, threads: int, tokens: int = 300) -> d
                 total += max(times, default=0.0) if function == "update" else sum(times)
             return total
 
-        whole = cumulative([("generation.py", "generate")])
+        whole = cumulative([("engine/generate.py", "generate")])
         result[path] = {label: (cumulative(add) - cumulative(sub)) / whole for label, add, sub in PROFILE_PARTS}
         result[path]["us_per_token"] = whole / tokens * 1e6
         result[path]["tokens_per_s"] = best

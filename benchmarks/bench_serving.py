@@ -33,22 +33,28 @@ def word_tokenizer(vocab_size: int):
 
 
 def serve(folder: str, max_batch: int):
-    import uvicorn
+    import socket
 
     from loramix import XLoraConfig, XLoraModel
-    from loramix.serving.app import ServerState, create_app
+    from loramix.serving.app import make_server
+    from loramix.serving.settings import ServeSettings
+    from loramix.serving.state import ServerState
 
     adapters = {f"expert_{i}": os.path.join(folder, "experts", f"expert_{i}") for i in range(8)}
     model = XLoraModel.from_base(os.path.join(folder, "base"), XLoraConfig(adapters=adapters, xlora_depth=2,
                                                                            xlora_size=64, layerwise_scalings=True))
-    state = ServerState(model, word_tokenizer(model.base.config.vocab_size), "bench", max_batch=max_batch,
-                        max_queue=256, max_tokens_cap=64)
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    settings = ServeSettings(model="bench", max_batch=max_batch, max_queue=256, max_tokens_cap=64,
+                             log_level="warning")
+    state = ServerState(model, word_tokenizer(model.base.config.vocab_size), settings)
+    # a loopback port the OS chose; IPPROTO_TCP named, so that asyncio turns Nagle off on accepted connections
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listening.bind(("127.0.0.1", 0))
+    server = make_server(state)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    return state, server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    return state, server, thread, f"http://127.0.0.1:{listening.getsockname()[1]}"
 
 
 def load(url: str, clients: int, seconds: float, vocab: int) -> dict:

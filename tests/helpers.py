@@ -188,41 +188,46 @@ def save_served_checkpoint(root) -> str:
 
 
 class LiveServer:
-    """The server (uvicorn) in a thread on 127.0.0.1, port chosen by the OS."""
+    """The server (uvicorn) in a thread on 127.0.0.1, on a port the OS chose (a socket bound before it starts)."""
 
-    def __init__(self, state, api_key=None) -> None:
+    def __init__(self, state) -> None:
+        import socket
         import threading
         import time
 
         from loramix.serving.app import make_server
 
-        self.server = make_server(state, host="127.0.0.1", port=0, api_key=api_key, log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        # IPPROTO_TCP named, so that asyncio turns Nagle off on accepted connections (else ~40 ms a response)
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        listening.bind(("127.0.0.1", 0))
+        self.port = listening.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = make_server(state)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listening]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
         while not self.server.started and time.time() < deadline:
             time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
 
 
-def start_server(checkpoint, **options):
-    """Load `checkpoint` with the server's options and serve it: (state, LiveServer)."""
+def start_server(checkpoint, **settings):
+    """Load `checkpoint` with these ServeSettings fields (log level "warning" unless given) and serve it:
+    (state, LiveServer)."""
     from loramix.serving.app import load_state
+    from loramix.serving.settings import ServeSettings
 
-    api_key = options.pop("api_key", None)
-    state = load_state(str(checkpoint), **options)
-    return state, LiveServer(state, api_key=api_key)
+    state = load_state(ServeSettings(model=str(checkpoint), **{"log_level": "warning", **settings}))
+    return state, LiveServer(state)
 
 
 @contextlib.contextmanager
-def serving(checkpoint, **options):
+def serving(checkpoint, **settings):
     """`start_server` as a block: (state, LiveServer), both stopped on the way out."""
-    state, server = start_server(checkpoint, **options)
+    state, server = start_server(checkpoint, **settings)
     try:
         yield state, server
     finally:
@@ -249,16 +254,20 @@ def post_json(server, path, body, **kw):
 
 
 def slow_down_engine(state, monkeypatch, seconds: float) -> None:
-    """A slow model: every decode step takes `seconds` longer."""
+    """A slow model: every decode step of `state`'s engine (a `DecodeBatch.decode` on its model) takes `seconds`
+    longer."""
     import time
 
-    step = state.engine._step
+    from loramix.engine.batch import DecodeBatch
 
-    def slow_step(group):
-        time.sleep(seconds)
-        step(group)
+    decode = DecodeBatch.decode
 
-    monkeypatch.setattr(state.engine, "_step", slow_step)
+    def slow_decode(batch):
+        if batch.model is state.engine.model:
+            time.sleep(seconds)
+        return decode(batch)
+
+    monkeypatch.setattr(DecodeBatch, "decode", slow_decode)
 
 
 def wait_until(condition, timeout: float) -> float | None:

@@ -91,23 +91,105 @@ def test_bad_flags_fail_at_parse_time_in_one_line(argv, flag, capsys, monkeypatc
     assert captured.err.startswith(f"loramix {argv[0]}: error: argument {flag}"), captured.err
 
 
-def test_flags_are_named_after_config_fields_and_old_spellings_still_work(capsys):
+def _entry_point_calls(monkeypatch, argv_list) -> list:
+    """Run `loramix` on each argv with the training entry points replaced by a recorder; their (args, kwargs)."""
+    import loramix.training.loop
+    from loramix import TrainResult
+
+    calls = []
+    for name in ("train_xlora", "train_expert"):
+        monkeypatch.setattr(loramix.training.loop, name,
+                            lambda *args, **kwargs: calls.append((args, kwargs)) or TrainResult("o", {}))
+    for argv in argv_list:
+        assert main(argv) == 0
+    return calls
+
+
+def test_flags_are_named_after_config_fields_and_old_spellings_still_work(capsys, monkeypatch):
     import dataclasses
 
-    from loramix.cli import _parser
-    from loramix.training.loop import RoutingLosses
+    from loramix.losses import RoutingLosses
 
-    parser = _parser()
-    new = parser.parse_args(TRAIN + ["--xlora-dropout-p", "0.3", "--balance-weight", "2", "--routing-weight", "1"])
-    old = parser.parse_args(TRAIN + ["--xlora-dropout", "0.3", "--balance-loss-weight", "2",
-                                     "--routing-loss-weight", "1"])
-    assert vars(new) == vars(old)
-    assert (new.xlora_dropout_p, new.balance_weight, new.routing_weight, new.entropy_weight) == (0.3, 2.0, 1.0, 0.0)
-    defaults = parser.parse_args(TRAIN)
-    config_fields = {f.name for f in dataclasses.fields(XLoraConfig)} | {f.name for f in dataclasses.fields(RoutingLosses)}
-    assert config_fields - {"adapters", "hidden_size", "enable_softmax", "enable_relu_and_dropout", "use_bias",
-                            "global_scaling_weight"} <= set(vars(defaults))
+    new, old = _entry_point_calls(monkeypatch, [
+        TRAIN + ["--xlora-dropout-p", "0.3", "--balance-weight", "2", "--routing-weight", "1"],
+        TRAIN + ["--xlora-dropout", "0.3", "--balance-loss-weight", "2", "--routing-loss-weight", "1"]])
+    assert new == old
+    (_, config, _, _), kwargs = new
+    assert (config.xlora_dropout_p, kwargs["routing"]) == (0.3, RoutingLosses(balance_weight=2.0, routing_weight=1.0))
+    capsys.readouterr()
     assert main(["train", "--help"]) == 0
     help_text = capsys.readouterr().out
+    fields = {f.name for f in dataclasses.fields(XLoraConfig)} | {f.name for f in dataclasses.fields(RoutingLosses)}
+    fields -= {"adapters", "hidden_size", "enable_softmax", "enable_relu_and_dropout", "use_bias",
+               "global_scaling_weight"}
+    assert all(f"--{name.replace('_', '-')}" in help_text for name in fields), help_text
     assert "--xlora-dropout-p" in help_text and "--balance-weight" in help_text
     assert "--xlora-dropout " not in help_text and "--balance-loss-weight" not in help_text
+
+
+def test_train_flags_build_the_settings_a_python_user_builds(monkeypatch, capsys):
+    from loramix.losses import RoutingLosses
+    from loramix.training.data import DataFormat, DataSource
+    from loramix.training.settings import LoraSettings, TrainingArgs
+
+    run_flags = ["--max-steps", "5", "--epochs", "2", "--lr", "0.01", "--batch-size", "4", "--grad-accum", "2",
+                 "--warmup-steps", "1", "--lr-scheduler", "cosine", "--weight-decay", "0.1", "--max-grad-norm", "0",
+                 "--seed", "3", "--logging-steps", "2", "--eval-steps", "3", "--save-steps", "4",
+                 "--save-total-limit", "2", "--resume", "--no-progress", "--device", "cpu",
+                 "--gradient-checkpointing", "--bf16", "--eval-data", "h.jsonl", "--tokenizer", "t",
+                 "--dtype", "bfloat16", "--trust-remote-code", "--data", "e.jsonl", "--data-weights", "1", "3",
+                 "--prompt-template", "Q: {q}\\n", "--completion-template", " {a}", "--max-length", "64",
+                 "--train-on-prompt", "--strict"]
+    gate_flags = ["--adapters", "a=x", "b=y", "--xlora-depth", "2", "--xlora-size", "32", "--layerwise-scalings",
+                  "--top-k-lora", "1", "--softmax-temperature", "0.5", "--scaling-pass-value", "0.25",
+                  "--use-trainable-adapters", "--entropy-weight", "-0.5", "--expert-field", "task",
+                  "--routing-weight", "1", "--routing-anneal-steps", "7"]
+    expert = ["train-expert", "--base", "b", "--data", "d.jsonl", "--output", "o"]
+    calls = _entry_point_calls(monkeypatch, [
+        TRAIN, TRAIN + run_flags + gate_flags, expert,
+        expert + ["--rank", "4", "--alpha", "8", "--dropout", "0.1", "--target-modules", "q_proj,v_proj"]])
+    loading = dict(tokenizer=None, dtype=None, quantization=None, trust_remote_code=False)
+    assert calls[0] == (("b", XLoraConfig(adapters={"a": "x"}), (DataSource("d.jsonl"),), "o"),
+                        dict(args=TrainingArgs(), data_format=DataFormat(), routing=RoutingLosses(), eval_data=None,
+                             **loading))
+    import torch
+
+    args = TrainingArgs(max_steps=5, epochs=2.0, lr=0.01, batch_size=4, grad_accum=2, warmup_steps=1,
+                        lr_scheduler="cosine", weight_decay=0.1, max_grad_norm=None, seed=3, logging_steps=2,
+                        eval_steps=3, save_steps=4, save_total_limit=2, resume=True, progress=False, device="cpu",
+                        gradient_checkpointing=True, mixed_precision="bf16")
+    data_format = DataFormat(prompt_template="Q: {q}\n", completion_template=" {a}", expert_field="task",
+                             max_length=64, train_on_prompt=True, strict=True)
+    config = XLoraConfig(adapters={"a": "x", "b": "y"}, xlora_depth=2, xlora_size=32, layerwise_scalings=True,
+                         top_k_lora=1, softmax_temperature=0.5, scaling_pass_value=0.25, use_trainable_adapters=True)
+    routing = RoutingLosses(entropy_weight=-0.5, routing_weight=1.0, routing_anneal_steps=7)
+    assert calls[1] == (("b", config, (DataSource("d.jsonl", 1.0), DataSource("e.jsonl", 3.0)), "o"),
+                        dict(args=args, data_format=data_format, routing=routing, eval_data=(DataSource("h.jsonl"),),
+                             tokenizer="t", dtype=torch.bfloat16, quantization=None, trust_remote_code=True))
+    assert calls[2] == (("b", (DataSource("d.jsonl"),), "o"),
+                        dict(lora=LoraSettings(), args=TrainingArgs(), data_format=DataFormat(), eval_data=None,
+                             **loading))
+    assert calls[3][1]["lora"] == LoraSettings(rank=4, alpha=8.0, dropout=0.1, target_modules=("q_proj", "v_proj"))
+    # a value the flag's parser accepts but the settings refuse is refused once, naming the field, before any call
+    assert main(TRAIN + ["--data", "e.jsonl", "--data-weights", "1"]) == 2
+    assert "data weights: 1 weights for 2 data sources" in capsys.readouterr().err and len(calls) == 4
+
+
+def test_generate_prints_what_the_server_returns_for_the_same_request(tmp_path, capsys):
+    """`loramix generate --stop X` prints the server's text for the same request: cut before the stop string."""
+    from helpers import post_json, save_served_checkpoint, serving
+
+    checkpoint = save_served_checkpoint(tmp_path)
+    request = {"model": "tiny-xlora", "prompt": "the cat", "max_tokens": 12, "temperature": 0}
+    with serving(checkpoint) as (_, server):
+        whole = post_json(server, "/v1/completions", request).json()["choices"][0]
+        stop = whole["text"][4:6]  # a stop string inside the text
+        stopped = post_json(server, "/v1/completions", {**request, "stop": [stop]}).json()["choices"][0]
+    assert len(stop) == 2 and stopped["finish_reason"] == "stop"
+    assert stopped["text"] == whole["text"][:whole["text"].find(stop)]
+    args = ["generate", "--model", str(checkpoint), "--prompt", "the cat", "--max-new-tokens", "12"]
+    for extra in ([], ["--stream"]):
+        assert main(args + ["--stop", stop] + extra) == 0
+        assert capsys.readouterr().out == stopped["text"] + "\n"
+    assert main(args) == 0
+    assert capsys.readouterr().out == whole["text"] + "\n"

@@ -150,3 +150,43 @@ def test_public_names_still_import():
     out = _run("from loramix import XLoraConfig, XLoraModel, train_xlora; import loramix\n"
                "print(XLoraModel.__module__, XLoraConfig.__module__, train_xlora.__module__, 'XLoraModel' in dir(loramix))")
     assert out == "loramix.model loramix.config loramix.training.loop True"
+
+
+# The layers of the house, lowest first: a module imports only modules of its own layer or below (imports inside
+# functions count too). The engine sits below the model: it drives any model-like object and imports none of the
+# method's modules but the config, so `XLoraModel.generate` delegating to it points down.
+LAYERS = [
+    ["_version", "checks", "files", "hub", "memory", "tiny", "losses", "classifier", "engine.text", "demo.domains"],
+    ["config", "backbone", "experts"],
+    ["engine"],
+    ["layers", "loading", "checkpoint", "interop.mistralrs", "interop.saving"],
+    ["model"],
+    ["training", "interop.export", "analysis", "evaluation"],
+    ["serving"],
+    ["demo", "cli"],
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer of a loramix module: its own entry, else its subpackage's (the longest matching prefix)."""
+    name = module.removeprefix("loramix").removeprefix(".")
+    best = None
+    for rank, names in enumerate(LAYERS):
+        for entry in names:
+            if (name == entry or name.startswith(entry + ".")) and (best is None or len(entry) > len(best[1])):
+                best = (rank, entry)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS"
+    return best[0]
+
+
+def test_every_import_points_down_the_layers():
+    graph = import_graph()
+    upward = [f"{m} (layer {layer_of(m)}) -> {t} (layer {layer_of(t)})"
+              for m, targets in graph.items() if m != "loramix" for t in targets if layer_of(t) > layer_of(m)]
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("loramix.model") > layer_of("loramix.layers")
+    assert layer_of("loramix.serving.app") > layer_of("loramix.engine.batch") > layer_of("loramix.config")
+    assert layer_of("loramix.engine.text") < layer_of("loramix.engine.rows")  # the longest prefix wins

@@ -30,12 +30,13 @@ def random_experts(shape_of_a, shape_of_b, ranks, embedding=False) -> list[Exper
             for e, r in enumerate(ranks)]
 
 
-def single_layer_state(layer) -> MixingState:
-    """The MixingState a model would build for a model with this one mixed layer (LoRA layer 0)."""
-    state = layer._state
+def single_layer(cls, base, experts, **options) -> tuple[MixedLoraLinear | MixedLoraEmbedding, MixingState]:
+    """One mixed layer (LoRA layer 0) and the MixingState a model would build for it alone."""
+    state = MixingState()
+    layer = cls(base, experts, 0, state, trainable=False, **options)
     state.flat_index, state.flat_scale = layer.expert_of_rank, layer.scale_of_rank  # layer 0: index = expert
     state.layer_sizes = [layer.lora_A.shape[0]]
-    return state
+    return layer, state
 
 
 RANKS = [2, None, 3, 1]  # expert 1 does not adapt the layer
@@ -55,8 +56,7 @@ def linear_bases():
 def test_linear_forward_is_the_formula_expert_by_expert(kind):
     base = linear_bases()[kind]
     experts = random_experts(IN, OUT, RANKS)
-    layer = MixedLoraLinear(base, experts, 0, MixingState(), trainable=False, dtype=torch.float32)
-    state = single_layer_state(layer)
+    layer, state = single_layer(MixedLoraLinear, base, experts, dtype=torch.float32)
     torch.manual_seed(4)
     x = torch.randn(2, 5, IN)
     w = torch.rand(2, 5, 1, len(RANKS))  # (b, t, L=1, E)
@@ -80,8 +80,7 @@ def test_embedding_forward_is_the_formula_expert_by_expert():
     torch.manual_seed(2)
     base = nn.Embedding(20, OUT, padding_idx=0)
     experts = random_experts(20, OUT, RANKS, embedding=True)
-    layer = MixedLoraEmbedding(base, experts, 0, MixingState(), trainable=False, dtype=torch.float32)
-    state = single_layer_state(layer)
+    layer, state = single_layer(MixedLoraEmbedding, base, experts, dtype=torch.float32)
     ids = torch.tensor([[0, 3, 7, 19, 3], [5, 5, 1, 0, 2]])
     w = torch.rand(2, 5, 1, len(RANKS))
     state.set(w)
@@ -99,8 +98,8 @@ def test_embedding_forward_is_the_formula_expert_by_expert():
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_no_weights_is_the_base_layer_exactly(kind):
     base = linear_bases()[kind]
-    layer = MixedLoraLinear(base, random_experts(IN, OUT, RANKS), 0, MixingState(), trainable=False)
-    single_layer_state(layer).set(None)  # what the model sets for the scaling pass
+    layer, state = single_layer(MixedLoraLinear, base, random_experts(IN, OUT, RANKS))
+    state.set(None)  # what the model sets for the scaling pass
     x = torch.randn(3, 4, IN)
     with torch.no_grad():
         assert torch.equal(layer(x), base(x))
@@ -110,8 +109,7 @@ def test_no_weights_is_the_base_layer_exactly(kind):
 def test_folded_weight_equals_the_layer_under_fixed_weights(kind):
     base = linear_bases()[kind]
     experts = random_experts(IN, OUT, RANKS)
-    layer = MixedLoraLinear(base, experts, 0, MixingState(), trainable=False)
-    state = single_layer_state(layer)
+    layer, state = single_layer(MixedLoraLinear, base, experts)
     expert_weights = torch.tensor([0.7, 0.1, 0.2, 0.4])
     x = torch.randn(2, 6, IN)
     with torch.no_grad():
@@ -132,19 +130,24 @@ def test_trainable_adapters_receive_gradients(tmp_path, ids):
     assert all(not p.requires_grad for n, p in model.base.named_parameters() if "lora_" not in n)
 
 
-def test_scaling_pass_at_zero_computes_no_lora(tmp_path, ids, monkeypatch):
+def test_scaling_pass_at_zero_computes_no_lora(tmp_path, ids):
+    """With scaling_pass_value 0 every mixed layer of the scaling pass is the bare base layer (no weights to apply);
+    in the mixed pass every one applies some."""
     _, _, model = tiny_xlora("llama", tmp_path, xlora_depth=1)
-    seen = []
-    original = model._last_hidden_state
-
-    def spy(**inputs):
-        seen.append(model._state.rank_weights)
-        return original(**inputs)
-
-    monkeypatch.setattr(model, "_last_hidden_state", spy)
-    with torch.no_grad():
-        model(input_ids=ids)
-    assert seen == [None]
+    assert model.config.scaling_pass_value == 0
+    applied = []  # per mixed-layer call: whether the layer had mixing weights to apply
+    hooks = [layer.register_forward_hook(lambda layer, args, out: applied.append(layer.rank_weights(out) is not None))
+             for layer in model.mixed_layers()]
+    try:
+        with torch.no_grad():
+            model.compute_scalings(input_ids=ids)  # the scaling pass alone
+            scaling_pass, applied[:] = list(applied), []
+            model(input_ids=ids, scalings=model.get_latest_scalings())  # the mixed pass alone
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert scaling_pass and not any(scaling_pass)
+    assert len(applied) == len(model.mixed_layers()) and all(applied)
 
 
 # ---- GPT-2: PEFT cannot load its experts into an X-LoRA, so a plain loop is the reference ----------------------

@@ -1,10 +1,9 @@
-"""loading.py: base model, tokenizer and checkpoint loading; local paths never reach the hub; bad files give one
-error naming the file and field."""
+"""loading.py: base model, tokenizer and experts; local paths never reach the hub (the saved X-LoRA folder and its
+bad files: test_checkpoint.py)."""
 
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 from helpers import make_experts, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.cli import main
 from loramix.hub import looks_like_path
 from loramix.loading import load_base, load_tokenizer
 
@@ -156,45 +154,3 @@ def test_tokenizer_falls_back_in_order_and_takes_a_chat_template(saved, tmp_path
         load_tokenizer(None)
     with pytest.raises(FileNotFoundError, match="chat template: .*nope.jinja' does not exist"):
         load_tokenizer(str(tmp_path / "base"), chat_template_file=str(tmp_path / "nope.jinja"))
-
-
-# ---- bad checkpoint files -----------------------------------------------------------------------------------------
-def _edit_config(folder, **changes):
-    path = folder / "xlora_config.json"
-    raw = json.loads(path.read_text())
-    raw.update(changes)
-    path.write_text(json.dumps(raw))
-
-
-@pytest.mark.parametrize("damage,message", [
-    (lambda f: (f / "xlora_classifier.safetensors").write_bytes(b""), "xlora_classifier.safetensors: not a readable"),
-    (lambda f: (f / "xlora_classifier.safetensors").write_bytes((f / "xlora_classifier.safetensors").read_bytes()[:-9]),
-     "xlora_classifier.safetensors: not a readable"),
-    (lambda f: (f / "expert_0" / "adapter_model.safetensors").write_bytes(b"\xff" * 64),
-     r"expert_0/adapter_model.safetensors: not a readable"),
-    (lambda f: (f / "xlora_config.json").write_bytes(b'{"adapters": ["\xe9"]}'), r"xlora_config.json: not UTF-8"),
-    (lambda f: (f / "xlora_config.json").write_text("[1, 2]"), r"xlora_config.json: expected a JSON object"),
-    (lambda f: _edit_config(f, base_model_id=["base"]), r"xlora_config.json: base_model_id is \['base'\]"),
-    (lambda f: _edit_config(f, xlora_size=10**12), r"xlora_classifier.safetensors: inner.0.weight .*xlora_size=10+"),
-    (lambda f: _edit_config(f, global_scaling_weight=float("inf")), r"xlora_config.json: global_scaling_weight"),
-    (lambda f: (f / "expert_1" / "adapter_config.json").write_text("[]"), r"expert_1/adapter_config.json: expected"),
-])
-def test_bad_checkpoint_files_name_the_file_and_field(saved, damage, message):
-    base, folder = saved
-    damage(folder)
-    with pytest.raises(ValueError, match=message):
-        XLoraModel.from_pretrained(str(folder), base=copy.deepcopy(base))
-
-
-@pytest.mark.parametrize("damage,message", [
-    (lambda f: (f / "xlora_classifier.safetensors").write_bytes(b"\x00" * 3), "xlora_classifier.safetensors: not a"),
-    (lambda f: _edit_config(f, xlora_size=10**12), "xlora_size=1000000000000"),
-    (lambda f: (f / "xlora_config.json").write_bytes(b"\xff\xfe{}"), "xlora_config.json: not UTF-8"),
-    (lambda f: _edit_config(f, base_model_id=7), "base_model_id is 7"),
-])
-def test_bad_checkpoint_via_the_cli_is_one_line(saved, capsys, damage, message):
-    _, folder = saved
-    damage(folder)
-    assert main(["generate", "--model", str(folder), "--prompt", "the cat"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("loramix generate: ") and message in err, err

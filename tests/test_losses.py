@@ -88,5 +88,16 @@ def test_the_routing_weight_anneals_linearly_to_zero():
     annealed = RoutingLosses(routing_weight=2.0, routing_anneal_steps=4)
     assert [annealed.routing_weight_at(s) for s in range(6)] == [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]
     assert RoutingLosses(routing_weight=2.0).routing_weight_at(1000) == 2.0
-    with pytest.raises(ValueError, match="routing_anneal_steps: must be >= 0"):
+    with pytest.raises(ValueError, match="routing_anneal_steps: got -1, expected an integer >= 0"):
         RoutingLosses(routing_anneal_steps=-1)
+
+
+@pytest.mark.parametrize("field, value", [("balance_weight", -0.1), ("balance_weight", float("nan")),
+                                          ("routing_weight", float("inf")), ("routing_weight", "1"),
+                                          ("entropy_weight", float("nan")), ("routing_anneal_steps", 2.5),
+                                          ("routing_anneal_steps", True)])
+def test_routing_losses_refuse_a_bad_weight_naming_it(field, value):
+    """A Python caller gets what the CLI's flags enforce: finite weights, non-negative where a sign is meaningless."""
+    with pytest.raises(ValueError, match=f"^{field}: got "):
+        RoutingLosses(**{field: value})
+    assert RoutingLosses(entropy_weight=-0.5).entropy_weight == -0.5  # a negative entropy weight flattens: allowed

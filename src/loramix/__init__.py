@@ -13,6 +13,13 @@ from ._version import __version__
 
 _LAZY = {  # public name -> the module that defines it
     "XLoraConfig": "config",
+    "GateOptions": "config",
+    "SamplingParams": "engine.params",
+    "RoutingLosses": "losses",
+    "TrainingArgs": "training.settings",
+    "LoraSettings": "training.settings",
+    "DataFormat": "training.data",
+    "DataSource": "training.data",
     "XLoraModel": "model",
     "XLoraOutput": "model",
     "TrainResult": "training.loop",
@@ -23,15 +30,20 @@ _LAZY = {  # public name -> the module that defines it
     "evaluate": "evaluation",
 }
 
-__all__ = ["XLoraConfig", "XLoraModel", "XLoraOutput", "TrainResult", "train_expert", "train_xlora", "load_base",
-           "load_tokenizer", "evaluate", "__version__"]
+__all__ = ["XLoraConfig", "GateOptions", "SamplingParams", "RoutingLosses", "TrainingArgs", "LoraSettings",
+           "DataFormat", "DataSource", "XLoraModel", "XLoraOutput", "TrainResult", "train_expert", "train_xlora",
+           "load_base", "load_tokenizer", "evaluate", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
-    from .config import XLoraConfig
+    from .config import GateOptions, XLoraConfig
+    from .engine.params import SamplingParams
     from .evaluation import evaluate
     from .loading import load_base, load_tokenizer
+    from .losses import RoutingLosses
     from .model import XLoraModel, XLoraOutput
+    from .training.data import DataFormat, DataSource
     from .training.loop import TrainResult, train_expert, train_xlora
+    from .training.settings import LoraSettings, TrainingArgs
 
 
 def __getattr__(name: str):

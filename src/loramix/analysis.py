@@ -149,13 +149,14 @@ def analyze(out: str, model=None, tokenizer=None, prompt: str | None = None, max
         if model is None or tokenizer is None or prompt is None:
             raise ValueError("analyze: give a model, its tokenizer and a prompt, or a saved scalings log")
         from .engine.generate import special_tokens
+        from .engine.text import until_eos
 
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
         n_prompt = ids.shape[1]
         if max_new_tokens > 0:
             eos, _ = special_tokens(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            new = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)[0, n_prompt:].tolist()
-            new = new[:min([new.index(e) for e in eos if e in new], default=len(new))]  # up to the first EOS
+            generated = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)[0, n_prompt:]
+            new = until_eos(generated.tolist(), eos)
             ids = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
         log = scalings_of_ids(model, tokenizer, ids)
         if ids.shape[1] > n_prompt:

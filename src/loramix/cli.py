@@ -47,7 +47,8 @@ def quickstart(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    """Complete a prompt; --stream prints tokens as they come, --show-experts marks each token's top expert."""
+    """Complete a prompt; --stream prints tokens as they come, --show-experts marks each token's top expert. The
+    text is the server's for the same request (engine/text.py: up to the EOS, cut before a stop string)."""
     from .config import GateOptions
     from .engine.generate import context_length, decode_steps, special_tokens
     from .engine.params import SamplingParams
@@ -62,19 +63,12 @@ def generate(args: argparse.Namespace) -> int:
                             stop=args.stop or [])
     eos_ids, _ = special_tokens(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
     colour = sys.stdout.isatty() and not args.no_colour
-    tokens: list[int] = []
-    pieces: list[str] = []  # the text each token adds, marked with its dominant expert when asked
-    decoded = ""
+    pieces: list[str] = []  # the text each step hands out, marked with its token's dominant expert when asked
     gate = GateOptions(freeze_scalings_after=args.freeze_scalings_after)
     for step in decode_steps(model, ids, None, [params], eos_token_ids=eos_ids, tokenizer=tokenizer, gate=gate,
                              max_length=context_length(model)):
-        token = int(step.tokens[0])
-        if token in eos_ids:
-            break
-        tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        piece, decoded = text[len(decoded):], text
-        if args.show_experts:
+        piece = step.texts[0]
+        if args.show_experts and piece:
             expert = int(step.scalings[0].float().sum(0).argmax())  # summed over LoRA layers
             piece = paint(piece, expert, True) if colour else f"{piece}[{expert}]"
         pieces.append(piece)
@@ -95,21 +89,27 @@ def paint(text: str, expert: int, colour: bool) -> str:
     return f"\x1b[{_COLOURS[expert % len(_COLOURS)]}m{text}\x1b[0m" if colour else text
 
 
-def _training_options(args: argparse.Namespace) -> dict:
-    options = dict(prompt_field=args.prompt_field, completion_field=args.completion_field, text_field=args.text_field,
-                   messages_field=args.messages_field, prompt_template=_unescape(args.prompt_template),
-                   completion_template=_unescape(args.completion_template), max_length=args.max_length,
-                   train_on_prompt=args.train_on_prompt, strict=args.strict)
-    options.update(max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                   warmup_steps=args.warmup_steps, lr_scheduler=args.lr_scheduler, weight_decay=args.weight_decay,
-                   max_grad_norm=args.max_grad_norm or None, seed=args.seed, logging_steps=args.logging_steps,
-                   eval_steps=args.eval_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-                   resume=args.resume, progress=not args.no_progress, device=args.device,
-                   gradient_checkpointing=args.gradient_checkpointing,
-                   mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None)
-    if args.lr is not None:
-        options["lr"] = args.lr
-    return options
+def _training_options(args: argparse.Namespace, expert_field: str | None = None) -> dict:
+    """What both training verbs pass their entry point besides the base, the data and the output folder: the
+    loop's settings, the data format, the held-out data and how the base is loaded, each built (and checked) once."""
+    from .training.data import DataFormat, data_sources
+    from .training.settings import TrainingArgs
+
+    run = TrainingArgs(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, lr_scheduler=args.lr_scheduler,
+                       weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
+                       logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
+                       save_total_limit=args.save_total_limit, resume=args.resume, progress=not args.no_progress,
+                       device=args.device, gradient_checkpointing=args.gradient_checkpointing,
+                       mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None)
+    data_format = DataFormat(prompt_field=args.prompt_field, completion_field=args.completion_field,
+                             text_field=args.text_field, messages_field=args.messages_field,
+                             prompt_template=_unescape(args.prompt_template),
+                             completion_template=_unescape(args.completion_template), expert_field=expert_field,
+                             max_length=args.max_length, train_on_prompt=args.train_on_prompt, strict=args.strict)
+    return dict(args=run, data_format=data_format, eval_data=data_sources(args.eval_data) if args.eval_data else None,
+                tokenizer=args.tokenizer, dtype=_dtype(args.dtype), quantization=_placement(args)["quantization"],
+                trust_remote_code=args.trust_remote_code)
 
 
 def _unescape(template: str | None) -> str | None:
@@ -159,19 +159,23 @@ def _placement(args: argparse.Namespace) -> dict:
 
 def train_expert(args: argparse.Namespace) -> int:
     """Train one LoRA expert on its domain's data; writes a PEFT adapter folder."""
+    from .training.data import data_sources
     from .training.loop import train_expert as run
+    from .training.settings import LoraSettings
 
-    result = run(args.base, args.data, args.output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                 target_modules=args.target_modules, eval_data=args.eval_data, data_weights=args.data_weights,
-                 tokenizer=args.tokenizer, dtype=_dtype(args.dtype), quantization=_placement(args)["quantization"],
-                 trust_remote_code=args.trust_remote_code,
-                 **_training_options(args))
+    lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                        target_modules=args.target_modules or "all-linear")
+    options = _training_options(args)
+    result = run(args.base, data_sources(args.data, args.data_weights), args.output, lora=lora, **options)
     print(json_line(result.metrics))
     return 0
 
 
 def train(args: argparse.Namespace) -> int:
     """Train the X-LoRA gate over frozen experts on a mixture of their data."""
+    from .config import XLoraConfig
+    from .losses import RoutingLosses
+    from .training.data import data_sources
     from .training.loop import train_xlora
 
     adapters = {}
@@ -182,17 +186,16 @@ def train(args: argparse.Namespace) -> int:
         if name in adapters:
             raise ValueError(f"--adapters: expert name {name!r} given twice")
         adapters[name] = path
-    xlora = dict(xlora_depth=args.xlora_depth, xlora_size=args.xlora_size, layerwise_scalings=args.layerwise_scalings,
-                 top_k_lora=args.top_k_lora, enable_softmax_topk=args.enable_softmax_topk,
-                 softmax_temperature=args.softmax_temperature, use_trainable_adapters=args.use_trainable_adapters,
-                 xlora_dropout_p=args.xlora_dropout_p, scaling_pass_value=args.scaling_pass_value,
-                 balance_weight=args.balance_weight, entropy_weight=args.entropy_weight,
-                 routing_weight=args.routing_weight, routing_anneal_steps=args.routing_anneal_steps,
-                 expert_field=args.expert_field)
-    result = train_xlora(args.base, adapters, args.data, args.output, eval_data=args.eval_data,
-                         data_weights=args.data_weights, tokenizer=args.tokenizer, dtype=_dtype(args.dtype),
-                         quantization=_placement(args)["quantization"],
-                         trust_remote_code=args.trust_remote_code, **xlora, **_training_options(args))
+    config = XLoraConfig(adapters=adapters, xlora_depth=args.xlora_depth, xlora_size=args.xlora_size,
+                         layerwise_scalings=args.layerwise_scalings, top_k_lora=args.top_k_lora,
+                         enable_softmax_topk=args.enable_softmax_topk, softmax_temperature=args.softmax_temperature,
+                         use_trainable_adapters=args.use_trainable_adapters, xlora_dropout_p=args.xlora_dropout_p,
+                         scaling_pass_value=args.scaling_pass_value)
+    routing = RoutingLosses(balance_weight=args.balance_weight, entropy_weight=args.entropy_weight,
+                            routing_weight=args.routing_weight, routing_anneal_steps=args.routing_anneal_steps)
+    options = _training_options(args, expert_field=args.expert_field)
+    result = train_xlora(args.base, config, data_sources(args.data, args.data_weights), args.output,
+                         routing=routing, **options)
     print(json_line(result.metrics))
     return 0
 
@@ -329,63 +332,38 @@ def analyze(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """An OpenAI-compatible HTTP server for an X-LoRA checkpoint."""
-    _check_serve_args(args)  # before any heavy import or loading
+    settings = _serve_settings(args)  # every flag checked in a second, before any heavy import or loading
+    settings.probe_address()
     import signal
 
     from .serving.app import load_state, make_server
 
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"loramix serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    state = load_state(args.model, base=args.base, name=args.served_model_name, placement=_placement(args),
-                       trust_remote_code=args.trust_remote_code, chat_template_file=args.chat_template,
-                       max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
-                       max_request_bytes=args.max_request_bytes)
-    print(f"serving {state.model_name} ({state.model.n_experts} experts) on http://{args.host}:{args.port}/v1",
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        print(f"loramix serve: warning: listening on {settings.host} without --api-key", file=sys.stderr)
+    state = load_state(settings, placement=_placement(args))
+    print(f"serving {state.model_name} ({state.model.n_experts} experts) on http://{settings.host}:{settings.port}/v1",
           flush=True)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler found before it: a stop asked for
     # is a clean exit (code 0), not a death by signal
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
-        make_server(state, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level).run()
+        make_server(state).run()
     finally:
         state.close()
     return 0
 
 
-def _check_serve_args(args: argparse.Namespace) -> None:
-    """serve's flags, checked in a second, before the model loads; ValueError naming the flag."""
-    import socket
+def _serve_settings(args: argparse.Namespace):
+    """serve's flags as ServeSettings (each flag is the field of its name), which checks them; ValueError naming
+    the flag."""
+    import dataclasses
 
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                             ("--max-tokens-cap", args.max_tokens_cap, 1),
-                             ("--max-request-bytes", args.max_request_bytes, 1)):
-        if value < low:
-            raise ValueError(f"{flag} must be at least {low}, got {value}")
-    if args.chat_template is not None:
-        try:
-            with open(args.chat_template, encoding="utf-8") as f:
-                f.read()
-        except FileNotFoundError:
-            raise ValueError(f"--chat-template: no such file: {args.chat_template}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"--chat-template: {args.chat_template} is not UTF-8 text") from None
-        except OSError as e:
-            raise ValueError(f"--chat-template: cannot read {args.chat_template}: {e.strerror}") from None
-    if not args.host:
-        raise ValueError("--host must not be empty (0.0.0.0 listens on every interface)")
-    try:  # the address must resolve and be free now, not after minutes of loading
-        family, kind, proto, _, address = socket.getaddrinfo(args.host, args.port,
-                                                             type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ValueError(f"--host {args.host!r} is not an address or a known host name ({e})") from None
-    except OSError as e:
-        raise ValueError(f"--host/--port: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    from .serving.settings import ServeSettings
+
+    return ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+
+
 def export(args: argparse.Namespace) -> int:
     """Export for another server: a PEFT LoRA or a merged model with fixed expert weights, or mistral.rs's X-LoRA."""
     from .interop.export import export as run
@@ -479,21 +457,29 @@ VERBS = {
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
+    """Flags named after ServeSettings' fields, with its defaults; ServeSettings checks their values."""
+    import dataclasses
+
+    from .serving.settings import LOG_LEVELS, ServeSettings
+
+    default = {f.name: f.default for f in dataclasses.fields(ServeSettings)}
     _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=default["host"], help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=default["port"])
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
-    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-batch", type=int, default=default["max_batch"], help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=default["max_queue"], help="waiting requests beyond this get 429")
+    p.add_argument("--max-tokens-cap", type=int, default=default["max_tokens_cap"],
+                   help="largest max_tokens a request may ask for")
     p.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
-    p.add_argument("--max-request-bytes", type=int, default=1 << 20,
+    p.add_argument("--max-request-bytes", type=int, default=default["max_request_bytes"],
                    help="larger request bodies get 413 (default: 1 MiB)")
     p.add_argument("--chat-template", help="a Jinja chat template file, for tokenizers without one")
     p.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code (off)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--log-level", default=default["log_level"],
+                   help=f"uvicorn's: {', '.join(LOG_LEVELS)} (default: {default['log_level']})")
 
 
 def _demo_flags(p: argparse.ArgumentParser) -> None:

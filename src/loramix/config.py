@@ -1,7 +1,10 @@
-"""XLoraConfig: the method's knobs, with the names used by PEFT's XLoraConfig and the original `xlora` library.
+"""The method's settings: `XLoraConfig` (the experts, the gate; saved with a model), `GateOptions` (the gate's
+overrides for one call or request).
 
-The config describes the method only (which experts, how the gate is built and how its output is turned into
-mixing weights). Run settings (training, generation, serving) live with the code that uses them.
+XLoraConfig describes the method only (which experts, how the gate is built, how its output becomes mixing
+weights), with the field names of PEFT's XLoraConfig and the original `xlora` library. GateOptions overrides two
+of its fields for one call (`top_k_lora`, `softmax_temperature`) and adds frozen scalings (`freeze_scalings_after`,
+`fold_frozen`). Other run settings (training, generation, serving) live with the code that uses them.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checks import is_finite_number, is_int, read_json_object
-
-CONFIG_NAME = "xlora_config.json"
 
 # Fields that the original `xlora` library or PEFT write into their configs and that carry no meaning for us.
 _IGNORED_FIELDS = {

@@ -112,7 +112,7 @@ def lm_class():
                     chunk = indices[start:start + self.batch_size]
                     prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in chunk]
                     texts, scalings = generate_texts(self.model, self.tokenizer, prompts, max_new, until,
-                                                     do_sample=do_sample and temperature > 0, temperature=temperature,
+                                                     do_sample=do_sample, temperature=temperature,
                                                      **sampling)
                     for i, text, s in zip(chunk, texts, scalings):
                         outputs[i] = text
@@ -157,8 +157,10 @@ def continuation_logprobs(model, rows: list[tuple[list[int], int]], batch_size: 
 def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, until: list[str], *,
                    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                    top_k: int = 0) -> tuple[list[str], list[torch.Tensor]]:
-    """Left-padded batch generation with both KV caches; each text is cut before its first until-string. Also
-    returns each row's scalings over its generated tokens (new, n_lora_layers, n_experts)."""
+    """Left-padded batch generation with both KV caches; each text is the text rule's (engine/text.py: decoded
+    against its prompt, up to the EOS, cut before its first until-string). Greedy unless `do_sample` with a
+    temperature of at least GREEDY_BELOW (SamplingParams.greedy). Also returns each row's scalings over its
+    generated tokens (new, n_lora_layers, n_experts)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -166,16 +168,9 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     for r, p in enumerate(prompts):
         ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
     result = model.generate(ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
-                            do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_p=top_p, top_k=top_k,
-                            stop=until or None, tokenizer=tokenizer, return_scalings=True)
-    texts, scalings = [], []
-    for r, n in enumerate(result.n_new_tokens):
-        text = tokenizer.decode(result.sequences[r, width:width + n].tolist(), skip_special_tokens=True)
-        for stop in until:
-            text = text.split(stop)[0] if stop else text
-        texts.append(text)
-        scalings.append(result.scalings[r, :n])
-    return texts, scalings
+                            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                            stop=until, tokenizer=tokenizer, return_scalings=True)
+    return result.texts, [result.scalings[r, :n] for r, n in enumerate(result.n_new_tokens)]
 
 
 class RoutingTotals:

@@ -1,4 +1,4 @@
-"""Reading PEFT LoRA adapters ("experts") and checking that they fit a base model.
+"""PEFT LoRA adapters as X-LoRA experts: read, checked against a base model, written back in PEFT's layout.
 
 An expert folder holds `adapter_config.json` and `adapter_model.safetensors` as PEFT writes them. Weight keys
 keep PEFT's names (`<module>.lora_A.weight`, `<module>.lora_B.weight`, `<module>.lora_embedding_A/B`), so any
@@ -23,7 +23,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))??(?:\.weight)?$")
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for the base model's modules
 _PEFT_XLORA_PREFIX = "base_model.lora_model.model."  # experts inside an X-LoRA saved by PEFT
 
 
@@ -137,7 +137,7 @@ def load_expert(name: str, source: str, base_model: nn.Module, *, inside_peft_xl
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         short = key
-        for prefix in (_PEFT_PREFIX, _PEFT_XLORA_PREFIX):
+        for prefix in (PEFT_PREFIX, _PEFT_XLORA_PREFIX):
             short = short[len(prefix):] if short.startswith(prefix) else short
         if inside_peft_xlora and ".lora_" not in short:
             continue
@@ -223,8 +223,8 @@ def save_expert(expert_modules: dict[str, ExpertModule], config: dict, dtype: to
     tensors = {}
     for module_name, em in expert_modules.items():
         embedding, suffix = ("embedding_", "") if em.embedding else ("", ".weight")
-        tensors[f"{_PEFT_PREFIX}{module_name}.lora_{embedding}A{suffix}"] = em.lora_A.detach().to(dtype).contiguous().cpu()
-        tensors[f"{_PEFT_PREFIX}{module_name}.lora_{embedding}B{suffix}"] = em.lora_B.detach().to(dtype).contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{module_name}.lora_{embedding}A{suffix}"] = em.lora_A.detach().to(dtype).contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{module_name}.lora_{embedding}B{suffix}"] = em.lora_B.detach().to(dtype).contiguous().cpu()
     save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS))
     with open(os.path.join(folder, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)

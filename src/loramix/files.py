@@ -1,5 +1,5 @@
-"""Writing files so that a crash never leaves a half-written one (write a temporary file or folder beside, then
-rename it into place), and JSON Lines logs."""
+"""Writing files so that a crash leaves nothing half-written: atomic files or folders (a temporary beside,
+then a rename), JSON Lines logs whose torn last line is dropped on reading."""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import is_finite_number, is_int
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy, Hugging Face convention: labels are the inputs, -100 is ignored. `reduction`
@@ -47,8 +49,14 @@ class RoutingLosses:
     routing_anneal_steps: int = 0  # > 0: the routing weight falls linearly to 0 over this many optimizer steps
 
     def __post_init__(self) -> None:
-        if self.routing_anneal_steps < 0:
-            raise ValueError(f"routing_anneal_steps: must be >= 0, got {self.routing_anneal_steps}")
+        for name in ("balance_weight", "routing_weight"):
+            value = getattr(self, name)
+            if not (is_finite_number(value) and value >= 0):
+                raise ValueError(f"{name}: got {value!r}, expected a finite number >= 0")
+        if not is_finite_number(self.entropy_weight):
+            raise ValueError(f"entropy_weight: got {self.entropy_weight!r}, expected a finite number")
+        if not (is_int(self.routing_anneal_steps) and self.routing_anneal_steps >= 0):
+            raise ValueError(f"routing_anneal_steps: got {self.routing_anneal_steps!r}, expected an integer >= 0")
 
     @property
     def any(self) -> bool:

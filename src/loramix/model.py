@@ -5,44 +5,31 @@
     2. the classifier maps h to scalings (b, t, n_lora_layers, n_experts);
     3. mixed pass: the same model, each adapted layer adding sum_e w[b, t, layer, e] s_e B_e A_e x.
 
-Both passes run through `forward`, each with its own optional KV cache, so cached generation needs nothing
-more than keeping the two caches. Only the classifier is trained by default; the scaling pass runs without
-gradients (as in PEFT).
+Both passes run through `forward`, as one pass function (`_pass`) given two sets of mixing weights, each with
+its own optional KV cache, so cached generation needs nothing more than keeping the two caches. Only the
+classifier is trained by default; the scaling pass runs without gradients (as in PEFT).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .backbone.compat import enable_activation_checkpointing, output_cache, with_cache
 from .backbone.decoder import DecoderStack, PreparedStep
-from .checks import is_finite_number, is_int
+from .checkpoint import Checkpoint, load_classifier, read_checkpoint, write_checkpoint
 from .classifier import XLoraClassifier, mixing_weights
-from .config import CONFIG_NAME, XLoraConfig
-from .experts import Expert, save_expert, supported_module
-from .files import atomic_write, atomic_write_text, replace_dir
+from .config import GateOptions, XLoraConfig
+from .experts import Expert, ExpertModule, supported_module
 from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
-from .loading import (
-    CLASSIFIER_NAME,
-    Checkpoint,
-    base_model_id,
-    load_base,
-    load_classifier,
-    load_experts,
-    read_checkpoint,
-)
+from .loading import base_model_id, load_base, load_experts
 from .losses import causal_lm_loss, shift_labels  # noqa: F401  (re-exported: loramix.model.causal_lm_loss)
 
 
@@ -119,7 +106,8 @@ class XLoraModel(nn.Module):
         self._scalings_log: list[torch.Tensor] = []
         self._scalings_logging = False
         # Llama / Mistral / Qwen2: both passes share one step's positions, rotary table and masks and run the
-        # decoder layers directly (fast_decode.py); other bases, or `direct_layers = False`, go through base(...).
+        # decoder layers directly (backbone/decoder.py); other bases, or `direct_layers = False`, go through
+        # base(...). `_pass` makes that choice for both passes.
         self._stack = DecoderStack.of(base_model)
         self.direct_layers = True
         self.eval()
@@ -129,7 +117,7 @@ class XLoraModel(nn.Module):
     def from_base(cls, base: str | nn.Module, config: XLoraConfig, *, dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None, trust_remote_code: bool = False,
                   device_map: Any = None, max_memory: dict | None = None, offload_folder: str | None = None,
-                  quantization: Any = None, _peft_xlora_experts: bool = False) -> "XLoraModel":
+                  quantization: Any = None) -> "XLoraModel":
         """Load the base model (path, hub id or a loaded PreTrainedModel) and the experts named in `config`.
 
         `device_map`, `max_memory`, `offload_folder` and `quantization` ("4bit", "8bit" or a BitsAndBytesConfig)
@@ -139,8 +127,7 @@ class XLoraModel(nn.Module):
         base_model = load_base(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                                quantization=quantization)
-        experts = load_experts(config, base_model, inside_peft_xlora=_peft_xlora_experts)
-        return cls(base_model, config, experts, base_model_id=base_model_id(base))
+        return cls(base_model, config, load_experts(config, base_model), base_model_id=base_model_id(base))
 
     @classmethod
     def from_pretrained(cls, source: str, base: str | nn.Module | None = None, *, dtype: torch.dtype | None = None,
@@ -148,64 +135,43 @@ class XLoraModel(nn.Module):
                         adapters: dict[str, str] | None = None, device_map: Any = None,
                         max_memory: dict | None = None, offload_folder: str | None = None,
                         quantization: Any = None) -> "XLoraModel":
-        """Load a saved X-LoRA: loramix / original `xlora` layout, an X-LoRA saved by PEFT, or a local mistral.rs
-        X-LoRA folder (ordering file + flat `<expert>.adapter_*` files; see loramix.interop.mistralrs).
+        """Load a saved X-LoRA: loramix / original `xlora` layout, an X-LoRA saved by PEFT (see loramix.checkpoint),
+        or a local mistral.rs X-LoRA folder (ordering file + flat `<expert>.adapter_*` files; see
+        loramix.interop.mistralrs).
 
         `base` defaults to the base model id recorded in the checkpoint. `adapters` (name -> folder or hub id)
         loads the experts from elsewhere instead of the checkpoint's own folders; names must match the saved ones.
-        `device_map`, `max_memory`, `offload_folder` and `quantization` are passed to `from_base`.
+        `device_map`, `max_memory`, `offload_folder` and `quantization` are as in `from_base`.
         """
         from .interop.mistralrs import find_ordering_file, read_mistralrs_checkpoint
 
         placement = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, device_map=device_map,
                          max_memory=max_memory, offload_folder=offload_folder, quantization=quantization)
         if find_ordering_file(source) is not None:  # mistral.rs's layout: ordering file + flat adapter files
-            with read_mistralrs_checkpoint(source) as found:  # its adapters exist only inside this block
-                if base is None and not found.base_model_id:
-                    raise ValueError(f"{source}: the checkpoint records no base model id; pass base=...")
-                checkpoint = Checkpoint(config=dataclasses.replace(found.config, adapters=adapters or found.adapters),
-                                        base=base or found.base_model_id, classifier_path=found.source,
-                                        classifier_state=found.classifier_state, peft_layout=False,
-                                        peft_layout_experts=False)
-                model = cls.from_base(checkpoint.base, checkpoint.config, **placement)
-        else:
-            checkpoint = read_checkpoint(source, base=base, adapters=adapters)
-            model = cls.from_base(checkpoint.base, checkpoint.config, **placement,
-                                  _peft_xlora_experts=checkpoint.peft_layout_experts)
+            with read_mistralrs_checkpoint(source, base=base, adapters=adapters) as checkpoint:  # adapters: in here
+                return cls._from_checkpoint(checkpoint, placement)
+        return cls._from_checkpoint(read_checkpoint(source, base=base, adapters=adapters), placement)
+
+    @classmethod
+    def _from_checkpoint(cls, checkpoint: Checkpoint, placement: dict[str, Any]) -> "XLoraModel":
+        base_model = load_base(checkpoint.base, **placement)
+        experts = load_experts(checkpoint.config, base_model, inside_peft_xlora=checkpoint.peft_layout_experts)
+        model = cls(base_model, checkpoint.config, experts, base_model_id=base_model_id(checkpoint.base))
         load_classifier(model.classifier, checkpoint)
         return model
 
     def save_pretrained(self, folder: str) -> None:
-        """Write the published X-LoRA layout: config, classifier, and one PEFT adapter folder per expert.
-
-        Every file is written to a temporary name and renamed, so an interrupted save leaves no partial file.
-        """
-        os.makedirs(folder, exist_ok=True)
-        config = self.config.to_dict()
-        config["adapters"] = list(self.expert_names)
-        config["base_model_id"] = self.base_model_id
-        from ._version import __version__
-
-        config["loramix_version"] = __version__
-        atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2) + "\n")
-        classifier_state = {k: v.detach().contiguous().cpu() for k, v in self.classifier.state_dict().items()}
-        atomic_write(os.path.join(folder, CLASSIFIER_NAME), lambda p: save_file(classifier_state, p))
+        """Write the published X-LoRA layout (see loramix.checkpoint): config, classifier, and one PEFT adapter
+        folder per expert. An interrupted save leaves no partial file."""
+        experts = []
         for e, name in enumerate(self.expert_names):
-            modules = {}
+            modules: dict[str, ExpertModule] = {}
             for layer_name, layer in zip(self.lora_layer_names, self.mixed_layers()):
                 m = layer.expert_module(e)
                 if m is not None:
                     modules[layer_name] = m
-            target = os.path.join(folder, name)
-            tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
-            try:
-                save_expert(modules, self._expert_configs[e], self._expert_dtypes[e], tmp)
-                replace_dir(tmp, target)
-            finally:
-                if os.path.isdir(tmp):
-                    import shutil
-
-                    shutil.rmtree(tmp, ignore_errors=True)
+            experts.append(Expert(name, self._expert_configs[e], modules, self._expert_dtypes[e]))
+        write_checkpoint(folder, self.config, self.classifier.state_dict(), experts, self.base_model_id)
 
     # ---- the two passes -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -219,7 +185,7 @@ class XLoraModel(nn.Module):
         `top_k_lora` and `softmax_temperature` set the gate for this call only (None: the config's value); they
         are how one request's options reach the model without touching `model.config`. Inside `folded(...)`
         the experts are already in the weights: pass the frozen `scalings`, and no mixing weights are computed."""
-        top_k_lora = self._gate_top_k(top_k_lora)
+        gate = self._gate_options(top_k_lora, softmax_temperature)
         stack = self._direct_stack()
         if stack is not None and inputs_embeds is None and not isinstance(stack.backbone.embed_tokens, MixedLoraLayer):
             input_ids, inputs_embeds = None, stack.embed(input_ids)  # the same in both passes: looked up once
@@ -231,24 +197,14 @@ class XLoraModel(nn.Module):
         prepared = None
         # one step's positions and masks serve both passes when their caches hold the same positions
         share_step = _same_length(scaling_past_key_values, past_key_values)
-        try:
-            if scalings is None:
-                # Pass 1: the base model with constant expert weights, then the classifier.
-                scalings, scaling_past_key_values, prepared = self._compute_scalings(
-                    scaling_past_key_values=scaling_past_key_values, softmax_temperature=softmax_temperature,
-                    **inputs)  # (b, t, L, E)
-            # Pass 2: every adapted layer mixes its experts with per-token weights (folded: already in W).
-            self._state.set(None if folded else self.mixing_weights(scalings, top_k_lora=top_k_lora))
-            if stack is not None:
-                logits, past_key_values, _ = self._run_layers(cache=past_key_values,
-                                                              prepared=prepared if share_step else None,
-                                                              logits_to_keep=logits_to_keep, **inputs)
-            else:
-                extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-                out = self.base(**with_cache(self.base, past_key_values), return_dict=True, **inputs, **extra)
-                logits, past_key_values = out.logits, output_cache(out)
-        finally:
-            self._state.set(None)
+        if scalings is None:
+            # Pass 1: the base model with constant expert weights gives h, the classifier maps h to scalings.
+            hidden, scaling_past_key_values, prepared = self._scaling_pass(scaling_past_key_values, **inputs)
+            scalings = self._classify(hidden, gate)  # (b, t, L, E)
+        # Pass 2: every adapted layer mixes its experts with per-token weights (folded: already in W).
+        weights = None if folded else self.mixing_weights(scalings, top_k_lora=gate.top_k_lora)  # (b, t, L, E)
+        logits, past_key_values, _ = self._pass(weights, past_key_values, prepared=prepared if share_step else None,
+                                                logits_to_keep=logits_to_keep, **inputs)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return XLoraOutput(loss=loss, logits=logits, scalings=scalings,
                            past_key_values=past_key_values if use_cache else None,
@@ -260,50 +216,101 @@ class XLoraModel(nn.Module):
                          softmax_temperature: float | None = None) -> tuple[torch.Tensor, Any]:
         """The scaling pass alone: (scalings (b, t, L, E), its KV cache). The base model runs with every expert
         weighted `scaling_pass_value` and without gradient (as in PEFT); the classifier reads its last hidden
-        state. `softmax_temperature` overrides the config's for this call. `forward` calls this; a caller that
-        wants to change some rows' scalings (frozen rows) calls it, edits the result and passes it to
-        `forward(scalings=...)`."""
-        scalings, cache, _ = self._compute_scalings(input_ids=input_ids, attention_mask=attention_mask,
-                                                    position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                                    scaling_past_key_values=scaling_past_key_values,
-                                                    use_cache=use_cache, softmax_temperature=softmax_temperature)
-        return scalings, cache
+        state. `softmax_temperature` overrides the config's for this call. `forward` runs the same two steps; a
+        caller that wants to change some rows' scalings (frozen rows) calls this, edits the result and passes it
+        to `forward(scalings=...)`."""
+        gate = self._gate_options(None, softmax_temperature)
+        hidden, cache, _ = self._scaling_pass(scaling_past_key_values, input_ids=input_ids,
+                                              inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                              position_ids=position_ids, use_cache=use_cache)
+        return self._classify(hidden, gate), cache
 
-    def _compute_scalings(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                          scaling_past_key_values=None, use_cache=False, *,
-                          softmax_temperature=None) -> tuple[torch.Tensor, Any, PreparedStep | None]:
-        """`compute_scalings`, also returning the step's positions and masks when the layers ran directly."""
-        if softmax_temperature is None:
-            softmax_temperature = self.config.softmax_temperature
-        elif not (is_finite_number(softmax_temperature) and softmax_temperature > 0):
-            raise ValueError(f"softmax_temperature: got {softmax_temperature!r}, expected a finite number > 0")
+    def _scaling_pass(self, cache: Any, **inputs) -> tuple[torch.Tensor, Any, PreparedStep | None]:
+        """Pass 1 up to the classifier's input, without gradient: `_pass` with every expert weighted
+        `scaling_pass_value`, returning the last hidden state h (b, t, hidden)."""
+        with torch.no_grad():
+            return self._pass(self._scaling_pass_weights(), cache, **inputs)
+
+    def _scaling_pass_weights(self) -> torch.Tensor | None:
+        value = self.config.resolved_scaling_pass_value()
+        if value == 0:
+            return None  # every expert weighted 0: the bare base model, no LoRA computed
+        p = self.classifier.last.weight
+        constant = torch.full((1, 1, len(self.lora_layer_names), len(self.expert_names)), value,
+                              dtype=p.dtype, device=p.device)
+        return self.mixing_weights(constant)
+
+    def _classify(self, hidden: torch.Tensor, gate: GateOptions) -> torch.Tensor:
+        """h (b, t, hidden) -> scalings (b, t, n_lora_layers, n_experts), kept as the latest (and logged)."""
+        scalings = self.classifier(hidden, enable_softmax=self.config.enable_softmax,
+                                   temperature=gate.softmax_temperature)
+        self._latest_scalings = scalings.detach()
+        if self._scalings_logging:
+            self._scalings_log.append(scalings.detach())
+        return scalings
+
+    def _pass(self, weights: torch.Tensor | None, cache: Any, input_ids: torch.Tensor | None = None,
+              inputs_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None, use_cache: bool = False, *,
+              prepared: PreparedStep | None = None,
+              logits_to_keep: int | None = None) -> tuple[torch.Tensor, Any, PreparedStep | None]:
+        """One pass of the base model (either pass) with every mixed layer applying the mixing `weights`
+        (b or 1, t or 1, n_lora_layers, n_experts), or no LoRA at all when None. Returns
+
+        - with `logits_to_keep` None, the final hidden state (b, t, hidden), after the last norm, without the LM
+          head; else the logits (b, t', vocab) of the last `logits_to_keep` positions (0: all);
+        - the pass's KV cache;
+        - the step's positions and masks when the decoder layers ran directly, else None; the other pass of the
+          same step takes them as `prepared` when its cache holds as many positions.
+
+        The decoder layers run directly (backbone/decoder.py: Llama, Mistral, Qwen2) unless `direct_layers` is
+        False; other bases run through the transformers model itself."""
+        self._state.set(weights)
         try:
-            self._state.set(self._scaling_pass_weights())
-            with torch.no_grad():
-                hidden, cache, prepared = self._last_hidden_state(
-                    input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                    position_ids=position_ids, cache=scaling_past_key_values, use_cache=use_cache)
+            stack = self._direct_stack()
+            if stack is not None:
+                if use_cache and cache is None:
+                    from transformers import DynamicCache
+
+                    cache = DynamicCache(config=self.base.config)  # what the model's forward makes
+                embeds = stack.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (b, t, hidden)
+                if prepared is None:
+                    prepared = stack.prepare(embeds, attention_mask, position_ids, cache)
+                hidden = stack.hidden_states(embeds, prepared, cache)
+                return hidden if logits_to_keep is None else stack.logits(hidden, logits_to_keep), cache, prepared
+            inputs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=use_cache)
+            if logits_to_keep is not None:
+                extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+                out = self.base(**with_cache(self.base, cache), return_dict=True, **inputs, **extra)
+                return out.logits, output_cache(out), None
+            backbone = getattr(self.base, "base_model", self.base)  # the decoder without the LM head, if separate
+            if backbone is not self.base:
+                out = backbone(return_dict=True, **with_cache(backbone, cache), **inputs)
+                return out.last_hidden_state, output_cache(out), None
+            out = self.base(output_hidden_states=True, return_dict=True, **with_cache(self.base, cache), **inputs)
+            return out.hidden_states[-1], output_cache(out), None
         finally:
             self._state.set(None)
-        scalings = self.classifier(hidden, enable_softmax=self.config.enable_softmax,
-                                   temperature=softmax_temperature)  # (b, t, L, E)
-        self._record(scalings)
-        return scalings, cache, prepared
 
     def mixing_weights(self, scalings: torch.Tensor, *, top_k_lora: int | None = None) -> torch.Tensor:
         """Scalings (..., n_lora_layers, n_experts) -> the weights the layers apply (top-k, its softmax, the
         global weight; see classifier.mixing_weights). `top_k_lora` overrides the config's (None: keep it)."""
         c = self.config
-        return mixing_weights(scalings, top_k=self._gate_top_k(top_k_lora), softmax_topk=c.enable_softmax_topk,
-                              global_weight=c.global_scaling_weight)
+        return mixing_weights(scalings, top_k=self._gate_options(top_k_lora, None).top_k_lora,
+                              softmax_topk=c.enable_softmax_topk, global_weight=c.global_scaling_weight)
 
-    def _gate_top_k(self, top_k_lora: int | None) -> int | None:
-        if top_k_lora is None:
-            return self.config.top_k_lora
-        if not (is_int(top_k_lora) and 1 <= top_k_lora <= self.n_experts):
-            raise ValueError(f"top_k_lora: got {top_k_lora!r}, expected an integer in 1..{self.n_experts} "
+    def _gate_options(self, top_k_lora: int | None, softmax_temperature: float | None) -> GateOptions:
+        """One call's gate, the config's value where an option is None. GateOptions checks each value; the bound
+        only the model knows, top_k_lora <= the number of experts, is checked here."""
+        c = self.config
+        gate = GateOptions(top_k_lora=c.top_k_lora if top_k_lora is None else top_k_lora,
+                           softmax_temperature=c.softmax_temperature if softmax_temperature is None
+                           else softmax_temperature)
+        if gate.top_k_lora is not None and gate.top_k_lora > self.n_experts:
+            raise ValueError(f"top_k_lora: got {gate.top_k_lora!r}, expected at most {self.n_experts} "
                              f"(the number of experts)")
-        return top_k_lora
+        return gate
 
     # ---- frozen scalings folded into the weights --------------------------------------------------------------
     def fold(self, scalings: torch.Tensor, *, top_k_lora: int | None = None) -> FoldedWeights:
@@ -333,33 +340,12 @@ class XLoraModel(nn.Module):
         finally:
             self._state.folded_weights = None
 
-    def _scaling_pass_weights(self) -> torch.Tensor | None:
-        value = self.config.resolved_scaling_pass_value()
-        if value == 0:
-            return None  # every expert weighted 0: the bare base model, no LoRA computed
-        p = self.classifier.last.weight
-        constant = torch.full((1, 1, len(self.lora_layer_names), len(self.expert_names)), value,
-                              dtype=p.dtype, device=p.device)
-        return self.mixing_weights(constant)
-
-    def _last_hidden_state(self, cache: Any = None, **inputs) -> tuple[torch.Tensor, Any, PreparedStep | None]:
-        """The base's final hidden state (after its last norm), without computing the LM head; its cache; the
-        step's positions and masks when the layers ran directly (else None)."""
-        if self._direct_stack() is not None:
-            return self._run_layers(cache=cache, **inputs)
-        backbone = getattr(self.base, "base_model", self.base)
-        if backbone is not self.base:
-            out = backbone(return_dict=True, **with_cache(backbone, cache), **inputs)
-            return out.last_hidden_state, output_cache(out), None
-        out = self.base(output_hidden_states=True, return_dict=True, **with_cache(self.base, cache), **inputs)
-        return out.hidden_states[-1], output_cache(out), None
-
     @property
     def decodes_by_hand(self) -> bool:
-        """Whether one-token steps run through the hand-written decoder layers (fast_decode.py), which is when a
-        `loramix.backbone.kv_cache.GrowingCache` may hold the KV cache of both passes. True by default for Llama, Mistral
-        and Qwen2 bases with full attention; set it to False to run every step through the model's own layers
-        (the same tokens; for comparisons)."""
+        """Whether one-token steps run through the hand-written decoder layers (backbone/decoder.py), which is
+        when a `loramix.backbone.kv_cache.GrowingCache` may hold the KV cache of both passes. True by default for
+        Llama, Mistral and Qwen2 bases with full attention; set it to False to run every step through the model's
+        own layers (the same tokens; for comparisons)."""
         stack = self._direct_stack()
         return stack is not None and stack.hand_written is not None and stack.by_hand
 
@@ -370,30 +356,6 @@ class XLoraModel(nn.Module):
 
     def _direct_stack(self) -> DecoderStack | None:
         return self._stack if self.direct_layers else None
-
-    def _run_layers(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
-                    use_cache=False, prepared: PreparedStep | None = None,
-                    logits_to_keep: int | None = None) -> tuple[torch.Tensor, Any, PreparedStep]:
-        """One pass through the decoder layers, as `base(...)` runs it: (the final hidden state (b, t, hidden),
-        or the logits of the last `logits_to_keep` positions (0: all) when it is not None; the cache; the step's
-        positions and masks, reused by the second pass of the same step)."""
-        stack = self._stack
-        if use_cache and cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.base.config)  # what the model's forward makes
-        embeds = stack.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (b, t, hidden)
-        if prepared is None:
-            prepared = stack.prepare(embeds, attention_mask, position_ids, cache)
-        hidden = stack.hidden_states(embeds, prepared, cache)
-        if logits_to_keep is None:
-            return hidden, cache, prepared
-        return stack.logits(hidden, logits_to_keep), cache, prepared
-
-    def _record(self, scalings: torch.Tensor) -> None:
-        self._latest_scalings = scalings.detach()
-        if self._scalings_logging:
-            self._scalings_log.append(scalings.detach())
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Cached generation with one KV cache per pass; see `loramix.engine.generate.generate` for the options."""

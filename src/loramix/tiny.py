@@ -1,4 +1,4 @@
-"""Tiny random models and experts made on the spot: the quickstart and the benchmarks use them offline."""
+"""Tiny random models, experts and tokenizers made on the spot (offline), for the quickstart, tests, benchmarks."""
 
 from __future__ import annotations
 

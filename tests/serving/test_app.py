@@ -13,20 +13,7 @@ import pytest
 import torch
 from helpers import CHAT_TEMPLATE, openai_client, post_json, serving, slow_down_engine, tiny_tokenizer, wait_until
 
-from loramix import XLoraModel
 from loramix.serving.scheduler import wait_idle
-
-
-@pytest.fixture(scope="module")
-def live(served_checkpoint):
-    with serving(served_checkpoint, max_batch=8, max_queue=64, max_tokens_cap=64) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def reference(served_checkpoint):
-    """An independent copy of the served model, for one-at-a-time references."""
-    return XLoraModel.from_pretrained(str(served_checkpoint)), tiny_tokenizer()
 
 
 def _greedy(reference, prompt_ids, n, **gate):
@@ -303,13 +290,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
 
 def test_queue_overflow_gets_429_and_the_server_recovers(served_checkpoint, monkeypatch):
     with serving(served_checkpoint, max_batch=1, max_queue=1, max_tokens_cap=64) as (state, server):
-        step = state.engine._step
-
-        def slow_step(group):  # a slow model: each request holds its slot for about 0.7 s
-            time.sleep(0.02)
-            step(group)
-
-        monkeypatch.setattr(state.engine, "_step", slow_step)
+        slow_down_engine(state, monkeypatch, 0.02)  # a slow model: each request holds its slot for about 0.7 s
         body = {"model": "tiny-xlora", "prompt": "busy", "max_tokens": 32, "temperature": 0,
                 "stop": ["never-appears-here"]}
         with ThreadPoolExecutor(8) as pool:
@@ -534,6 +515,7 @@ def _healthy(url: str) -> bool:
     (["--chat-template", "/no/such/template.jinja"], "--chat-template"),
     (["--host", "no such host!"], "--host"),
     (["--host", ""], "--host"),
+    (["--log-level", "loud"], "--log-level"),
 ])
 def test_serve_checks_its_flags_before_loading(flags, named, capsys):
     from loramix.cli import main

@@ -12,9 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import CHAT_TEMPLATE, serving, tiny_tokenizer, write_jsonl
-
-from loramix import XLoraModel
+from helpers import CHAT_TEMPLATE, tiny_tokenizer, write_jsonl
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -56,16 +54,19 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def served(served_checkpoint, tmp_path_factory):
-    with serving(served_checkpoint, max_batch=8, max_queue=16, max_tokens_cap=32) as (state, server):
-        tasks = tmp_path_factory.mktemp("tasks")
-        for name, template, docs in (("loramix_gen", GEN_TASK, GEN_DOCS), ("loramix_mc", MC_TASK, MC_DOCS)):
-            data = write_jsonl(tasks / f"{name}.jsonl", docs)
-            (tasks / f"{name}.yaml").write_text(template.format(name=name, data=data))
-        calls = []  # rows per request: lm-eval's batches arrive as prompt lists
-        submit_all = state.engine.submit_all
-        state.engine.submit_all = lambda jobs: (calls.append(len(jobs)), submit_all(jobs))[1]
-        yield server, tasks, XLoraModel.from_pretrained(str(served_checkpoint)), calls
+def served(live, reference, tmp_path_factory):
+    state, server = live
+    tasks = tmp_path_factory.mktemp("tasks")
+    for name, template, docs in (("loramix_gen", GEN_TASK, GEN_DOCS), ("loramix_mc", MC_TASK, MC_DOCS)):
+        data = write_jsonl(tasks / f"{name}.jsonl", docs)
+        (tasks / f"{name}.yaml").write_text(template.format(name=name, data=data))
+    calls = []  # rows per request: lm-eval's batches arrive as prompt lists
+    submit_all = state.engine.submit_all
+    state.engine.submit_all = lambda jobs: (calls.append(len(jobs)), submit_all(jobs))[1]
+    try:
+        yield server, tasks, reference[0], calls
+    finally:
+        del state.engine.submit_all  # the engine's own method again
 
 
 def _evaluate(server, tasks, model_type: str, task: str, **extra):

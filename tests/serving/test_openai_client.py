@@ -11,7 +11,6 @@ import pytest
 import torch
 from helpers import CHAT_TEMPLATE, openai_client, post_json, serving, slow_down_engine, tiny_tokenizer, wait_until
 
-from loramix import XLoraModel
 from loramix.config import GateOptions
 from loramix.engine.sampling import prompt_logprobs
 
@@ -19,15 +18,9 @@ MODEL = "tiny-xlora"
 
 
 @pytest.fixture(scope="module")
-def live(served_checkpoint):
-    with serving(served_checkpoint, max_batch=8, max_queue=16, max_tokens_cap=32) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def model(served_checkpoint):
-    """An independent copy of the served model: the reference."""
-    return XLoraModel.from_pretrained(str(served_checkpoint))
+def model(reference):
+    """The independent copy of the served model (conftest's `reference`)."""
+    return reference[0]
 
 
 def _distribution(model, ids: list[int], temperature: float = 1.0, **gate) -> torch.Tensor:

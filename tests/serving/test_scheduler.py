@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from helpers import make_experts, tiny_base, tiny_tokenizer
+from helpers import VOCAB, make_experts, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.config import GateOptions
@@ -315,3 +315,39 @@ def test_a_request_asks_for_its_rows_all_at_once(model, tok):
         assert done.acquire(timeout=30) and done.acquire(timeout=30)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("limits, named", [
+    ({"max_batch": 0}, "max_batch"), ({"max_batch": True}, "max_batch"), ({"max_batch": 2.5}, "max_batch"),
+    ({"max_queue": -1}, "max_queue"),
+])
+def test_bad_limits_are_refused_naming_them(model, tok, limits, named):
+    with pytest.raises(ValueError, match=f"^{named} must be at least"):
+        Engine(model, tok, [EOS], **limits)
+
+
+def test_shutdown_ends_running_rows_with_the_typed_shutdown_signal(model, tok, monkeypatch):
+    """A row still decoding when the engine stops ends with an "error" event marked `shutdown` (what the server
+    answers 503 for); a row that fails on its own is not marked."""
+    import time
+
+    from loramix.engine.batch import DecodeBatch
+
+    decode = DecodeBatch.decode
+    monkeypatch.setattr(DecodeBatch, "decode", lambda batch: (time.sleep(0.05), decode(batch))[1])
+    engine = engine_for(model, tok)
+    events: list[Event] = []
+    try:
+        engine.submit(Request(prompt_ids=[VOCAB * 2], params=SamplingParams(max_new_tokens=2),
+                              gate=GateOptions(), emit=events.append))  # no such token: the prefill fails
+        engine.submit(Request(prompt_ids=tok("abc")["input_ids"], gate=GateOptions(), emit=events.append,
+                              params=SamplingParams(max_new_tokens=100, stop=["never-appears-here"])))
+        deadline = time.time() + 30
+        while len(events) < 2 and time.time() < deadline:  # the failure, then the second row's first token
+            time.sleep(0.01)
+    finally:
+        engine.shutdown()
+    failure, *decoded, last = events
+    assert failure.finish_reason == "error" and not failure.shutdown
+    assert decoded and all(e.finish_reason is None for e in decoded)
+    assert last.finish_reason == "error" and last.shutdown

@@ -9,7 +9,16 @@ import pytest
 import torch
 from helpers import tiny_tokenizer, write_jsonl
 
-from loramix.training.data import BatchPlan, DataError, DataFormat, collate, load_dataset, read_rows
+from loramix.training.data import (
+    BatchPlan,
+    DataError,
+    DataFormat,
+    DataSource,
+    collate,
+    data_sources,
+    load_dataset,
+    read_rows,
+)
 
 
 def _quiet(*_):
@@ -154,6 +163,36 @@ def test_mixing_weights_set_each_sources_share(tmp_path):
     plan = BatchPlan(ds, batch_size=4, seed=0)
     drawn = [ds.source_of[i] for k in range(plan.batches_per_epoch) for i in plan.micro_batch(k)]
     assert len(drawn) == 120 and drawn.count(1) == 90  # 3/4 of the epoch from the 20-row source
+    # the same mix given as DataSources: the same dataset, the same batches
+    typed = load_dataset([DataSource(str(a), 1.0), DataSource(str(b), 3.0)], tiny_tokenizer(), DataFormat(),
+                         log=_quiet)
+    assert (typed.sources, typed.weights, typed.source_of) == (ds.sources, ds.weights, ds.source_of)
+    typed_plan = BatchPlan(typed, batch_size=4, seed=0)
+    assert [typed_plan.micro_batch(k) for k in range(30)] == [plan.micro_batch(k) for k in range(30)]
+
+
+def test_data_sources_are_built_once_with_their_shares():
+    assert data_sources("a.jsonl") == (DataSource("a.jsonl"),)
+    assert data_sources(["a.jsonl", "b.jsonl"], [1, 3]) == (DataSource("a.jsonl", 1), DataSource("b.jsonl", 3))
+    typed = (DataSource("a.jsonl", 2.0), DataSource("b.jsonl", 1.0))
+    assert data_sources(typed) == typed and data_sources(list(typed)) == typed
+    import pathlib
+
+    assert data_sources([pathlib.Path("a.jsonl"), DataSource("b.jsonl")]) == (DataSource("a.jsonl"),
+                                                                             DataSource("b.jsonl"))
+    for data, weights, message in [
+        ([], None, "no data given"),
+        (["a.jsonl"], [1, 2], "data weights: 2 weights for 1 data sources"),
+        (["a.jsonl", "b.jsonl"], [1, -2], "data weights: must be positive numbers, got -2 for b.jsonl"),
+        (["a.jsonl"], [float("nan")], "data weights: must be positive numbers, got nan for a.jsonl"),
+        ([DataSource("a.jsonl")], [1], "data weights: give the weights of DataSource items on the items"),
+        ([DataSource("a.jsonl", 1.0), "b.jsonl"], None, "give a weight for every source or for none"),
+        ([""], None, "data: expected a file, folder or dataset name, got ''"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            data_sources(data, weights)
+    with pytest.raises(DataError, match="data weights: must be positive numbers, got 0"):
+        DataSource("a.jsonl", 0)
 
 
 def test_length_grouping_cuts_padding_and_is_deterministic(tmp_path):

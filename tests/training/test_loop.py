@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,11 +17,11 @@ from helpers import VOCAB, synthetic_task, tiny_tokenizer, write_jsonl
 from safetensors.torch import load_file
 
 import loramix
-from loramix import XLoraModel
-from loramix.losses import causal_lm_loss
-from loramix.training.checkpoints import truncate_metrics
-from loramix.training.data import DataFormat, collate, load_dataset
-from loramix.training.loop import TrainingArgs, latest_checkpoint
+from loramix import XLoraConfig, XLoraModel
+from loramix.losses import RoutingLosses, causal_lm_loss
+from loramix.training.checkpoints import latest_checkpoint, truncate_metrics
+from loramix.training.data import DataFormat, DataSource, collate, load_dataset
+from loramix.training.settings import LoraSettings, TrainingArgs
 
 TASKS = ("rev", "sum")
 
@@ -44,15 +45,19 @@ def workdir(tmp_path_factory):
     for task in TASKS:
         write_jsonl(root / f"{task}.jsonl", synthetic_task(task, 400, seed=0))
         write_jsonl(root / f"{task}_eval.jsonl", synthetic_task(task, 40, seed=1))
-        loramix.train_expert(str(root / "base"), str(root / f"{task}.jsonl"), str(root / f"expert_{task}"), rank=8,
-                             max_steps=120, batch_size=16, lr=1e-2, progress=False, log=_quiet)
+        loramix.train_expert(str(root / "base"), str(root / f"{task}.jsonl"), str(root / f"expert_{task}"),
+                             lora=LoraSettings(rank=8),
+                             args=TrainingArgs(max_steps=120, batch_size=16, lr=1e-2, progress=False), log=_quiet)
     return root
 
 
-def _gate_options(**extra):
-    options = dict(xlora_depth=2, xlora_size=32, layerwise_scalings=True, batch_size=8, lr=3e-3, progress=False,
-                   log=_quiet)
-    return {**options, **extra}
+def _gate_config(root, **extra) -> XLoraConfig:
+    return XLoraConfig(adapters=_adapters(root), **{"xlora_depth": 2, "xlora_size": 32, "layerwise_scalings": True,
+                                                     **extra})
+
+
+def _gate_args(**extra) -> TrainingArgs:
+    return TrainingArgs(**{"batch_size": 8, "lr": 3e-3, "progress": False, **extra})
 
 
 def _adapters(root):
@@ -73,10 +78,10 @@ def test_gate_routes_each_task_to_its_expert_and_beats_base_and_the_other_expert
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = loramix.train_xlora(str(workdir / "base"), _adapters(workdir),
+    result = loramix.train_xlora(str(workdir / "base"), _gate_config(workdir, xlora_dropout_p=0.0),
                                  [str(workdir / f"{t}.jsonl") for t in TASKS], str(workdir / "xlora"),
-                                 max_steps=120, xlora_dropout_p=0.0, eval_data=str(workdir / "rev_eval.jsonl"),
-                                 eval_steps=60, **_gate_options(batch_size=16))
+                                 args=_gate_args(max_steps=120, eval_steps=60, batch_size=16),
+                                 eval_data=str(workdir / "rev_eval.jsonl"), log=_quiet)
     assert result.output_dir == str(workdir / "xlora") and result.metrics["steps"] == 120
     model = XLoraModel.from_pretrained(str(workdir / "xlora"), base=str(workdir / "base"))
     base = AutoModelForCausalLM.from_pretrained(str(workdir / "base"))
@@ -133,9 +138,9 @@ def _assert_same_weights(a, b, tol=1e-6):
 
 def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(workdir, tmp_path):
     data = [str(workdir / f"{t}.jsonl") for t in TASKS]
-    options = _gate_options(max_steps=12, save_steps=4, warmup_steps=3, lr_scheduler="cosine", grad_accum=2)
+    args = _gate_args(max_steps=12, save_steps=4, warmup_steps=3, lr_scheduler="cosine", grad_accum=2)
     full = tmp_path / "full"
-    loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(full), **options)
+    loramix.train_xlora(str(workdir / "base"), _gate_config(workdir), data, str(full), args=args, log=_quiet)
     assert sorted(p.name for p in full.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-4",
                                                                                            "checkpoint-8"]
     resumed = tmp_path / "resumed"
@@ -143,16 +148,16 @@ def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(workdir, t
     shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")  # a run stopped after step 4
     (resumed / "metrics.jsonl").write_text('{"step": 2, "loss": 3.1}\n{"step": 6, "lo')  # killed mid-append
     messages = []
-    loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(resumed), resume=True,
-                        **{**options, "log": messages.append})
+    loramix.train_xlora(str(workdir / "base"), _gate_config(workdir), data, str(resumed),
+                        args=dataclasses.replace(args, resume=True), log=messages.append)
     assert any(f"{resumed / 'metrics.jsonl'}: dropped a torn last line (line 2)" in m for m in messages), messages
     _assert_same_weights(_classifier(full), _classifier(resumed))
     # the loss log of the resumed run continues the stopped one
     steps = [json.loads(line)["step"] for line in open(resumed / "metrics.jsonl")]
     assert steps == [2, 10, 12]
     with pytest.raises(ValueError, match="batch_size=8, this run has 4"):
-        loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(resumed), resume=True,
-                            **{**options, "batch_size": 4})
+        loramix.train_xlora(str(workdir / "base"), _gate_config(workdir), data, str(resumed),
+                            args=dataclasses.replace(args, resume=True, batch_size=4), log=_quiet)
 
 
 def _cli(*args):
@@ -223,8 +228,9 @@ def test_supervised_routing_loss_warm_starts_the_gate(workdir, tmp_path):
     own_weight = {}
     for weight in (0.0, 1.0):
         out = tmp_path / f"routing-{weight}"
-        loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(out), max_steps=30,
-                            expert_field="task", routing_weight=weight, **_gate_options(lr=1e-2))
+        loramix.train_xlora(str(workdir / "base"), _gate_config(workdir), data, str(out),
+                            args=_gate_args(max_steps=30, lr=1e-2), data_format=DataFormat(expert_field="task"),
+                            routing=RoutingLosses(routing_weight=weight), log=_quiet)
         model = XLoraModel.from_pretrained(str(out))
         for task in TASKS:
             batch = _eval_batch(workdir, task)
@@ -295,8 +301,8 @@ def test_train_expert_verb_writes_a_peft_adapter(workdir, tmp_path):
 ])
 def test_training_args_refuse_bad_values_by_name(field, value, message):
     with pytest.raises(ValueError, match=message):
-        TrainingArgs(output_dir="out", **{field: value})
-    TrainingArgs(output_dir="out", max_grad_norm=0.0, weight_decay=0.0, epochs=0.5)  # the edges that are allowed
+        TrainingArgs(**{field: value})
+    TrainingArgs(max_grad_norm=0.0, weight_decay=0.0, epochs=0.5)  # the edges that are allowed
 
 
 def test_a_torn_metrics_line_is_dropped_only_at_the_end(tmp_path):
@@ -352,10 +358,11 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_pass(tmp_path):
 def test_gradient_checkpointing_trains_the_same_weights(workdir, tmp_path):
     data = [str(workdir / f"{t}.jsonl") for t in TASKS]
     for flag in (False, True):
-        loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(tmp_path / f"gate-{flag}"),
-                            max_steps=3, gradient_checkpointing=flag, **_gate_options())
-        loramix.train_expert(str(workdir / "base"), data[0], str(tmp_path / f"expert-{flag}"), rank=4, max_steps=3,
-                             batch_size=8, gradient_checkpointing=flag, progress=False, log=_quiet)
+        loramix.train_xlora(str(workdir / "base"), _gate_config(workdir), data, str(tmp_path / f"gate-{flag}"),
+                            args=_gate_args(max_steps=3, gradient_checkpointing=flag), log=_quiet)
+        loramix.train_expert(str(workdir / "base"), data[0], str(tmp_path / f"expert-{flag}"),
+                             lora=LoraSettings(rank=4), log=_quiet,
+                             args=TrainingArgs(max_steps=3, batch_size=8, gradient_checkpointing=flag, progress=False))
     _assert_same_weights(_classifier(tmp_path / "gate-False"), _classifier(tmp_path / "gate-True"))
     _assert_same_weights(load_file(str(tmp_path / "expert-False" / "adapter_model.safetensors")),
                          load_file(str(tmp_path / "expert-True" / "adapter_model.safetensors")))
@@ -363,11 +370,11 @@ def test_gradient_checkpointing_trains_the_same_weights(workdir, tmp_path):
 
 def test_mixed_precision_tracks_float32_and_resumes_exactly(workdir, tmp_path):
     data = [str(workdir / f"{t}.jsonl") for t in TASKS]
-    options = _gate_options(max_steps=8, save_steps=4, logging_steps=4)
+    args = _gate_args(max_steps=8, save_steps=4, logging_steps=4)
     losses = {}
     for mode in (None, "bf16", "fp16"):
-        result = loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(tmp_path / str(mode)),
-                                     mixed_precision=mode, **options)
+        result = loramix.train_xlora(str(workdir / "base"), _gate_config(workdir), data, str(tmp_path / str(mode)),
+                                     args=dataclasses.replace(args, mixed_precision=mode), log=_quiet)
         losses[mode] = [json.loads(line)["loss"] for line in open(tmp_path / str(mode) / "metrics.jsonl")]
         assert result.metrics["steps"] == 8
     # Mean loss of steps 1-4 and 5-8. Measured: bf16 within 0.07% of float32, fp16 within 0.003% (bf16 keeps 8
@@ -382,11 +389,97 @@ def test_mixed_precision_tracks_float32_and_resumes_exactly(workdir, tmp_path):
         resumed = tmp_path / f"resumed-{precision}"
         resumed.mkdir()
         shutil.copytree(tmp_path / precision / "checkpoint-4", resumed / "checkpoint-4")
-        loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(resumed), resume=True,
-                            mixed_precision=precision, **options)
+        loramix.train_xlora(str(workdir / "base"), _gate_config(workdir), data, str(resumed),
+                            args=dataclasses.replace(args, resume=True, mixed_precision=precision), log=_quiet)
         _assert_same_weights(classifier, _classifier(resumed), tol=0.0)
     state = json.loads((tmp_path / "fp16" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["grad_scaler"]["scale"] > 0  # the loss scale is resumed, not restarted
     with pytest.raises(ValueError, match="mixed_precision='fp16', this run has None"):
-        loramix.train_xlora(str(workdir / "base"), _adapters(workdir), data, str(tmp_path / "resumed-fp16"),
-                            resume=True, **options)
+        loramix.train_xlora(str(workdir / "base"), _gate_config(workdir), data, str(tmp_path / "resumed-fp16"),
+                            args=dataclasses.replace(args, resume=True), log=_quiet)
+
+
+# ---- typed settings (issue 20 item 4) ---------------------------------------------------------------------------
+def _count_calls(monkeypatch, owner, name) -> list:
+    """Count the calls of `owner.name` wherever loramix imported it: the module attribute and every loramix
+    module that holds the same function under that name."""
+    import sys
+
+    original, calls = getattr(owner, name), []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0] if args else None)
+        return original(*args, **kwargs)
+
+    holders = [owner] + [m for n, m in list(sys.modules.items()) if n.startswith("loramix")
+                         and m is not owner and getattr(m, name, None) is original]
+    for holder in holders:
+        monkeypatch.setattr(holder, name, counting)
+    return calls
+
+
+def test_the_base_is_loaded_once(workdir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import loramix.loading
+    import loramix.model  # noqa: F401  (imported, so that its `load_base` is counted too)
+
+    base, data = str(workdir / "base"), str(workdir / "rev.jsonl")
+    for verb in ("gate", "expert"):
+        with monkeypatch.context() as patch:
+            passes = _count_calls(patch, loramix.loading, "load_base")
+            reads = _count_calls(patch, AutoModelForCausalLM, "from_pretrained")
+            if verb == "gate":
+                loramix.train_xlora(base, _gate_config(workdir), data, str(tmp_path / verb),
+                                    args=_gate_args(max_steps=1), log=_quiet)
+            else:
+                loramix.train_expert(base, data, str(tmp_path / verb), args=_gate_args(max_steps=1), log=_quiet)
+        assert passes == [base] and len(reads) == 1, (verb, passes, reads)
+
+
+def test_entry_points_take_typed_settings_and_refuse_others_before_loading(monkeypatch):
+    import loramix.loading
+    import loramix.training.loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded before the settings were checked")
+
+    for name in ("load_base", "load_tokenizer"):
+        monkeypatch.setattr(loramix.loading, name, refuse)
+        monkeypatch.setattr(loramix.training.loop, name, refuse)
+    monkeypatch.setattr(XLoraModel, "from_base", refuse)
+    config = XLoraConfig(adapters={"a": "x"})
+    cases = [
+        (lambda: loramix.train_xlora("b", {"a": "x"}, "d.jsonl", "o"), TypeError, "config: expected an XLoraConfig"),
+        (lambda: loramix.train_xlora("b", config, "d.jsonl", "o", args={"max_steps": 3}), TypeError,
+         "args: expected a TrainingArgs, got dict"),
+        (lambda: loramix.train_xlora("b", config, "d.jsonl", "o", routing={"balance_weight": 1}), TypeError,
+         "routing: expected a RoutingLosses"),
+        (lambda: loramix.train_xlora("b", config, "d.jsonl", "o", routing=RoutingLosses(routing_weight=1.0)),
+         ValueError, "routing_weight: the supervised routing loss needs expert_field"),
+        (lambda: loramix.train_xlora("b", config, [DataSource("d.jsonl", 1.0), "e.jsonl"], "o"), ValueError,
+         r"data weights: give a weight for every source or for none, got \[1.0, None\]"),
+        (lambda: loramix.train_xlora("b", config, "d.jsonl", "o", eval_data=[DataSource("h.jsonl", 2.0)]),
+         ValueError, "eval_data: weights apply to training data only"),
+        (lambda: loramix.train_expert("b", "d.jsonl", "o", lora={"rank": 4}), TypeError,
+         "lora: expected a LoraSettings, got dict"),
+        (lambda: loramix.train_expert("b", "d.jsonl", "o", data_format={"text_field": "t"}), TypeError,
+         "data_format: expected a DataFormat"),
+        (lambda: loramix.train_expert("b", [], "o"), ValueError, "no data given"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            call()
+    with pytest.raises(TypeError, match="max_steps"):  # the flat keywords of before are gone, not ignored
+        loramix.train_xlora("b", config, "d.jsonl", "o", max_steps=3)
+
+
+def test_an_unset_learning_rate_is_the_verbs_own(workdir, tmp_path):
+    data = str(workdir / "rev.jsonl")
+    loramix.train_xlora(str(workdir / "base"), _gate_config(workdir), data, str(tmp_path / "gate"),
+                        args=TrainingArgs(max_steps=1, lr_scheduler="constant", progress=False), log=_quiet)
+    loramix.train_expert(str(workdir / "base"), data, str(tmp_path / "expert"),
+                         args=TrainingArgs(max_steps=1, lr_scheduler="constant", progress=False), log=_quiet)
+    for verb, lr in (("gate", 1e-3), ("expert", 2e-4)):  # README: "--lr (2e-4 experts, 1e-3 gate)"
+        assert json.loads((tmp_path / verb / "training_args.json").read_text())["training"]["lr"] == lr
+        assert [json.loads(line)["lr"] for line in open(tmp_path / verb / "metrics.jsonl")] == [lr]

@@ -1,3 +1,6 @@
-"""The base model's side: what differs between transformers releases (`compat`), the decoder stack of a
-Llama-family base run layer by layer for both passes (`decoder`), and the KV cache that grows in place
-(`kv_cache`)."""
+"""The base model as both passes of X-LoRA run it.
+
+- `compat`: what differs between transformers releases, found through public surfaces;
+- `decoder`: the decoder stack of a Llama-family base run layer by layer, with a hand-written one-token step;
+- `kv_cache`: `GrowingCache`, a KV cache that grows in place.
+"""

@@ -1,15 +1,10 @@
 """The decoder stack of a Llama-family base, run layer by layer: what both passes of X-LoRA share, built once.
 
-A forward through a Hugging Face causal LM does, before its decoder layers, work that depends only on the token
-positions and the KV cache's length: the positions themselves, the rotary table (cos, sin) and the attention mask
-(causal, left padding, sliding window). X-LoRA runs the model twice per step over the same positions (scaling pass
-and mixed pass, each with a cache of the same length), so through `base(...)` all of it is done twice, and each
-call also pays for the model's wrappers (argument merging, output capture, output dataclasses). On a small model
-at decode time that fixed cost is most of a step.
-
-`DecoderStack` does the shared part once per step (`prepare`) and then runs the decoder layers directly, through
-their public `forward`, for each pass (`hidden_states`): the same modules and the same mask function the model's
-own forward uses, so results are bit-for-bit those of `base(...)`. It covers the families whose forward is exactly
+`DecoderStack` computes once per step what depends only on the token positions and the KV cache's length (the
+positions, the rotary table (cos, sin), one attention mask per layer: `prepare`), then runs the decoder layers
+directly, through their public `forward`, for each pass (`hidden_states`). It uses the same modules and the same
+mask functions as the model's own forward, so results are bit for bit those of `base(...)`. It covers the
+families whose forward is exactly
 
     h = embed_tokens(ids);  (cos, sin) = rotary_emb(h, positions);  mask = the model's mask function
     h = layer_i(h, mask[kind of layer i], (cos, sin), cache)  for each decoder layer;  h = norm(h)
@@ -23,15 +18,13 @@ Both transformers 4.57 and 5.x are served through public surfaces only: the mask
 `transformers.masking_utils` and the layers' `forward`, whose argument names (`cache` / `past_key_values`,
 `inputs_embeds` / `input_embeds`, `cache_position`) are read from their signatures.
 
-One-token steps (decoding) go further when every layer has full attention, SDPA and the Llama layout: they run
-through `_decode_layer`, a hand-written decoder layer that calls the layer's own projections (the mixed LoRA
-layers included) and computes the norms, rotary embedding and attention with the same operations in the same
-order as the model's forward, so the logits stay bit for bit those of `base(...)` (tests/test_fast_decode.py).
-What it drops is per-call machinery, which at decode time costs more than the math of a small model: module
-calls and attribute lookups (each layer's parts are looked up once, `LayerParts`), the mask functions (a
-one-token step needs at most the padding mask), the rotary module (`RotaryRows`: its table is computed once and
-looked up), and the cache's copy per step (with a `GrowingCache`, kv_cache.py). What each change bought is
-measured in docs/benchmarks.md (benchmarks/bench_peers.py). Training (autograd on) keeps the model's own layers.
+One-token steps (decoding) of bases with full attention in every layer, SDPA and the Llama layout run through
+`_decode_layer`, a hand-written decoder layer: it calls the layer's own projections (the mixed LoRA layers
+included) and computes the norms, rotary embedding and attention with the same operations in the same order as
+the model's forward, so the logits stay bit for bit those of `base(...)` (tests/backbone/test_decoder.py). Its
+inputs: each layer's parts looked up once (`LayerParts`), at most a padding mask, rotary rows from a table
+(`RotaryRows`) and a `GrowingCache` (backbone/kv_cache.py), a DynamicCache or no cache. Training (autograd on)
+keeps the model's own layers. Why, and what each part bought: docs/architecture.md (History).
 """
 
 from __future__ import annotations
@@ -185,8 +178,8 @@ class DecoderStack:
 # ---- the hand-written decoder layer ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerParts:
-    """What the hand-written step calls in one decoder layer, looked up once (module attribute lookups cost more
-    than the small matrix products of a decode step): each projection as a plain function of its input."""
+    """What the hand-written step calls in one decoder layer, looked up once: each projection as a plain function
+    of its input."""
 
     input_norm: Callable[[torch.Tensor], torch.Tensor]
     q_proj: Callable[[torch.Tensor], torch.Tensor]
@@ -234,9 +227,9 @@ class RotaryRows:
 
     For the rotary kinds whose table depends on the position alone (STATIC), the model's own rotary module computes
     the table for positions 0..n-1 in one call, grown (doubled) when a step goes past it, and a step looks its rows
-    up: the module's per-call cost is a tenth of a tiny model's decode step. One call over many positions gives
-    each position's row bit for bit as a call for that position alone (tests/test_fast_decode.py checks it). Other
-    kinds ("dynamic", "longrope", ...) call the module at every step."""
+    up. One call over many positions gives each position's row bit for bit as a call for that position alone
+    (tests/backbone/test_decoder.py checks it). Other kinds ("dynamic", "longrope", ...) call the module at every
+    step."""
 
     STATIC = ("default", "linear", "llama3", "yarn")
 

@@ -1,16 +1,14 @@
 """A KV cache for one-token decode steps: each layer's keys and values in a buffer with room to grow.
 
-transformers' DynamicCache appends by concatenation, so every decode step copies the whole cache of every layer
-into fresh memory. On a small model that copy is the largest single cost of a step (a fifth of the tiny
-benchmark model's CPU time at 300 tokens, torch profiler: `aten::cat`, 16 us a call), and X-LoRA pays it twice,
-once per pass. `GrowingCache` keeps every layer's keys and values in buffers with spare positions: a step writes
-its token in place and the attention reads a view of the filled part; a full buffer doubles, so an append costs
-O(1) amortised.
+`GrowingCache` keeps every layer's keys and values as (b, kv_heads, capacity, head_dim) buffers whose first
+`length` positions are filled: a step writes its token in place and the attention reads a view of the filled
+part; a full buffer doubles, so an append costs O(1) amortised (DynamicCache copies the whole cache at every
+append). Why: docs/architecture.md (History).
 
-It serves the hand-written decode layers (fast_decode.py), which call `update` with DynamicCache's signature.
-Generation prefills with a DynamicCache (the prompt goes through the model's own layers) and then converts it with
-`GrowingCache.from_cache` when the model decodes by hand. As in DynamicCache, the rows of a batch share one length;
-left padding is hidden by the attention mask.
+It serves the hand-written decode layers (backbone/decoder.py), which call `update` with DynamicCache's
+signature. Generation prefills with a DynamicCache (the prompt goes through the model's own layers) and then
+converts it with `GrowingCache.from_cache` when the model decodes by hand. As in DynamicCache, the rows of a batch
+share one length; left padding is hidden by the attention mask.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The demo's five synthetic domains, echoing the paper's experts, and the generic text the base model learns.
+"""The demo's synthetic data: five domains echoing the paper's experts, the composed task, the gate's extra rows
+(hand-overs, conversations), the base model's generic text.
 
 Everything is generated from a seed, so a run is reproducible, and everything is invented, so no model can know
 it beforehand. Each domain gives (prompt, reference) pairs and a scorer mapping a generated answer to [0, 1].
@@ -16,9 +17,7 @@ Protein mechanics uses one fixed rule for the unfolding force of a sequence over
   vam has kip . vam makes") -> the protein the fact's rule gives; exact match.
 * recall: "recall <material> <property> =" -> the value in a fixed table of invented materials (stiffness,
   colour, origin and a residue sequence), then " =", which marks where the value ends; exact match of the value.
-  Half of the questions ask for the sequence, the one value of 3-8 tokens (the others are one token each): with
-  a quarter, as for the other properties, the expert recalled 9 of the 16 sequences and every other value
-  (measured; with half, 16 of 16).
+  Half of the questions ask for the sequence, the one value of 3-8 tokens (the others are one token each).
 
 Half of each domain's training rows carry one generic sentence before the prompt (with_context), so that an
 expert also answers after other text: an earlier turn, or the "fold" that opens the composed task.
@@ -31,13 +30,10 @@ The composed task needs two experts in one answer, and no expert is trained on i
   5 pN of the force of the right sequence). The gate trains on it for half of the materials, and on hand-over
   rows over invented materials whose sequence the prompt gives (handover_rows).
 
-Why recall's answers end with " =": X-LoRA's gate reads the base model's hidden states, which do not know a
-material's sequence, so without a mark it cannot tell where a recalled sequence (3 to 8 residues) ends and has to
-guess when to hand over to protein_forward (measured in an earlier version: it handed over after about three
-residues and garbled the rest). The mark is written by the recall expert and seen by the gate. It is also the
-text protein_forward expects before a force: an answer may hold only what some expert writes, since the gate
-mixes experts and cannot add a word none of them gives (measured: before the mark, no expert gave " =" a
-probability of 0.01 after a recalled sequence).
+Recall's end mark " =" is there for the gate, which reads the base model's hidden states and so cannot know
+where a recalled sequence ends; it is also the text protein_forward expects before a force, and only an expert
+can write it (the gate mixes experts, it cannot add a word none of them gives). The measurements behind these
+choices are in loramix's docs/architecture.md (History).
 """
 
 from __future__ import annotations
@@ -223,10 +219,9 @@ def composed_rows(seed: int, split: str, n: int | None = None) -> list[dict]:
     halves with sequences of 3 to 8 residues.
 
     Each row labels its spans: the prompt, the sequence and its end mark " =" are recall's to write, the force
-    protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see loramix.training.data.DataFormat).
-    The prompt is recall's too because the recall expert reads the material's name with its own weights: left
-    unlabelled, the gate sent the name's tokens to other experts and the recalled sequences came out garbled
-    (measured: 1 of 8 held-out sequences right, against 4 with the prompt labelled)."""
+    protein_forward's (the `expert` field, [start, end, expert] over prompt + completion; see
+    loramix.training.data.DataFormat). The prompt is recall's too because the recall expert reads the material's
+    name with its own weights (why: docs/architecture.md, History)."""
     table = material_table(seed)
     # the materials in order of sequence length, taken alternately, so both halves cover the lengths (split by
     # name, the gate's materials had 3-5 residues and half the held-out ones 7-8, and after those the gate ended
@@ -252,13 +247,9 @@ def handover_rows(seed: int, n: int) -> list[dict]:
     """n rows that teach the gate where a composed answer passes from recall to protein_forward, for any material
     and sequence: "fold recall <invented material> sequence = <random sequence> =" -> " <its force>". The
     materials are none of the table's, so no expert knows them, and the sequence is part of the prompt: only the
-    force is trained, and only the force is labelled (protein_forward's, from the end mark on).
-
-    Measured, full run: the composed rows alone show the gate 8 materials, and on the held-out ones it ended 3 of
-    8 answers at the end mark instead of passing on (composed score 0.75). With these rows it passed on in all 8.
-    Their prompt is not labelled because no expert writes it: labelled recall's like a composed row's, it taught
-    the gate that "fold" and residues are recall's (protein_inverse fell to 0.66 against its expert's 0.78, and
-    the five-turn exchange's protein_inverse turn went to recall)."""
+    force is trained, and only the force is labelled (protein_forward's, from the end mark on). Their prompt is
+    not labelled because no expert writes it (why these rows, and why unlabelled: docs/architecture.md,
+    History)."""
     rnd = random.Random(f"handover-{seed}")
     known = set(material_table(seed))
     rows = []
@@ -282,8 +273,7 @@ def conversation_rows(train: dict[str, list[dict]], n: int, seed: int,
     """n exchanges of 2 to 5 turns (`turns`) over distinct domains, drawn from the domains' training rows and
     joined with " |": the earlier turns (prompt and answer) are context, the last answer is trained, and every
     turn (its separator included) is labelled with its domain's expert, so the gate learns to follow a
-    conversation. Up to 5 turns, as many as the exchange the demo draws (measured once, same experts and gate
-    data otherwise: with 2 to 4 turns the gate followed 3 of that exchange's 5 turns, with 2 to 5, 4)."""
+    conversation. Up to 5 turns, as many as the exchange the demo draws (docs/architecture.md, History)."""
     rnd = random.Random(f"conversations-{seed}")
     names = sorted(train)
     rows = []
@@ -353,12 +343,9 @@ CONTEXT_SHARE = 0.5  # of a domain's training rows, preceded by a generic senten
 def with_context(rows: list[dict], seed: int, share: float = CONTEXT_SHARE) -> list[dict]:
     """The rows, a `share` of them with one generic sentence before the prompt, as a domain's examples come with
     varied context in instruction data. The context is not trained, and the row's expert label covers the task's
-    own text only (the context is unlabelled).
-
-    Why: an expert that only ever saw its prompt at the start of the text fails when anything comes before it,
-    an earlier turn of a conversation or the "fold" that opens the composed task (measured, the recall expert
-    without k_proj and v_proj, given the composed prompt and the sequence: every residue right for 4 of the 16
-    materials when trained without context, 16 of 16 with it)."""
+    own text only (the context is unlabelled). An expert that only ever saw its prompt at the start of the text
+    fails when anything comes before it: an earlier turn, or the "fold" that opens the composed task (measured:
+    docs/architecture.md, History)."""
     rnd = random.Random(f"context-{seed}")
     materials = list(material_table(seed + 1000))
     out = []

@@ -1,6 +1,5 @@
-"""The demo's evaluate stage: greedy answers of every system on held-out prompts, their scores, X-LoRA's routing,
-the protein forward task's R², how much the gate mixes experts (entropy, experts above 0.2 per layer), and the
-composed task part by part, with where X-LoRA loses its force (composed_checks)."""
+"""The demo's evaluate stage: every system's greedy answers to the held-out prompts, scored (the protein forward
+task's R² too), beside X-LoRA's gate: its routing, how much it mixes experts, the composed task part by part."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """`loramix demo`: the paper's experiment at a size that runs on two CPU cores, offline, end to end.
 
 Stages (each one skipped on a rerun when its folder records the same settings, unless --fresh):
-  data       five synthetic domains (domains.py), the composed task and conversations across the domains (for the
+  data       five synthetic domains (demo/domains.py), the composed task and conversations across the domains (for the
              gate only), and generic text; train / held-out splits, as JSONL
   base       a byte-pair tokenizer built with `tokenizers`, and a tiny Llama pre-trained on the generic text
   experts    one LoRA expert per domain, trained on that domain only (loramix.train_expert)
   xlora      the X-LoRA gate over the frozen experts, trained on the mix (loramix.train_xlora)
-  evaluate   held-out scores of the base, each expert, the static merge and X-LoRA (evaluation.py)
-  report     figures as in the paper (analysis.py), results.json and report.md (report.py)
+  evaluate   held-out scores of the base, each expert, the static merge and X-LoRA (demo/evaluation.py)
+  report     figures as in the paper (analysis.py), results.json and report.md (demo/report.py)
 """
 
 from __future__ import annotations
@@ -237,7 +237,9 @@ def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
 def _make_base(folder: str, data: str, scale: dict, seed: int, log, progress: bool) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from ..training.data import DataFormat
     from ..training.loop import train_base
+    from ..training.settings import TrainingArgs
 
     texts = [json.loads(line)["text"] for line in open(os.path.join(data, "generic.jsonl"), encoding="utf-8")]
     domain_names = {d.name for d in make_domains(seed)}
@@ -250,33 +252,47 @@ def _make_base(folder: str, data: str, scale: dict, seed: int, log, progress: bo
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **MODEL)
     model = LlamaForCausalLM(config)
-    train_base(model, tokenizer, os.path.join(data, "generic.jsonl"), folder, text_field="text", max_length=128,
-               max_steps=scale["base_steps"], lr=3e-3, batch_size=32, warmup_steps=50, lr_scheduler="cosine",
-               seed=seed, progress=progress, log=log, logging_steps=50)
+    args = TrainingArgs(max_steps=scale["base_steps"], lr=3e-3, batch_size=32, warmup_steps=50, lr_scheduler="cosine",
+                        seed=seed, progress=progress, logging_steps=50)
+    train_base(model, tokenizer, os.path.join(data, "generic.jsonl"), folder, args=args,
+               data_format=DataFormat(text_field="text", max_length=128), log=log)
 
 
 def _make_experts(folder: str, base: str, data: str, domains: list[Domain], scale: dict, seed: int, log,
                   progress: bool) -> None:
     from ..training.loop import train_expert
+    from ..training.settings import LoraSettings, TrainingArgs
 
+    lora = LoraSettings(rank=EXPERT["rank"], alpha=EXPERT["alpha"], dropout=EXPERT["dropout"],
+                        target_modules=EXPERT["target_modules"])
+    args = TrainingArgs(max_steps=scale["expert_steps"], lr=EXPERT["lr"], batch_size=EXPERT["batch_size"], seed=seed,
+                        warmup_steps=20, progress=progress, logging_steps=50)
     os.makedirs(folder)
     for domain in domains:
         log(f"  expert {domain.name}")
         train_expert(base, os.path.join(data, f"{domain.name}_train.jsonl"), os.path.join(folder, domain.name),
-                     max_steps=scale["expert_steps"], seed=seed, warmup_steps=20, progress=progress, log=log,
-                     logging_steps=50, **EXPERT)
+                     lora=lora, args=args, log=log)
 
 
 def _make_gate(folder: str, base: str, experts: str, data: str, domains: list[Domain], scale: dict, seed: int,
                log, progress: bool, routing: dict) -> None:
+    from ..config import XLoraConfig
+    from ..losses import RoutingLosses
+    from ..training.data import DataFormat
     from ..training.loop import train_xlora
+    from ..training.settings import TrainingArgs
 
     adapters = {d.name: os.path.join(experts, d.name) for d in domains}
     files = [os.path.join(data, f"{name}_train.jsonl")
              for name in [*adapters, COMPOSED.name, "conversations", f"{COMPOSED.name}_handover"]]
-    train_xlora(base, adapters, files, folder,
-                max_steps=scale["gate_steps"], seed=seed, warmup_steps=20, progress=progress, log=log,
-                logging_steps=50, **GATE, **routing)
+    config = XLoraConfig(adapters=adapters, xlora_depth=GATE["xlora_depth"], xlora_size=GATE["xlora_size"],
+                         layerwise_scalings=GATE["layerwise_scalings"])
+    args = TrainingArgs(max_steps=scale["gate_steps"], lr=GATE["lr"], batch_size=GATE["batch_size"], seed=seed,
+                        warmup_steps=20, progress=progress, logging_steps=50)
+    losses = RoutingLosses(routing_weight=routing.get("routing_weight", 0.0),
+                           routing_anneal_steps=routing.get("routing_anneal_steps", 0))
+    data_format = DataFormat(expert_field=routing.get("expert_field"))
+    train_xlora(base, config, files, folder, args=args, data_format=data_format, routing=losses, log=log)
 
 
 # ---- figures and report -----------------------------------------------------------------------------------------

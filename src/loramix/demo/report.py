@@ -1,5 +1,5 @@
-"""The demo's report: the tables (scores, composed task, R², routing, mixing, targets) and report.md's prose,
-which explains the figures and compares with the paper using the numbers measured in this run."""
+"""The demo's report.md, written from one run's results: its tables, its figures' captions, the comparison with
+the paper."""
 
 from __future__ import annotations
 

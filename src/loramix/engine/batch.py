@@ -1,5 +1,5 @@
-"""The decode batch: rows decoded together through both passes, one KV cache per pass, frozen and folded
-scalings, and the cache surgery that keeps or joins rows."""
+"""The decode batch (`DecodeBatch`): rows decoded together through both passes with one KV cache per pass, their
+scalings frozen or folded, rows kept or joined by cache surgery."""
 
 from __future__ import annotations
 

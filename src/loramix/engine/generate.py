@@ -1,5 +1,5 @@
-"""`generate` and `decode_steps`: the decode core driven over one batch of prompts, and the model facts they
-read (EOS and pad ids, the context length)."""
+"""`generate` / `decode_steps`: the decode core driven over one batch of prompts, with the model facts they read
+(EOS and pad ids, the context length)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class Step:
     tokens: torch.Tensor  # (n,) the token each row just produced
     scalings: torch.Tensor | None  # (n, n_lora_layers, n_experts) used to produce them
     reasons: list[str | None]  # "stop" (eos or stop string) / "length" for rows that end here, else None
+    texts: list[str] | None = None  # the text each row hands out at this step (RowText.take), given a tokenizer
 
 
 @dataclass
@@ -30,13 +31,15 @@ class GenerationResult:
     scalings: torch.Tensor | None  # (b, new, n_lora_layers, n_experts), 0 after a row ends
     n_new_tokens: list[int]
     finish_reasons: list[str]
+    texts: list[str] | None = None  # each row's text (the text rule, engine/text.py), when a tokenizer is given
 
 
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  params: list[SamplingParams], *, eos_token_ids: list[int], gate: GateOptions = GateOptions(),
                  tokenizer=None, max_length: int | None = None) -> Iterator[Step]:
     """The decode loop over a batch of prompts, as a generator of steps; finished rows leave the batch and its
-    caches. A row whose sampling fails raises RuntimeError naming the row."""
+    caches. A row whose sampling fails raises RuntimeError naming the row. With a `tokenizer` each step also
+    carries the text each row hands out (`Step.texts`; joined over the steps, the row's text: engine/text.py)."""
     b, prompt_len = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -47,7 +50,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     # the context budget counts the padded prompt (Hugging Face's max_length convention)
     rows = [RowState.start(prompts[r][real[r]].tolist(), params[r], device=model.device,
                            eos_token_ids=eos_token_ids, tokenizer=tokenizer, context_length=max_length,
-                           prompt_length=prompt_len, owner=r) for r in range(b)]
+                           prompt_length=prompt_len, keep_text=tokenizer is not None, owner=r) for r in range(b)]
     if max((row.budget for row in rows), default=0) <= 0:
         return
     with torch.inference_mode():  # no autograd bookkeeping at all: cheaper than no_grad on small steps
@@ -57,8 +60,10 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             for row, reason in zip(batch.rows, reasons):
                 if reason == "error":
                     raise RuntimeError(f"input_ids: row {row.owner}: {row.error}")
+            texts = None if tokenizer is None else [
+                row.take_text(final=reason is not None) for row, reason in zip(batch.rows, reasons)]
             yield Step(rows=torch.tensor([row.owner for row in batch.rows], device=batch.mask.device),
-                       tokens=batch.last_sampled.tokens, scalings=batch.scalings, reasons=reasons)
+                       tokens=batch.last_sampled.tokens, scalings=batch.scalings, reasons=reasons, texts=texts)
             batch.keep([i for i, reason in enumerate(reasons) if reason is None])
             if not batch.rows:
                 return
@@ -74,7 +79,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              top_k_lora: int | None = None, softmax_temperature: float | None = None,
              return_scalings: bool = False) -> torch.Tensor | GenerationResult:
     """Generate with both KV caches. Returns prompt + new tokens (HF convention), or a GenerationResult with
-    the per-token scalings when `return_scalings` (scalings[b, i] produced new token i).
+    the per-token scalings when `return_scalings` (scalings[b, i] produced new token i) and, given a `tokenizer`,
+    each row's text (decoded against its prompt, up to the EOS, cut before a stop string: engine/text.py).
 
     `streamer`: an object with transformers' streamer interface (`put`, `end`; TextStreamer,
     TextIteratorStreamer), batch size 1. `seed`: row r samples with seed + r. `freeze_scalings_after`: N >= 0
@@ -94,6 +100,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                              stop=list(stop or [])) for r in range(b)]
     eos_ids, pad = special_tokens(model, eos_token_id, pad_token_id)
     new: list[list[int]] = [[] for _ in range(b)]
+    texts = None if tokenizer is None else [""] * b
     new_scalings: list[list[torch.Tensor]] = [[] for _ in range(b)]
     reasons = ["length"] * b
     if streamer is not None:
@@ -108,6 +115,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 new_scalings[r].append(step.scalings[i].float().cpu())
             if step.reasons[i] is not None:
                 reasons[r] = step.reasons[i]
+            if texts is not None:
+                texts[r] += step.texts[i]
         if streamer is not None:
             streamer.put(step.tokens.cpu())
     if streamer is not None:
@@ -125,7 +134,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if rows:
             scalings[r, : len(rows)] = torch.stack(rows)
     return GenerationResult(sequences=out, scalings=scalings, n_new_tokens=[len(n) for n in new],
-                            finish_reasons=reasons)
+                            finish_reasons=reasons, texts=texts)
 
 
 def special_tokens(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:

@@ -1,4 +1,4 @@
-"""One sequence being decoded (`RowState`) and the rules of its end: the token budget and the finish reason."""
+"""One sequence being decoded (`RowState`) with the rules of its end: the token budget, the finish reason."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from .params import SamplingParams
 from .sampling import new_generator
+from .text import RowText
 
 
 @dataclass
@@ -16,21 +17,19 @@ class RowState:
     """One sequence being decoded: everything the rules of decoding read about it.
 
     `tokens` are the tokens chosen so far (an ending EOS included); the last one is the next to be fed through
-    the model. `text` is their decoded text, kept only when the row needs it (stop strings, streamed text);
-    `sent` is how much of it `take_text` has handed out. `frozen` holds the row's scalings (L, E) once they are
-    frozen. `owner` is the driver's own handle (generate: the row index; the server's engine: the request)."""
+    the model. `text` is their text (`RowText`: up to the EOS, cut before a stop string), kept only when the row
+    needs it (stop strings, or a caller that asks for the text); `take_text` hands it out. `frozen` holds the
+    row's scalings (L, E) once they are frozen. `owner` is the driver's own handle (generate: the row index; the
+    server's engine: the request)."""
 
-    prompt: list[int]  # prompt ids without padding: the repetition penalty and the positions read them
+    prompt: list[int]  # prompt ids without padding: the repetition penalty, the positions and the text read them
     params: SamplingParams
     budget: int  # most new tokens: max_new_tokens, or less where the context ends first (token_budget)
     generator: torch.Generator
     eos_token_ids: frozenset[int] = frozenset()
-    tokenizer: Any = None
-    keep_text: bool = False  # decode the text after every token (streaming); stop strings imply it
+    text: RowText | None = None
     owner: Any = None
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0
     frozen: torch.Tensor | None = None
     error: str | None = None  # why the row failed, when its finish reason is "error"
 
@@ -38,41 +37,28 @@ class RowState:
     def start(cls, prompt: list[int], params: SamplingParams, *, device, eos_token_ids=(), tokenizer=None,
               context_length: int | None = None, prompt_length: int | None = None, keep_text: bool = False,
               owner: Any = None) -> "RowState":
-        """A fresh row; `prompt_length` (default: the prompt's) is what the context budget counts."""
+        """A fresh row; `prompt_length` (default: the prompt's) is what the context budget counts. The row keeps
+        its text (decoded by `tokenizer`) when `keep_text` or when it has stop strings."""
         if params.stop and tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer to decode the text")
         if keep_text and tokenizer is None:
             raise ValueError("keep_text: needs a tokenizer to decode the text")
         length = len(prompt) if prompt_length is None else prompt_length
+        text = RowText(tokenizer, prompt, params.stop, eos_token_ids) if keep_text or params.stop else None
         return cls(prompt=list(prompt), params=params, budget=token_budget(params, length, context_length),
                    generator=new_generator(params.seed, device), eos_token_ids=frozenset(eos_token_ids),
-                   tokenizer=tokenizer, keep_text=keep_text or bool(params.stop), owner=owner)
+                   text=text, owner=owner)
 
     def push(self, token: int) -> None:
-        """Record the token just chosen (and its text, when the row keeps text; an EOS adds none)."""
+        """Record the token just chosen (and its text, when the row keeps text)."""
         self.tokens.append(token)
-        if self.keep_text and token not in self.eos_token_ids:
-            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.text is not None:
+            self.text.push(token)
 
     def take_text(self, final: bool) -> str:
-        """Text not handed out yet. While the row runs, a tail that could still grow into a stop string, or an
-        incomplete character (U+FFFD), is held back; at the end the text is cut before the stop string."""
-        text, end = self.text, len(self.text)
-        if final:
-            hits = [at for at in (text.find(s) for s in self.params.stop) if at >= 0]
-            end = min(hits, default=end)
-        else:
-            if text.endswith("\ufffd"):
-                end = len(text.rstrip("\ufffd"))
-            for stop in self.params.stop:
-                for k in range(min(len(stop) - 1, end), 0, -1):
-                    if text[:end].endswith(stop[:k]):
-                        end -= k
-                        break
-        if end <= self.sent:
-            return ""
-        delta, self.sent = text[self.sent:end], end
-        return delta
+        """Text not handed out yet (`RowText.take`): while the row runs, a tail that could still grow into a stop
+        string is held back; at the end (`final`) the rest, cut before the stop string. "" without text."""
+        return "" if self.text is None else self.text.take(final)
 
 
 def token_budget(params: SamplingParams, prompt_length: int, context_length: int | None) -> int:
@@ -89,7 +75,7 @@ def finish_reason(row: RowState) -> str | None:
     token, n = row.tokens[-1], len(row.tokens)
     if token in row.eos_token_ids and n > row.params.min_new_tokens:
         return "stop"
-    if row.params.stop and any(s in row.text for s in row.params.stop):
+    if row.text is not None and row.text.stopped:
         return "stop"
     if n >= row.budget:
         return "length"

@@ -1,5 +1,5 @@
-"""Token choice: the next token of every row from its logits (penalties, greedy or sampled, per-row failures) and
-the log-probabilities of the distribution it came from, for generated tokens and for a prompt's own tokens."""
+"""Token choice: every row's next token from its logits (penalties, greedy or sampled, per-row failures), with the
+log-probabilities of the distribution it came from, for generated tokens as for a prompt's own."""
 
 from __future__ import annotations
 

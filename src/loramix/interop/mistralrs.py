@@ -22,34 +22,140 @@ with `rope_theta`, in the `base/` subfolder, whose absolute path becomes `base_m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from ..config import CONFIG_NAME, XLoraConfig
-from ..experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..checkpoint import CLASSIFIER_NAME, CONFIG_NAME, Checkpoint
+from ..config import XLoraConfig
+from ..experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from .saving import new_output_folder, plain_base
 
 ORDERING_NAME = "xlora_ordering.json"
-CLASSIFIER_NAME = "xlora_classifier.safetensors"
 BASE_FOLDER = "base"
-PEFT_PREFIX = "base_model.model."
 
 
-@dataclass
-class MistralrsCheckpoint:
-    config: XLoraConfig
-    classifier_state: dict[str, torch.Tensor]  # in loramix's key layout
-    adapters: dict[str, str]  # expert name -> PEFT adapter folder (valid inside `read_mistralrs_checkpoint`)
-    base_model_id: str | None
-    source: str  # the classifier file, for messages
+# ---- writing ----------------------------------------------------------------------------------------------------
+def export_mistralrs(model, folder: str, tokenizer=None, base_model_id: str | None = None) -> str:
+    """Write `model` in mistral.rs's X-LoRA layout (see the module docstring). `base_model_id`: the id mistral.rs
+    will load the base from; None writes the base model (and tokenizer) to `folder/base` and records its path."""
+
+    _check_exportable(model)
+    folder = os.path.abspath(folder)
+    record_id = base_model_id or os.path.join(folder, BASE_FOLDER)
+    with new_output_folder(folder) as tmp:
+        if base_model_id is None:
+            with plain_base(model) as base:
+                base.save_pretrained(os.path.join(tmp, BASE_FOLDER))
+            _add_rope_theta(os.path.join(tmp, BASE_FOLDER, "config.json"))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(os.path.join(tmp, BASE_FOLDER))
+        ordering = {"order": list(model.expert_names), "layers": {n: i for i, n in enumerate(model.lora_layer_names)},
+                    "base_model_id": record_id}
+        _write_json(os.path.join(tmp, ORDERING_NAME), ordering)
+        config = model.config.to_dict()
+        config.update(adapters=list(model.expert_names), base_model_id=record_id, xlora_dropout_p=0.0,
+                      scaling_pass_value=model.config.resolved_scaling_pass_value())
+        _write_json(os.path.join(tmp, CONFIG_NAME), config)
+        save_file(_numbered_classifier_state(model), os.path.join(tmp, CLASSIFIER_NAME))
+        for e, name in enumerate(model.expert_names):
+            tensors, adapter_config = _padded_expert(model, e, record_id)
+            save_file(tensors, os.path.join(tmp, f"{name}.{ADAPTER_WEIGHTS}"))
+            _write_json(os.path.join(tmp, f"{name}.{ADAPTER_CONFIG}"), adapter_config)
+        _check_file_names(tmp, model.expert_names)
+    return folder
 
 
+def _check_exportable(model) -> None:
+    c = model.config
+    if c.enable_softmax_topk:
+        raise ValueError("enable_softmax_topk: mistral.rs does not implement it")
+    if c.xlora_depth > 1 and c.xlora_size != c.hidden_size:
+        raise ValueError(f"xlora_size: mistral.rs 0.9.5 reads the classifier's last Linear as hidden_size "
+                         f"({c.hidden_size}) wide, so with xlora_depth > 1 it needs xlora_size == hidden_size, "
+                         f"not {c.xlora_size}")
+    short_names = {n.rsplit(".", 1)[-1] for n in model.lora_layer_names}
+    adapted = set(model.lora_layer_names)
+    for layer in model.mixed_layers():
+        if not isinstance(layer.base_layer, nn.Linear):
+            raise ValueError(f"module {model.lora_layer_names[layer.layer_index]!r}: mistral.rs's X-LoRA adapts "
+                             f"only Linear layers, not {type(layer.base_layer).__name__}")
+    for name, module in model.base.named_modules():
+        if name.rsplit(".", 1)[-1] in short_names and isinstance(module, nn.Linear) and name not in adapted \
+                and not name.endswith(".base_layer"):
+            raise ValueError(f"module {name!r}: mistral.rs adapts every module named {name.rsplit('.', 1)[-1]!r}, "
+                             f"but no expert adapts this one")
+
+
+def _padded_expert(model, e: int, base_model_id: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Expert e over every LoRA layer at one rank (its largest), its scale folded into B, zero where it is absent."""
+    modules = {}
+    for layer in model.mixed_layers():
+        m = layer.expert_module(e)
+        if m is not None:
+            modules[model.lora_layer_names[layer.layer_index]] = (layer, m)
+    rank = max(m.rank for _, m in modules.values())
+    tensors = {}
+    for layer in model.mixed_layers():
+        name = model.lora_layer_names[layer.layer_index]
+        n_in, n_out = layer.lora_A.shape[1], layer.lora_B.shape[0]
+        A = torch.zeros(rank, n_in, dtype=layer.lora_A.dtype)  # (r, in)
+        B = torch.zeros(n_out, rank, dtype=layer.lora_B.dtype)  # (out, r)
+        if name in modules:
+            m = modules[name][1]
+            A[: m.rank] = m.lora_A.detach().cpu()
+            B[:, : m.rank] = (m.lora_B.detach().float().cpu() * m.scale).to(B.dtype)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_id, "r": rank,
+              "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in model.lora_layer_names})}
+    return tensors, config
+
+
+def _numbered_classifier_state(model) -> dict[str, torch.Tensor]:
+    """Our classifier keys (inner.{position in the ModuleList}) -> mistral.rs's (inner.{j}, j-th Linear)."""
+    state = {}
+    for j, linear in enumerate(model.classifier.hidden_linears()):
+        state.update({f"inner.{j}.{k}": v for k, v in linear.state_dict().items()})
+    state.update({f"last.{k}": v for k, v in model.classifier.last.state_dict().items()})
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _add_rope_theta(config_path: str) -> None:
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if "rope_theta" not in config and theta is not None:
+        config["rope_theta"] = theta
+        _write_json(config_path, config)
+
+
+def _check_file_names(folder: str, expert_names: list[str]) -> None:
+    """mistral.rs gives a file to the first expert whose name it contains: every file must go where we mean."""
+    for file in sorted(os.listdir(folder)):
+        owner = next((n for n in expert_names if n in file), None)
+        meant = next((n for n in expert_names if file.startswith(f"{n}.adapter_")), None)
+        if owner != meant:
+            raise ValueError(f"expert names {expert_names}: mistral.rs would read {file!r} as expert {owner!r}'s "
+                             f"file (it matches files by substring); rename the experts so that no name contains "
+                             f"another or appears in {sorted(os.listdir(folder))}")
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------
 def find_ordering_file(folder: str) -> str | None:
     """The ordering file of a local mistral.rs X-LoRA folder: `xlora_ordering.json`, else the one JSON file
     holding "order" and "layers"; None when there is none (not this layout)."""
@@ -70,10 +176,14 @@ def find_ordering_file(folder: str) -> str | None:
 
 
 @contextlib.contextmanager
-def read_mistralrs_checkpoint(folder: str, ordering_path: str | None = None) -> Iterator[MistralrsCheckpoint]:
+def read_mistralrs_checkpoint(folder: str, base: str | nn.Module | None = None,
+                              adapters: dict[str, str] | None = None) -> Iterator[Checkpoint]:
     """Read a mistral.rs X-LoRA folder (ordering file + flat `<expert>.adapter_*` files). The adapters are offered
-    as PEFT folders of links in a temporary folder that exists only inside the `with` block."""
-    ordering_path = ordering_path or find_ordering_file(folder)
+    as PEFT folders of links in a temporary folder that exists only inside the `with` block.
+
+    `base` defaults to the base written beside (`base/`), else the recorded id; `adapters` (name -> folder or hub
+    id) loads the experts from elsewhere instead."""
+    ordering_path = find_ordering_file(folder)
     if ordering_path is None:
         raise FileNotFoundError(f"{folder}: no mistral.rs ordering file (a JSON with 'order' and 'layers')")
     with open(ordering_path, encoding="utf-8") as f:
@@ -97,7 +207,7 @@ def read_mistralrs_checkpoint(folder: str, ordering_path: str | None = None) -> 
     files = sorted(os.listdir(folder))
     tmp = tempfile.mkdtemp(prefix=".loramix-mistralrs-")
     try:
-        adapters = {}
+        own = {}  # expert name -> its folder of links
         for name in config.expert_names:
             mine = [f for f in files if next((n for n in config.expert_names if n in f), None) == name]
             for wanted in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -107,10 +217,14 @@ def read_mistralrs_checkpoint(folder: str, ordering_path: str | None = None) -> 
                                             f"contains {name!r}, found {found}")
                 os.makedirs(os.path.join(tmp, name), exist_ok=True)
                 os.symlink(os.path.join(os.path.abspath(folder), found[0]), os.path.join(tmp, name, wanted))
-            adapters[name] = os.path.join(tmp, name)
+            own[name] = os.path.join(tmp, name)
         base_id = raw.get("base_model_id") or ordering.get("base_model_id")
         if os.path.isfile(os.path.join(folder, BASE_FOLDER, "config.json")):
             base_id = os.path.join(os.path.abspath(folder), BASE_FOLDER)  # the base written beside, wherever moved
-        yield MistralrsCheckpoint(config, ours, adapters, base_id, classifier_path)
+        if base is None and not base_id:
+            raise ValueError(f"{folder}: the checkpoint records no base model id; pass base=...")
+        yield Checkpoint(config=dataclasses.replace(config, adapters=adapters or own), base=base or base_id,
+                         classifier_path=classifier_path, classifier_state=ours, peft_layout=False,
+                         peft_layout_experts=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
-"""The OpenAI request side of `loramix serve`: a body's JSON, every field checked (400 naming the field, in the
-OpenAI error shape), turned into SamplingParams, GateOptions and Choices, and the request schemas of the OpenAPI
-document. Pure functions: no app, no engine.
+"""The OpenAI request side of `loramix serve`: a body's fields checked (400 naming the field, in OpenAI's error
+shape) into typed `RequestOptions`, against one table of field ranges that the OpenAPI request schemas also read.
+Pure functions: no app, no engine.
 
 The X-LoRA extension: an optional request field
     "xlora": {"return_scalings": true, "top_k": 2, "softmax_temperature": 0.5, "freeze_scalings_after": 16}
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi.responses import Response
@@ -93,33 +93,89 @@ def _is_text(s: str) -> bool:
     return True
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, prefix: str = "") -> float:
-    """body[name] as a finite float in [low, high]; `prefix` names the enclosing object in errors ("xlora.")."""
-    value = body.get(name, default)
-    if value is None:
-        return default
-    name = prefix + name
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)):
-        raise ApiError(400, f"{name} must be a finite number, got {value!r}", param=name)
-    if not low <= value <= high:  # exact for ints of any size (no float conversion)
-        raise ApiError(400, f"{name} must be between {low} and {high}, got {short_value(value)}", param=name)
-    return float(value)
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric request field takes: `kind` "integer" (an int, not a bool) or "number" (a finite int
+    or float), from `low` to `high` (None: unbounded), `low` itself excluded when `above_low`. The check and the
+    field's JSON schema both come from here, and both state the same rule (`rule`)."""
+
+    kind: str
+    low: int | float | None = None
+    high: int | float | None = None
+    above_low: bool = False
+
+    def rule(self) -> str:
+        """The rule in words: "an integer from 1 to 16", "a number above 0 and at most 1"."""
+        what = "an integer" if self.kind == "integer" else "a number"
+        if self.above_low:
+            return f"{what} above {self.low}" + ("" if self.high is None else f" and at most {self.high}")
+        if self.low is not None and self.high is not None:
+            return f"{what} from {self.low} to {self.high}"
+        if self.low is not None:
+            return f"{what} of at least {self.low}"
+        return what if self.high is None else f"{what} of at most {self.high}"
+
+    def check(self, value: Any, name: str) -> int | float:
+        """`value` as an int ("integer") or a float ("number"); 400 naming `name` and stating `rule` otherwise.
+        Bounds are compared exactly, for ints of any size (no float conversion first)."""
+        if self.kind == "integer":
+            fits = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                not isinstance(value, float) or math.isfinite(value))
+        if fits and self.low is not None:
+            fits = value > self.low if self.above_low else value >= self.low
+        if fits and self.high is not None:
+            fits = value <= self.high
+        if not fits:
+            raise ApiError(400, f"{name} must be {self.rule()}, got {short_value(value)}", param=name)
+        return value if self.kind == "integer" else float(value)
+
+    def schema(self) -> dict:
+        """The JSON schema of the field's non-null values."""
+        schema: dict[str, Any] = {"type": self.kind}
+        if self.low is not None:
+            schema["exclusiveMinimum" if self.above_low else "minimum"] = self.low
+        if self.high is not None:
+            schema["maximum"] = self.high
+        return {**schema, "description": self.rule()}
 
 
-def _integer(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"{name} must be an integer, got {short_value(value)}", param=name)
-    if low is not None and value < low:
-        raise ApiError(400, f"{name} must be at least {low}, got {short_value(value)}", param=name)
-    if high is not None and value > high:
-        raise ApiError(400, f"{name} must be at most {high}, got {short_value(value)}", param=name)
-    return value
+def field_ranges(max_tokens_cap: int, n_experts: int, max_rows: int) -> dict[str, Range]:
+    """The range of every numeric request field on a server with these limits (`max_rows`: the engine's rows,
+    --max-batch + --max-queue): the one table that `options_from` checks against and `request_schemas` states."""
+    return {
+        "max_tokens": Range("integer", 1, max_tokens_cap),  # also max_completion_tokens; 0 too with echo
+        "n": Range("integer", 1, min(MAX_CHOICES, max_rows)),
+        "temperature": Range("number", 0, 2),
+        "top_p": Range("number", 0, 1, above_low=True),
+        "presence_penalty": Range("number", -2, 2),  # then refused unless 0
+        "frequency_penalty": Range("number", -2, 2),
+        "seed": Range("integer", *SEED_RANGE),
+        "logprobs": Range("integer", 0, MAX_LOGPROBS),  # completions; chat's is a flag
+        "top_logprobs": Range("integer", 0, MAX_LOGPROBS),
+        "xlora.top_k": Range("integer", 1, n_experts),
+        "xlora.softmax_temperature": Range("number", 1e-3, 100),
+        "xlora.freeze_scalings_after": Range("integer", 0),
+    }
+
+
+def max_tokens_range(ranges: dict[str, Range], echo: bool) -> Range:
+    """`max_tokens`' range: from 0 with `echo` (the prompt's log-probabilities alone), else from 1."""
+    return replace(ranges["max_tokens"], low=0) if echo else ranges["max_tokens"]
+
+
+def _field(body: dict, key: str, ranges: dict[str, Range], default=None, name: str | None = None):
+    """body[key] checked against the range of `name` (default: `key`; "xlora.top_k" for the xlora object's
+    "top_k"), or `default` when absent or null."""
+    value = body.get(key)
+    return default if value is None else ranges[name or key].check(value, name or key)
 
 
 def short_value(value: Any) -> str:
     """A value for an error message: huge numbers and strings cut to a readable length."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else f"an integer of {len(str(value))} digits"
+    huge = isinstance(value, int) and abs(value) >= 10 ** 30
+    text = f"an integer of {len(str(value))} digits" if huge else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -135,11 +191,10 @@ class Choices:
     scalings: bool = False
 
 
-def choices_from(body: dict, chat: bool) -> Choices:
+def choices_from(body: dict, chat: bool, ranges: dict[str, Range]) -> Choices:
     """`n`, `logprobs` (completions: an integer 0-20; chat: true, with `top_logprobs` 0-20), `echo` and
     `xlora.return_scalings`; 400 naming the field otherwise."""
-    n = body.get("n")
-    n = 1 if n is None else _integer(n, "n", 1, MAX_CHOICES)
+    n = _field(body, "n", ranges, default=1)
     spec = body.get("xlora")
     scalings = spec.get("return_scalings", False) if isinstance(spec, dict) else False
     if not isinstance(scalings, bool):
@@ -151,21 +206,18 @@ def choices_from(body: dict, chat: bool) -> Choices:
         if flag is not None and not isinstance(flag, bool):
             raise ApiError(400, f"logprobs must be true or false for chat completions, got {short_value(flag)}",
                            param="logprobs")
-        top = body.get("top_logprobs")
-        top = 0 if top is None else _integer(top, "top_logprobs", 0, MAX_LOGPROBS)
+        top = _field(body, "top_logprobs", ranges, default=0)
         if top and not flag:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return Choices(n=n, logprobs=top if flag else None, scalings=scalings)
-    logprobs = body.get("logprobs")
-    if logprobs is not None:
-        logprobs = _integer(logprobs, "logprobs", 0, MAX_LOGPROBS)
+    logprobs = _field(body, "logprobs", ranges)
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise ApiError(400, "echo must be true or false", param="echo")
     return Choices(n=n, logprobs=logprobs, echo=bool(echo), scalings=scalings)
 
 
-def sampling_from(body: dict, max_tokens_cap: int, echo: bool = False) -> SamplingParams:
+def sampling_from(body: dict, ranges: dict[str, Range], echo: bool = False) -> SamplingParams:
     """OpenAI fields -> SamplingParams; 400 naming the field for anything out of range. `max_tokens` may be 0
     only with `echo` (the prompt's log-probabilities alone)."""
     for unsupported in ("suffix", "tools", "functions", "logit_bias"):
@@ -174,20 +226,16 @@ def sampling_from(body: dict, max_tokens_cap: int, echo: bool = False) -> Sampli
     if body.get("best_of") not in (None, 1):
         raise ApiError(400, "best_of must be 1", param="best_of")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(name)
+    allowed = max_tokens_range(ranges, echo)
     # the default obeys the cap too: a server capped below it answers that many tokens at most
-    max_tokens = (min(DEFAULT_MAX_TOKENS, max_tokens_cap) if max_tokens is None
-                  else _integer(max_tokens, name, 0 if echo else 1, max_tokens_cap))
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0:
-        raise ApiError(400, "top_p must be greater than 0", param="top_p")
+    max_tokens = body.get(name)
+    max_tokens = min(DEFAULT_MAX_TOKENS, allowed.high) if max_tokens is None else allowed.check(max_tokens, name)
+    temperature = _field(body, "temperature", ranges, default=1.0)
+    top_p = _field(body, "top_p", ranges, default=1.0)
     for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0, -2.0, 2.0) != 0:
+        if _field(body, name, ranges, default=0.0) != 0:
             raise ApiError(400, f"{name} is not supported (only 0)", param=name)
-    seed = body.get("seed")
-    if seed is not None:
-        seed = _integer(seed, "seed", *SEED_RANGE)
+    seed = _field(body, "seed", ranges)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -200,7 +248,7 @@ def sampling_from(body: dict, max_tokens_cap: int, echo: bool = False) -> Sampli
                           top_p=top_p, seed=seed, stop=stop)
 
 
-def gate_from(body: dict, n_experts: int) -> GateOptions:
+def gate_from(body: dict, ranges: dict[str, Range]) -> GateOptions:
     """The request's `xlora` object as the gate options of its rows (`return_scalings` is read by `choices_from`);
     400 naming the field otherwise."""
     spec = body.get("xlora")
@@ -212,16 +260,36 @@ def gate_from(body: dict, n_experts: int) -> GateOptions:
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ApiError(400, f"xlora: unknown option(s) {short_value(unknown)}; known: {sorted(known)}", param="xlora")
-    top_k = spec.get("top_k")
-    if top_k is not None:
-        top_k = _integer(top_k, "xlora.top_k", 1, n_experts)
-    temperature = spec.get("softmax_temperature")
-    if temperature is not None:
-        temperature = _number(spec, "softmax_temperature", 1.0, 1e-3, 100.0, prefix="xlora.")
-    freeze = spec.get("freeze_scalings_after")
-    if freeze is not None:
-        freeze = _integer(freeze, "xlora.freeze_scalings_after", 0)
+    top_k = _field(spec, "top_k", ranges, name="xlora.top_k")
+    temperature = _field(spec, "softmax_temperature", ranges, name="xlora.softmax_temperature")
+    freeze = _field(spec, "freeze_scalings_after", ranges, name="xlora.freeze_scalings_after")
     return GateOptions(top_k_lora=top_k, softmax_temperature=temperature, freeze_scalings_after=freeze)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Every field of a request but its prompt, checked: how its rows sample, their gate, what the answer carries
+    besides text, and whether it streams."""
+
+    params: SamplingParams
+    gate: GateOptions
+    choices: Choices
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+
+
+def options_from(body: dict, chat: bool, ranges: dict[str, Range]) -> RequestOptions:
+    """Every field but the prompt (or the messages), checked before any tokenizing; 400 naming the first bad one.
+    `ranges`: the server's `field_ranges`."""
+    choices = choices_from(body, chat, ranges)
+    params = sampling_from(body, ranges, echo=choices.echo)
+    gate = gate_from(body, ranges)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false", param="stream")
+    stream_options = body.get("stream_options")
+    include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+    return RequestOptions(params=params, gate=gate, choices=choices, stream=stream, include_usage=include_usage)
 
 
 def prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -246,28 +314,32 @@ def prompt_list(prompt: Any) -> list[str | list[int]]:
     return prompts
 
 
-def request_schemas(model_name: str, max_tokens_cap: int, n_experts: int, max_rows: int) -> tuple[dict, dict]:
+def request_schemas(model_name: str, ranges: dict[str, Range], max_rows: int) -> tuple[dict, dict]:
     """JSON schemas of the /v1/completions and /v1/chat/completions bodies, for the OpenAPI document (the routes
-    read raw bodies and validate them themselves, with OpenAI-style errors)."""
-    def nullable(kind: str, **rules) -> dict:
-        return {"anyOf": [{"type": kind, **rules}, {"type": "null"}]}
+    read raw bodies and check them themselves, with OpenAI-style errors). Every numeric field's bounds are read
+    from `ranges`, the table the checks use; `max_rows` bounds the prompts of one request."""
+    def nullable(schema: dict) -> dict:
+        return {"anyOf": [schema, {"type": "null"}]}
+
+    def field(name: str) -> dict:
+        return nullable(ranges[name].schema())
 
     common = {
         "model": {"type": "string", "enum": [model_name]},
-        "max_tokens": nullable("integer", minimum=1, maximum=max_tokens_cap),
-        "temperature": nullable("number", minimum=0, maximum=2),
-        "top_p": nullable("number", exclusiveMinimum=0, maximum=1),
-        "seed": nullable("integer", minimum=SEED_RANGE[0], maximum=SEED_RANGE[1]),
+        "max_tokens": field("max_tokens"),
+        "temperature": field("temperature"),
+        "top_p": field("top_p"),
+        "seed": field("seed"),
         "stop": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"},
                            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}]},
         "stream": {"type": "boolean"},
-        "stream_options": nullable("object", properties={"include_usage": {"type": "boolean"}}),
-        "n": nullable("integer", minimum=1, maximum=min(MAX_CHOICES, max_rows)),
+        "stream_options": nullable({"type": "object", "properties": {"include_usage": {"type": "boolean"}}}),
+        "n": field("n"),
         "xlora": {"type": "object", "additionalProperties": False, "properties": {
             "return_scalings": {"type": "boolean"},
-            "top_k": nullable("integer", minimum=1, maximum=n_experts),
-            "softmax_temperature": nullable("number", minimum=1e-3, maximum=100),
-            "freeze_scalings_after": nullable("integer", minimum=0)}},
+            "top_k": field("xlora.top_k"),
+            "softmax_temperature": field("xlora.softmax_temperature"),
+            "freeze_scalings_after": field("xlora.freeze_scalings_after")}},
     }
     token_ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
     # several prompts: one choice each (n each), at most max_rows in all
@@ -280,15 +352,15 @@ def request_schemas(model_name: str, max_tokens_cap: int, n_experts: int, max_ro
                               "content": {"type": "string"}}}
     completion = {"type": "object", "required": ["model", "prompt"], "properties": {
         "prompt": prompt, **common,
-        "max_tokens": {**nullable("integer", minimum=0, maximum=max_tokens_cap),
+        "max_tokens": {**nullable(max_tokens_range(ranges, echo=True).schema()),
                        "description": "0 only with echo: the prompt's log-probabilities alone"},
-        "logprobs": nullable("integer", minimum=0, maximum=MAX_LOGPROBS),
-        "echo": nullable("boolean")}}
+        "logprobs": field("logprobs"),
+        "echo": nullable({"type": "boolean"})}}
     chat = {"type": "object", "required": ["model", "messages"],
             "properties": {"messages": {"type": "array", "items": message, "minItems": 1},
                            "max_completion_tokens": common["max_tokens"], **common,
-                           "logprobs": nullable("boolean"),
-                           "top_logprobs": nullable("integer", minimum=0, maximum=MAX_LOGPROBS)}}
+                           "logprobs": nullable({"type": "boolean"}),
+                           "top_logprobs": field("top_logprobs")}}
     return completion, chat
 
 

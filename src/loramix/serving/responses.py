@@ -5,6 +5,7 @@ deltas, and its token usage."""
 from __future__ import annotations
 
 from ..engine.sampling import TokenLogprob
+from ..engine.text import TokenTexts
 from .protocol import Choices
 from .scheduler import Event, Request
 
@@ -36,12 +37,15 @@ class Reply:
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(rows)]  # echoed prompt's, then new tokens'
         self.reasons: list[str | None] = [None] * rows
         self.offsets = [0] * rows  # text_offset of the next streamed token
-        self._token_texts: dict[int, str] = {}
+        self.strings: list[TokenTexts | None] = [None] * rows  # each choice's token strings, made on first use
 
-    def token_text(self, token: int) -> str:
-        if token not in self._token_texts:
-            self._token_texts[token] = self.tokenizer.decode([token])
-        return self._token_texts[token]
+    def token_texts(self, index: int) -> TokenTexts:
+        """The token strings of choice `index` (engine/text.py): decoded against the tokens before them, from the
+        prompt's first token when it is echoed (its tokens come first), else from the first new token."""
+        if self.strings[index] is None:
+            context = [] if self.choices.echo else self.prompts[index // self.choices.n]
+            self.strings[index] = TokenTexts(self.tokenizer, context)
+        return self.strings[index]
 
     def echo_text(self, index: int) -> str:
         """The prompt of choice `index` as text (token-id prompts decoded)."""
@@ -103,15 +107,19 @@ class Reply:
         position with the chosen token in it, `text_offset` into the choice's text, counted across chunks)."""
         if self.choices.logprobs is None:
             return None
+        strings = self.token_texts(index)
         if self.chat:
-            def item(token: int, logprob: float) -> dict:
-                text = self.token_text(token)
+            def item(text: str, logprob: float) -> dict:
                 return {"token": text, "logprob": _floor(logprob), "bytes": list(text.encode("utf-8"))}
-            return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                                for e in entries]}
+            content = []
+            for e in entries:
+                text, top = _token_strings(strings, e)
+                content.append({**item(text, e.logprob),
+                                "top_logprobs": [item(string, lp) for string, (_, lp) in zip(top, e.top)]})
+            return {"content": content}
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in entries:
-            text = self.token_text(e.token)
+            text, top = _token_strings(strings, e)
             out["tokens"].append(text)
             out["text_offset"].append(self.offsets[index])
             self.offsets[index] += len(text)
@@ -120,7 +128,14 @@ class Reply:
                 out["top_logprobs"].append(None)
                 continue
             out["token_logprobs"].append(_floor(e.logprob))
-            top = {self.token_text(t): _floor(lp) for t, lp in e.top}
-            top.setdefault(text, _floor(e.logprob))
-            out["top_logprobs"].append(top)
+            alternatives = {string: _floor(lp) for string, (_, lp) in zip(top, e.top)}
+            alternatives.setdefault(text, _floor(e.logprob))
+            out["top_logprobs"].append(alternatives)
         return out
+
+
+def _token_strings(strings: TokenTexts, entry: TokenLogprob) -> tuple[str, list[str]]:
+    """The string of the entry's token and those of its alternatives (in order), all in the context before it."""
+    others = {t: strings.alternative(t) for t, _ in entry.top if t != entry.token}
+    text = strings.push(entry.token)
+    return text, [text if t == entry.token else others[t] for t, _ in entry.top]

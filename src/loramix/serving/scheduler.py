@@ -4,8 +4,8 @@ Requests are admitted between decode steps: a new request's prompt is prefilled 
 its own KV cache), then its batch is merged into a running one (caches left-padded to the same length and
 concatenated along the batch axis, with an attention mask that hides the padding). Each step then feeds one token
 per row through both passes. Rows leave the batch (and both caches) when they finish or their client goes away.
-All of it is generation.py's decode core (`DecodeBatch`, `sample_next_token`, `finish_reason`), the same that
-`generate` drives; this module only schedules requests and reports to their owners.
+All of it is the engine's decode core (engine/: `DecodeBatch`, `sample_next_token`, `finish_reason`), the same
+that `generate` drives; this module only schedules requests and reports to their owners.
 
 A request's gating options (top-k, softmax temperature, frozen scalings) change what the classifier's output
 means, so rows are batched only with rows that have the same options (a *group*); the options are passed to the
@@ -33,6 +33,9 @@ from ..engine.batch import DecodeBatch
 from ..engine.params import SamplingParams
 from ..engine.rows import RowState
 from ..engine.sampling import TokenLogprob, chosen_logprobs, prompt_logprobs
+from .settings import check_count
+
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class QueueFull(Exception):
@@ -49,6 +52,12 @@ class Event:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # the new token's, when the request asks (Request.logprobs)
     prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's, in the first event (Request.prompt_logprobs)
+    shutdown: bool = False  # an "error" that is the engine (or server) stopping, not a fault of this request
+
+    @classmethod
+    def shutting_down(cls) -> "Event":
+        """The last event of a request ended because the engine or its server is stopping."""
+        return cls(finish_reason="error", error=SHUTTING_DOWN, shutdown=True)
 
 
 @dataclass
@@ -73,8 +82,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], max_batch: int = 8, max_queue: int = 64,
                  context_length: int | None = None, fold_frozen: bool = False) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        check_count(max_batch, "max_batch", 1)
+        check_count(max_queue, "max_queue", 0)
         self.model, self.tokenizer = model, tokenizer
         self.eos = list(eos_token_ids)
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -146,7 +155,7 @@ class Engine:
                 self._guard(lambda: self._step(group), [row.owner for row in group.rows], group)
         for group in self.groups:
             for row in group.rows:
-                row.owner.emit(Event(finish_reason="error", error="the server is shutting down"))
+                row.owner.emit(Event.shutting_down())
 
     def _guard(self, work: Callable[[], None], requests: list[Request], group: DecodeBatch | None = None) -> None:
         """Run one unit of work; an unexpected failure ends the requests involved, never the engine."""
@@ -254,4 +263,4 @@ def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
     return False
 
 
-__all__ = ["Engine", "Request", "Event", "QueueFull", "wait_idle"]
+__all__ = ["Engine", "Request", "Event", "QueueFull", "SHUTTING_DOWN", "wait_idle"]

@@ -1,4 +1,4 @@
-"""Training checkpoints and logs on disk: atomic `checkpoint-<step>/` folders and JSONL metric files.
+"""What a training run keeps on disk: atomic `checkpoint-<step>/` folders, the JSONL metrics log.
 
 A checkpoint is written in a temporary folder next to its final place and renamed when complete, so a crash
 leaves either the whole checkpoint or none that `latest_checkpoint` would pick up. It holds the task's own model

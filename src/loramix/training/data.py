@@ -1,10 +1,12 @@
 """Training data: rows from files or Hugging Face datasets, rendered to text, tokenized with loss masks, batched.
 
-A row becomes one `Example`: token ids and labels, where labels are the ids on the tokens that carry loss and
--100 elsewhere (the prompt, unless `train_on_prompt`; everything but the assistant turns of a chat). Rows that
-cannot become an example (not JSON or UTF-8, a missing field, a list where text is expected, a chat the template
-refuses, empty text, longer than `max_length`) are `BadRow`s with their file and line; they are counted and reported, or fatal with `strict`. Problems that concern a whole file (unreadable, a
-field or template name that no row has) raise `DataError` before any training starts.
+A run reads its rows from `DataSource`s (a path and its share of the mix). A row becomes one `Example`: token
+ids and labels, where labels are the ids on the tokens that carry loss and -100 elsewhere (the prompt, unless
+`train_on_prompt`; everything but the assistant turns of a chat). Rows that cannot become an example (not JSON
+or UTF-8, a missing field, a list where text is expected, a chat the template refuses, empty text, longer than
+`max_length`) are `BadRow`s with their file and line; they are counted and reported, or fatal with `strict`.
+Problems that concern a whole file (unreadable, a field or template name that no row has) raise `DataError`
+before any training starts.
 
 Batches are planned from the global micro-batch index alone (`BatchPlan`), so every process of a data-parallel
 run, and a resumed run, sees the same batches without any state but the index.
@@ -15,14 +17,15 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-import math
 import os
 import string
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
+
+from ..checks import is_finite_number, is_int
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -55,8 +58,8 @@ class DataFormat:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ValueError(f"max_length: must be at least 2, got {self.max_length}")
+        if not is_int(self.max_length) or self.max_length < 2:
+            raise ValueError(f"max_length: must be at least 2, got {self.max_length!r}")
         if (self.prompt_template is None) != (self.completion_template is None):
             raise ValueError("prompt_template and completion_template: give both or neither")
 
@@ -78,6 +81,43 @@ class DataFormat:
         if self.kind == "template":
             return sorted(set(_template_fields(self.prompt_template) + _template_fields(self.completion_template)))
         return [self.prompt_field, self.completion_field]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One source of training rows and its share of the mix."""
+
+    path: str  # a JSONL/JSON/CSV/Parquet file, a `save_to_disk` folder or a hub dataset `name[:split]`
+    # relative share of an epoch (rows drawn in proportion, see BatchPlan); None on every source of a run: each
+    # row once per epoch
+    weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise DataError(f"data: expected a file, folder or dataset name, got {self.path!r}")
+        if self.weight is not None and not (is_finite_number(self.weight) and self.weight > 0):
+            raise DataError(f"data weights: must be positive numbers, got {self.weight!r} for {self.path}")
+
+
+def data_sources(data: str | os.PathLike | DataSource | Sequence[str | os.PathLike | DataSource],
+                 weights: Sequence[float] | None = None) -> tuple[DataSource, ...]:
+    """`data` (a path, a DataSource, or a list of either) as DataSources, in order; `weights`, one per source,
+    sets their shares (for sources given as paths). Either every source has a weight or none has."""
+    items = [data] if isinstance(data, (str, os.PathLike, DataSource)) else list(data)
+    items = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in items]
+    if weights is not None:
+        if len(weights) != len(items):
+            raise DataError(f"data weights: {len(weights)} weights for {len(items)} data sources")
+        if any(isinstance(item, DataSource) for item in items):
+            raise DataError("data weights: give the weights of DataSource items on the items themselves")
+        items = [DataSource(path, weight) for path, weight in zip(items, weights)]
+    sources = tuple(item if isinstance(item, DataSource) else DataSource(item) for item in items)
+    if not sources:
+        raise DataError("no data given")
+    if len({s.weight is None for s in sources}) > 1:
+        raise DataError(f"data weights: give a weight for every source or for none, got "
+                        f"{[s.weight for s in sources]}")
+    return sources
 
 
 @dataclass
@@ -441,23 +481,20 @@ def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = 
         raise _RowError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
 
-def load_dataset(sources: list[str], tokenizer, fmt: DataFormat, weights: list[float] | None = None,
-                 expert_names: list[str] | None = None, log=print) -> Dataset:
-    """Read, check, render and tokenize every source. Raises DataError for unusable sources (before training),
-    and for the first bad row when `fmt.strict`; otherwise bad rows are skipped, counted and reported."""
-    if not sources:
-        raise DataError("no data given")
-    if weights is not None:
-        if len(weights) != len(sources):
-            raise DataError(f"data weights: {len(weights)} weights for {len(sources)} data sources")
-        if any(not math.isfinite(w) or w <= 0 for w in weights):
-            raise DataError(f"data weights: must be positive numbers, got {weights}")
+def load_dataset(sources: Sequence[str | DataSource], tokenizer, fmt: DataFormat,
+                 weights: Sequence[float] | None = None, expert_names: list[str] | None = None,
+                 log=print) -> Dataset:
+    """Read, check, render and tokenize every source (`sources` and `weights` as `data_sources` takes them).
+    Raises DataError for unusable sources (before training), and for the first bad row when `fmt.strict`;
+    otherwise bad rows are skipped, counted and reported."""
+    sources = data_sources(sources, weights)
+    paths = [item.path for item in sources]
     if fmt.kind == "messages" and getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"messages field {fmt.messages_field!r}: the tokenizer has no chat template")
     if fmt.expert_field and not expert_names:
         raise DataError(f"expert field {fmt.expert_field!r}: only the X-LoRA gate can use expert labels")
     examples, source_of, bad = [], [], []
-    for s, source in enumerate(sources):
+    for s, source in enumerate(paths):
         rows = list(read_rows(source))
         if not rows:
             raise DataError(f"{source}: no rows")
@@ -484,14 +521,15 @@ def load_dataset(sources: list[str], tokenizer, fmt: DataFormat, weights: list[f
         if kept == 0:
             raise DataError(f"{source}: every row is bad, e.g. {bad[-1].source}: {bad[-1].reason}")
     if fmt.expert_field and all(x < 0 for e in examples for x in e.routing):
-        raise DataError(f"expert field {fmt.expert_field!r}: no row of {list(sources)} names an expert")
+        raise DataError(f"expert field {fmt.expert_field!r}: no row of {paths} names an expert")
     if bad:
         log(f"skipped {len(bad)} bad row(s) (use --strict to stop instead):")
         for b in bad[:10]:
             log(f"  {b.source}: {b.reason}")
         if len(bad) > 10:
             log(f"  ... and {len(bad) - 10} more (all listed in skipped_rows.jsonl)")
-    return Dataset(examples, source_of, list(sources), weights, bad)
+    shares = None if sources[0].weight is None else [item.weight for item in sources]
+    return Dataset(examples, source_of, paths, shares, bad)
 
 
 # ---- batching ------------------------------------------------------------------------------------------------------

@@ -15,9 +15,12 @@ The loop is plain PyTorch with three properties that make runs reproducible:
   as an uninterrupted run.
 
 Data parallelism: under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) the trainable gradients are summed
-with one all-reduce per step (distributed.py). Memory: `gradient_checkpointing` recomputes the base's blocks in
+with one all-reduce per step (training/distributed.py). Memory: `gradient_checkpointing` recomputes the base's blocks in
 backward; `mixed_precision` runs the forward under autocast with float32 trainable tensors (MixedPrecision).
-The losses live in losses.py, checkpoints in checkpoints.py.
+
+The entry points take typed settings, each checked where it was built: `XLoraConfig` (the method),
+`TrainingArgs` and `LoraSettings` (training/settings.py), `DataFormat` and `DataSource` (training/data.py),
+`RoutingLosses` (losses.py). The base model is loaded once.
 """
 
 from __future__ import annotations
@@ -31,82 +34,28 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..backbone.compat import enable_activation_checkpointing
-from ..checks import is_finite_number, is_int
 from ..config import XLoraConfig
 from ..files import append_jsonl, atomic_write_text, move_into, write_jsonl
 from ..loading import base_model_id, load_base, load_tokenizer
 from ..losses import RoutingLosses, causal_lm_loss, routing_losses
 from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, truncate_metrics
-from .data import BatchPlan, DataError, DataFormat, Dataset, collate, load_dataset
+from .data import BatchPlan, DataError, DataFormat, Dataset, DataSource, collate, data_sources, load_dataset
 from .distributed import Distributed
+from .settings import EXPERT_LR, GATE_LR, LoraSettings, TrainingArgs
 
 METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
-class TrainingArgs:
-    """Run settings shared by both verbs (the method's settings live in XLoraConfig / the LoRA fields).
-    Bad values raise ValueError naming the field, in the library as well as from the CLI."""
-
-    output_dir: str
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    epochs: float | None = None  # default 1 when max_steps is not set
-    lr: float = 2e-4
-    batch_size: int = 8  # rows per micro-batch per process
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    lr_scheduler: str = "linear"  # linear | cosine | constant (after warm-up)
-    weight_decay: float = 0.0  # AdamW's, on matrices only
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None or 0: no clipping
-    seed: int = 0
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    save_steps: int | None = None
-    save_total_limit: int | None = None  # keep only the newest N checkpoints
-    resume: bool = False
-    progress: bool = True
-    device: str | None = None
-    gradient_checkpointing: bool = False  # recompute the base's blocks in backward instead of keeping activations
-    mixed_precision: str | None = None  # "bf16" | "fp16": torch.autocast, trainable tensors kept in float32
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "logging_steps", "max_steps", "eval_steps", "save_steps",
-                     "save_total_limit", "warmup_steps", "seed"):
-            value = getattr(self, name)
-            optional = name not in ("batch_size", "grad_accum", "logging_steps", "warmup_steps", "seed")
-            if value is None and optional:
-                continue
-            if not is_int(value):
-                raise ValueError(f"{name}: must be an integer, got {value!r}")
-            least = 0 if name in ("warmup_steps", "seed") else 1
-            if value < least:
-                raise ValueError(f"{name}: must be at least {least}, got {value}")
-        if self.epochs is not None and not (is_finite_number(self.epochs) and self.epochs > 0):
-            raise ValueError(f"epochs: must be a positive number, got {self.epochs!r}")
-        if not (is_finite_number(self.lr) and self.lr > 0):
-            raise ValueError(f"lr: must be a positive number, got {self.lr!r}")
-        if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay: must be a number >= 0, got {self.weight_decay!r}")
-        if self.max_grad_norm is not None and not (is_finite_number(self.max_grad_norm)
-                                                   and self.max_grad_norm >= 0):
-            raise ValueError(f"max_grad_norm: must be a number >= 0 (0 or None: no clipping), "
-                             f"got {self.max_grad_norm!r}")
-        if self.lr_scheduler not in ("linear", "cosine", "constant"):
-            raise ValueError(f"lr_scheduler: one of linear, cosine, constant, got {self.lr_scheduler!r}")
-        if self.mixed_precision not in (None, "bf16", "fp16"):
-            raise ValueError(f"mixed_precision: None, 'bf16' or 'fp16', got {self.mixed_precision!r}")
-
-
-
-
-@dataclass
 class TrainResult:
+    """What a training entry point returns: the folder it wrote and the run's final metrics."""
+
     output_dir: str
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -237,128 +186,202 @@ def _lr_factor(step: int, total: int, args: TrainingArgs) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def run_training(task: _Task, train: Dataset, args: TrainingArgs, pad_id: int, signature: dict[str, Any],
-                 eval_data: Dataset | None = None, tokenizer=None, dist: Distributed | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train `task` on `train`; returns the final metrics. Checkpoints and metrics go to args.output_dir."""
-    dist = dist or Distributed()
-    out = os.path.abspath(args.output_dir)
-    micro_per_step = args.grad_accum * dist.world
-    plan = BatchPlan(train, args.batch_size, args.seed)
-    label_counts = [sum(1 for x in e.labels if x != -100) for e in train.examples]
-    total_steps = args.max_steps or max(1, math.ceil((args.epochs or 1.0) * plan.batches_per_epoch / micro_per_step))
-    signature = {**signature, "batch_size": args.batch_size, "micro_batches_per_step": micro_per_step,
-                 "seed": args.seed, "total_steps": total_steps, "mixed_precision": args.mixed_precision}
-    params = task.trainable()
-    if not params:
-        raise ValueError("nothing to train: the model has no trainable parameters")
-    precision = MixedPrecision(args.mixed_precision, task.model_device)
-    precision.keep_float32(params.values())
-    if args.gradient_checkpointing:
-        task.enable_gradient_checkpointing()
-    decay = [p for n, p in params.items() if p.ndim >= 2]
-    no_decay = [p for n, p in params.items() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    step = 0
-    if dist.main:
-        os.makedirs(out, exist_ok=True)
-    dist.barrier()
-    if args.resume:
-        found = latest_checkpoint(out)
-        if found is not None:
-            step = load_checkpoint(found, task, optimizer, signature, precision.scaler)
-            if dist.main:
-                truncate_metrics(os.path.join(out, METRICS_NAME), step, warn=log)
-                log(f"resuming from {found} (step {step} of {total_steps})")
-        elif dist.main:
-            truncate_metrics(os.path.join(out, METRICS_NAME), 0, warn=log)  # the log starts again with the run
-            log(f"--resume: no complete checkpoint in {out}; starting from the beginning")
-    elif dist.main and os.path.exists(os.path.join(out, METRICS_NAME)):
-        os.remove(os.path.join(out, METRICS_NAME))  # a fresh run starts a fresh log
-    if dist.main and train.bad_rows:
-        write_jsonl(os.path.join(out, "skipped_rows.jsonl"), [dataclasses.asdict(b) for b in train.bad_rows])
+@dataclass
+class _StepStats:
+    """What one optimizer step measured."""
 
-    from tqdm.auto import tqdm
+    loss: float  # token-mean cross-entropy over the step's global batch
+    lr: float
+    grad_norm: float | None  # the global gradient norm before clipping; None when clipping is off
+    tokens: int  # input tokens of the global batch
+    seconds: float
+    extra: dict[str, float]  # the gate's extra terms, summed over this process's micro-batches
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (dist.main and args.progress), unit="step",
-               dynamic_ncols=True)
-    task.model.train()
-    window: dict[str, float] = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
-    last: dict[str, Any] = {}
-    run_start = time.perf_counter()
-    while step < total_steps:
+
+class _Window:
+    """The steps since the last metrics line: their mean loss and throughput."""
+
+    def __init__(self) -> None:
+        self.loss, self.tokens, self.seconds, self.steps = 0.0, 0, 0.0, 0
+
+    def add(self, stats: _StepStats) -> None:
+        self.loss += stats.loss
+        self.tokens += stats.tokens
+        self.seconds += stats.seconds
+        self.steps += 1
+
+
+class _Loop:
+    """One run's fixed parts (the batch plan, the optimizer, the precision, the output folder) and its steps."""
+
+    def __init__(self, task: _Task, train: Dataset, args: TrainingArgs, output_dir: str, pad_id: int,
+                 signature: dict[str, Any], dist: Distributed) -> None:
+        if args.lr is None:
+            raise ValueError("lr: run_training needs a learning rate (the entry points set their verb's default)")
+        self.task, self.train, self.args, self.pad_id, self.dist = task, train, args, pad_id, dist
+        self.out = os.path.abspath(output_dir)
+        self.metrics_path = os.path.join(self.out, METRICS_NAME)
+        self.micro_per_step = args.grad_accum * dist.world
+        self.plan = BatchPlan(train, args.batch_size, args.seed)
+        self.label_counts = [sum(1 for x in e.labels if x != -100) for e in train.examples]
+        self.total_steps = args.max_steps or max(1, math.ceil((args.epochs or 1.0) * self.plan.batches_per_epoch
+                                                              / self.micro_per_step))
+        self.signature = {**signature, "batch_size": args.batch_size, "micro_batches_per_step": self.micro_per_step,
+                          "seed": args.seed, "total_steps": self.total_steps,
+                          "mixed_precision": args.mixed_precision}
+        self.params = task.trainable()
+        if not self.params:
+            raise ValueError("nothing to train: the model has no trainable parameters")
+        self.precision = MixedPrecision(args.mixed_precision, task.model_device)
+        self.precision.keep_float32(self.params.values())
+        if args.gradient_checkpointing:
+            task.enable_gradient_checkpointing()
+        decay = [p for p in self.params.values() if p.ndim >= 2]
+        no_decay = [p for p in self.params.values() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+
+    def start(self, log: Callable[[str], None]) -> int:
+        """The step to start from (0, or the newest checkpoint's with `resume`); readies the output folder and
+        the metrics log (cut back to that step), and writes the skipped rows."""
+        dist, out = self.dist, self.out
+        if dist.main:
+            os.makedirs(out, exist_ok=True)
+        dist.barrier()
+        step = 0
+        if self.args.resume:
+            found = latest_checkpoint(out)
+            if found is not None:
+                step = load_checkpoint(found, self.task, self.optimizer, self.signature, self.precision.scaler)
+                if dist.main:
+                    truncate_metrics(self.metrics_path, step, warn=log)
+                    log(f"resuming from {found} (step {step} of {self.total_steps})")
+            elif dist.main:
+                truncate_metrics(self.metrics_path, 0, warn=log)  # the log starts again with the run
+                log(f"--resume: no complete checkpoint in {out}; starting from the beginning")
+        elif dist.main and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)  # a fresh run starts a fresh log
+        if dist.main and self.train.bad_rows:
+            write_jsonl(os.path.join(out, "skipped_rows.jsonl"), [dataclasses.asdict(b) for b in self.train.bad_rows])
+        return step
+
+    def optimizer_step(self, step: int) -> _StepStats:
+        """Optimizer step `step` (0-based): its micro-batches forward and backward, the gradients summed over the
+        processes, clipped, and applied."""
         started = time.perf_counter()
-        lr = args.lr * _lr_factor(step, total_steps, args)
-        for group in optimizer.param_groups:
+        lr = self.args.lr * _lr_factor(step, self.total_steps, self.args)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        first = step * micro_per_step
-        batches = [plan.micro_batch(k) for k in range(first, first + micro_per_step)]
-        n_tokens = max(1, sum(label_counts[i] for b in batches for i in b))
-        n_input_tokens = sum(len(train.examples[i]) for b in batches for i in b)
+        first = step * self.micro_per_step
+        batches = [self.plan.micro_batch(k) for k in range(first, first + self.micro_per_step)]
+        n_tokens = max(1, sum(self.label_counts[i] for b in batches for i in b))
+        n_input_tokens = sum(len(self.train.examples[i]) for b in batches for i in b)
+        ce_sum, extra = self._backward(step, first, batches, n_tokens)
+        ce_sum = self._sum_gradients(ce_sum)
+        grad_norm = None
+        self.precision.unscale_(self.optimizer)
+        if self.args.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.args.max_grad_norm))
+        self.precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        return _StepStats(float(ce_sum) / n_tokens, lr, grad_norm, n_input_tokens, time.perf_counter() - started,
+                          extra)
+
+    def _backward(self, step: int, first: int, batches: list[list[int]],
+                  n_tokens: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward and backward of this process's micro-batches of the step (every world-th, from its rank);
+        returns their summed cross-entropy (float64, CPU) and extra terms."""
         ce_sum = torch.zeros((), dtype=torch.float64)
         extra: dict[str, float] = {}
-        for k in range(dist.rank, micro_per_step, dist.world):
-            torch.manual_seed(args.seed * 1_000_003 + first + k)  # dropout depends on the position only
-            task.step = step  # (used by the gate's annealed routing weight)
-            batch = {key: v.to(task.model_device) for key, v in
-                     collate([train.examples[i] for i in batches[k]], pad_id).items()}
-            with precision.autocast():
-                loss, stats = task.loss(batch, n_tokens, micro_per_step)
-            precision.backward(loss)
+        for k in range(self.dist.rank, self.micro_per_step, self.dist.world):
+            torch.manual_seed(self.args.seed * 1_000_003 + first + k)  # dropout depends on the position only
+            self.task.step = step  # (used by the gate's annealed routing weight)
+            batch = {key: v.to(self.task.model_device) for key, v in
+                     collate([self.train.examples[i] for i in batches[k]], self.pad_id).items()}
+            with self.precision.autocast():
+                loss, stats = self.task.loss(batch, n_tokens, self.micro_per_step)
+            self.precision.backward(loss)
             ce_sum += stats.pop("ce_sum").double().cpu()
             for key, value in stats.items():
                 extra[key] = extra.get(key, 0.0) + float(value)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-        if dist.world > 1:
-            flat = dist.sum_(torch.cat([g.reshape(-1).float() for g in grads]))
-            offset = 0
-            for p, g in zip(params.values(), grads):
-                p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
-                offset += g.numel()
-            ce_sum = dist.sum_(ce_sum.to(task.model_device)).cpu()
-        grad_norm = None
-        precision.unscale_(optimizer)
-        if args.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm))
-        precision.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
+        return ce_sum, extra
+
+    def _sum_gradients(self, ce_sum: torch.Tensor) -> torch.Tensor:
+        """Sum the trainable gradients (one all-reduce of them all) and the cross-entropy over the processes."""
+        if self.dist.world == 1:
+            return ce_sum
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
+        flat = self.dist.sum_(torch.cat([g.reshape(-1).float() for g in grads]))
+        offset = 0
+        for p, g in zip(self.params.values(), grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+            offset += g.numel()
+        return self.dist.sum_(ce_sum.to(self.task.model_device)).cpu()
+
+    def metrics(self, step: int, window: _Window, stats: _StepStats) -> dict[str, Any]:
+        """The metrics line after `step`: the window's means, the last step's lr, gradient norm and terms."""
+        record = {"step": step, "epoch": round(step * self.micro_per_step / self.plan.batches_per_epoch, 4),
+                  "loss": window.loss / window.steps, "lr": stats.lr,
+                  "tokens_per_s": window.tokens / window.seconds, "grad_norm": stats.grad_norm, **stats.extra}
+        if self.dist.main:
+            append_jsonl(self.metrics_path, record)
+        return record
+
+    def evaluation(self, step: int, data: Dataset) -> dict[str, Any]:
+        """The eval loss and perplexity after `step`, logged; the model goes back to training mode."""
+        record = {"step": step, **evaluate(self.task, data, self.args.batch_size, self.pad_id, self.dist,
+                                           self.precision)}
+        self.task.model.train()
+        if self.dist.main:
+            append_jsonl(self.metrics_path, record)
+        return record
+
+    def checkpoint(self, step: int, tokenizer) -> None:
+        """checkpoint-<step>, written by the main process; the oldest beyond save_total_limit removed."""
+        if self.dist.main:
+            save_checkpoint(self.out, step, self.task, self.optimizer, self.signature, tokenizer,
+                            self.precision.scaler)
+            prune_checkpoints(self.out, self.args.save_total_limit)
+        self.dist.barrier()
+
+
+def run_training(task: _Task, train: Dataset, args: TrainingArgs, output_dir: str, pad_id: int,
+                 signature: dict[str, Any], eval_data: Dataset | None = None, tokenizer=None,
+                 dist: Distributed | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train `task` on `train` (`args.lr` resolved, not None); returns the final metrics. Checkpoints, the
+    metrics log and the skipped rows go to `output_dir`; `signature` (JSON values) must match on resume."""
+    from tqdm.auto import tqdm
+
+    dist = dist or Distributed()
+    loop = _Loop(task, train, args, output_dir, pad_id, signature, dist)
+    step = loop.start(log)
+    bar = tqdm(total=loop.total_steps, initial=step, disable=not (dist.main and args.progress), unit="step",
+               dynamic_ncols=True)
+    task.model.train()
+    window, last = _Window(), {}
+    run_start = time.perf_counter()
+    while step < loop.total_steps:
+        stats = loop.optimizer_step(step)
         step += 1
-        loss_value = float(ce_sum) / n_tokens
-        seconds = time.perf_counter() - started
-        window["loss"] += loss_value
-        window["tokens"] += n_input_tokens
-        window["seconds"] += seconds
-        window["steps"] += 1
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_input_tokens / seconds:.0f}",
+        window.add(stats)
+        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{stats.tokens / stats.seconds:.0f}",
                         refresh=False)
         bar.update(1)
-        if step % args.logging_steps == 0 or step == total_steps:
-            record = {"step": step, "epoch": round(step * micro_per_step / plan.batches_per_epoch, 4),
-                      "loss": window["loss"] / window["steps"], "lr": lr,
-                      "tokens_per_s": window["tokens"] / window["seconds"], "grad_norm": grad_norm,
-                      **extra}
+        if step % args.logging_steps == 0 or step == loop.total_steps:
+            last.update(loop.metrics(step, window, stats))
+            window = _Window()
+        if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0 or step == loop.total_steps):
+            record = loop.evaluation(step, eval_data)
             last.update(record)
             if dist.main:
-                append_jsonl(os.path.join(out, METRICS_NAME), record)
-            window = {"loss": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
-        if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0 or step == total_steps):
-            record = {"step": step, **evaluate(task, eval_data, args.batch_size, pad_id, dist, precision)}
-            last.update(record)
-            task.model.train()
-            if dist.main:
-                append_jsonl(os.path.join(out, METRICS_NAME), record)
                 bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}, perplexity "
                           f"{record['eval_perplexity']:.2f}")
-        if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-            if dist.main:
-                save_checkpoint(out, step, task, optimizer, signature, tokenizer, precision.scaler)
-                prune_checkpoints(out, args.save_total_limit)
-            dist.barrier()
+        if args.save_steps and step % args.save_steps == 0 and step < loop.total_steps:
+            loop.checkpoint(step, tokenizer)
     bar.close()
     task.model.eval()
     if eval_data is not None and "eval_loss" not in last:
-        last.update(evaluate(task, eval_data, args.batch_size, pad_id, dist, precision))
+        last.update(evaluate(task, eval_data, args.batch_size, pad_id, dist, loop.precision))
     last.update({"steps": step, "seconds": time.perf_counter() - run_start, "skipped_rows": len(train.bad_rows),
                  "examples": len(train.examples)})
     return last
@@ -387,48 +410,58 @@ def evaluate(task: _Task, data: Dataset, batch_size: int, pad_id: int, dist: Dis
 
 
 # ---- public entry points ----------------------------------------------------------------------------------------
-_DATA_FIELDS = {f.name for f in dataclasses.fields(DataFormat)}
-_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainingArgs)} - {"output_dir"}
-_XLORA_FIELDS = {f.name for f in dataclasses.fields(XLoraConfig)} - {"adapters", "hidden_size"}
-_ROUTING_FIELDS = {f.name for f in dataclasses.fields(RoutingLosses)}
+DataArg = str | os.PathLike | DataSource | Sequence[str | os.PathLike | DataSource]  # one or a list
 
 
-def _split_options(options: dict[str, Any], groups: dict[str, set[str]]) -> dict[str, dict[str, Any]]:
-    split: dict[str, dict[str, Any]] = {g: {} for g in groups}
-    for key, value in options.items():
-        owner = next((g for g, names in groups.items() if key in names), None)
-        if owner is None:
-            known = sorted(set().union(*groups.values()))
-            raise TypeError(f"unknown option {key!r}; known options: {', '.join(known)}")
-        split[owner][key] = value
-    return split
+def _given(value: Any, kind: type, name: str) -> Any:
+    """`value` when it is a `kind`, a default `kind()` for None; TypeError naming the parameter otherwise."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise TypeError(f"{name}: expected a {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
-def _as_list(data: str | list[str] | None) -> list[str]:
-    if data is None:
-        return []
-    return [data] if isinstance(data, str) else list(data)
+def _run_args(args: TrainingArgs | None, default_lr: float) -> TrainingArgs:
+    """`args` with the verb's own learning rate where it leaves `lr` unset."""
+    args = _given(args, TrainingArgs, "args")
+    return args if args.lr is not None else dataclasses.replace(args, lr=default_lr)
 
 
-def _prepare_data(data, eval_data, data_weights, tokenizer, fmt: DataFormat, expert_names, dist: Distributed,
-                  log) -> tuple[Dataset, Dataset | None]:
+def _eval_sources(eval_data: DataArg | None) -> tuple[DataSource, ...]:
+    """The held-out sources (none for None or an empty list); every row counts once, so no weights."""
+    if eval_data is None or (not isinstance(eval_data, (str, os.PathLike, DataSource)) and len(eval_data) == 0):
+        return ()
+    sources = data_sources(eval_data)
+    if sources[0].weight is not None:
+        raise DataError("eval_data: weights apply to training data only (every held-out row counts once)")
+    return sources
+
+
+def _prepare_data(data: tuple[DataSource, ...], eval_data: tuple[DataSource, ...], tokenizer, fmt: DataFormat,
+                  expert_names: list[str] | None, dist: Distributed, log) -> tuple[Dataset, Dataset | None]:
     quiet = log if dist.main else (lambda *_: None)
-    train = load_dataset(_as_list(data), tokenizer, fmt, data_weights, expert_names, log=quiet)
-    evaluation = None
-    if eval_data:
-        evaluation = load_dataset(_as_list(eval_data), tokenizer, fmt, None, expert_names, log=quiet)
+    train = load_dataset(data, tokenizer, fmt, expert_names=expert_names, log=quiet)
+    evaluation = load_dataset(eval_data, tokenizer, fmt, expert_names=expert_names, log=quiet) if eval_data else None
     return train, evaluation
 
 
-def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, args: TrainingArgs, tokenizer,
-                    dist: Distributed, record: dict, signature: dict, log) -> TrainResult:
+def _data_record(data: tuple[DataSource, ...], eval_data: tuple[DataSource, ...]) -> dict[str, Any]:
+    """The sources as training_args.json lists them."""
+    weights = None if data[0].weight is None else [s.weight for s in data]
+    return {"data": [s.path for s in data], "data_weights": weights, "eval_data": [s.path for s in eval_data]}
+
+
+def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, args: TrainingArgs, output_dir: str,
+                    tokenizer, dist: Distributed, record: dict, signature: dict, log) -> TrainResult:
     """What every entry point does once its task and data are ready: record the run's settings, train, and move
     the final model and tokenizer into the output folder (written aside first, each file renamed in)."""
-    out = os.path.abspath(args.output_dir)
+    out = os.path.abspath(output_dir)
     if dist.main:
         os.makedirs(out, exist_ok=True)
+        record = {**record, "output_dir": out, "training": dataclasses.asdict(args), "world_size": dist.world}
         atomic_write_text(os.path.join(out, "training_args.json"), json.dumps(record, indent=2, default=str))
-    metrics = run_training(task, train, args, _pad_id(tokenizer), signature, evaluation, tokenizer, dist, log)
+    metrics = run_training(task, train, args, out, _pad_id(tokenizer), signature, evaluation, tokenizer, dist, log)
     if dist.main:
         tmp = tempfile.mkdtemp(prefix=".final.", dir=out)
         try:
@@ -445,108 +478,100 @@ def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, arg
     return TrainResult(out, metrics)
 
 
-def train_expert(base: str | nn.Module, data: str | list[str], output_dir: str, *, rank: int = 8,
-                 alpha: float = 16, dropout: float = 0.05, target_modules: list[str] | str | None = None,
-                 eval_data: str | list[str] | None = None, data_weights: list[float] | None = None,
-                 tokenizer=None, dtype: torch.dtype | None = None, quantization: Any = None,
-                 trust_remote_code: bool = False,
-                 log: Callable[[str], None] = print, **options) -> TrainResult:
+def train_expert(base: str | nn.Module, data: DataArg, output_dir: str, *, lora: LoraSettings | None = None,
+                 args: TrainingArgs | None = None, data_format: DataFormat | None = None,
+                 eval_data: DataArg | None = None, tokenizer=None, dtype: torch.dtype | None = None,
+                 quantization: Any = None, trust_remote_code: bool = False,
+                 log: Callable[[str], None] = print) -> TrainResult:
     """Train one LoRA expert with PEFT and save it as a standard PEFT adapter folder in `output_dir`.
 
-    `options` are TrainingArgs fields (max_steps, epochs, lr, batch_size, grad_accum, warmup_steps, save_steps,
-    eval_steps, resume, seed, ...) and DataFormat fields (prompt_field, completion_field, text_field,
-    messages_field, prompt_template, completion_template, max_length, train_on_prompt, strict).
+    `lora`: the adapter (LoraSettings()); `args`: the loop (TrainingArgs(), lr EXPERT_LR when unset);
+    `data_format`: how rows become text (DataFormat()); `data` / `eval_data`: paths or DataSources. `base` is a
+    folder, a hub id or a loaded model (`dtype`, `quantization`, `trust_remote_code` apply to loading it by name).
     Returns the output folder and the final metrics."""
     from peft import LoraConfig, get_peft_model
 
-    groups = _split_options(options, {"train": _TRAIN_FIELDS, "data": _DATA_FIELDS})
-    args = TrainingArgs(output_dir=output_dir, **groups["train"])
-    fmt = DataFormat(**groups["data"])
-    if rank < 1:
-        raise ValueError(f"rank: must be at least 1, got {rank}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
+    lora = _given(lora, LoraSettings, "lora")
+    args = _run_args(args, EXPERT_LR)
+    fmt = _given(data_format, DataFormat, "data_format")
+    train_sources, eval_sources = data_sources(data), _eval_sources(eval_data)
     dist = Distributed()
     try:
         tok = load_tokenizer(tokenizer if tokenizer is not None else base_model_id(base))
-        train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, None, dist, log)
+        train, evaluation = _prepare_data(train_sources, eval_sources, tok, fmt, None, dist, log)
         torch.manual_seed(args.seed)
         model = load_base(base, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
-        targets = target_modules or "all-linear"
-        if isinstance(targets, str) and targets != "all-linear":
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
-        lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                          task_type="CAUSAL_LM")
+        targets = lora.peft_target_modules
+        peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=targets, task_type="CAUSAL_LM")
         try:
-            peft_model = get_peft_model(model, lora)
+            peft_model = get_peft_model(model, peft_config)
         except ValueError as e:
             raise ValueError(f"target_modules {targets}: {e}") from e
-        peft_model.to(dist.device(args.device))
-        task = _ExpertTask(peft_model)
+        task = _ExpertTask(peft_model.to(dist.device(args.device)))
         task.model_device = dist.device(args.device)
         record = {"verb": "train-expert", "base": base if isinstance(base, str) else type(base).__name__,
-                  "data": _as_list(data), "data_weights": data_weights, "eval_data": _as_list(eval_data),
-                  "rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": targets,
-                  "training": dataclasses.asdict(args), "format": dataclasses.asdict(fmt), "world_size": dist.world}
-        signature = {"data": _as_list(data), "rank": rank, "alpha": alpha, "target_modules": targets}
-        return _train_and_save(task, train, evaluation, args, tok, dist, record, signature, log)
+                  **_data_record(train_sources, eval_sources), "lora": dataclasses.asdict(lora),
+                  "format": dataclasses.asdict(fmt)}
+        signature = {"data": [s.path for s in train_sources], "rank": lora.rank, "alpha": lora.alpha,
+                     "target_modules": targets}
+        return _train_and_save(task, train, evaluation, args, output_dir, tok, dist, record, signature, log)
     finally:
         dist.close()
 
 
-def train_base(model: nn.Module, tokenizer, data: str | list[str], output_dir: str, *,
-               eval_data: str | list[str] | None = None, log: Callable[[str], None] = print,
-               **options) -> TrainResult:
+def train_base(model: nn.Module, tokenizer, data: DataArg, output_dir: str, *, args: TrainingArgs | None = None,
+               data_format: DataFormat | None = None, eval_data: DataArg | None = None,
+               log: Callable[[str], None] = print) -> TrainResult:
     """Train every weight of a causal LM (e.g. a small one built from a config) on data; save it and the tokenizer.
 
-    `options` are TrainingArgs and DataFormat fields, as in `train_expert`."""
-    groups = _split_options(options, {"train": _TRAIN_FIELDS, "data": _DATA_FIELDS})
-    args = TrainingArgs(output_dir=output_dir, **groups["train"])
-    fmt = DataFormat(**groups["data"])
+    `args`, `data_format`, `data` and `eval_data` as in `train_expert` (lr EXPERT_LR when unset)."""
+    args = _run_args(args, EXPERT_LR)
+    fmt = _given(data_format, DataFormat, "data_format")
+    train_sources, eval_sources = data_sources(data), _eval_sources(eval_data)
     dist = Distributed()
     try:
-        train, evaluation = _prepare_data(data, eval_data, None, tokenizer, fmt, None, dist, log)
+        train, evaluation = _prepare_data(train_sources, eval_sources, tokenizer, fmt, None, dist, log)
         task = _LanguageModelTask(model.to(dist.device(args.device)))
         task.model_device = dist.device(args.device)
-        record = {"verb": "train-base", "data": _as_list(data), "training": dataclasses.asdict(args),
-                  "format": dataclasses.asdict(fmt), "world_size": dist.world}
-        return _train_and_save(task, train, evaluation, args, tokenizer, dist, record, {"data": _as_list(data)}, log)
+        record = {"verb": "train-base", **_data_record(train_sources, eval_sources),
+                  "format": dataclasses.asdict(fmt)}
+        signature = {"data": [s.path for s in train_sources]}
+        return _train_and_save(task, train, evaluation, args, output_dir, tokenizer, dist, record, signature, log)
     finally:
         dist.close()
 
 
-def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | list[str], output_dir: str, *,
-                eval_data: str | list[str] | None = None, data_weights: list[float] | None = None,
-                tokenizer=None, dtype: torch.dtype | None = None, quantization: Any = None,
-                 trust_remote_code: bool = False,
-                log: Callable[[str], None] = print, **options) -> TrainResult:
-    """Train the X-LoRA gate (and the experts with use_trainable_adapters) on a data mixture.
+def train_xlora(base: str | nn.Module, config: XLoraConfig, data: DataArg, output_dir: str, *,
+                args: TrainingArgs | None = None, data_format: DataFormat | None = None,
+                routing: RoutingLosses | None = None, eval_data: DataArg | None = None, tokenizer=None,
+                dtype: torch.dtype | None = None, quantization: Any = None, trust_remote_code: bool = False,
+                log: Callable[[str], None] = print) -> TrainResult:
+    """Train the X-LoRA gate (and the experts with `config.use_trainable_adapters`) on a data mixture.
 
-    `options` are XLoraConfig fields (xlora_depth, xlora_size, layerwise_scalings, top_k_lora,
-    softmax_temperature, use_trainable_adapters, ...), RoutingLosses fields (balance_weight, entropy_weight,
-    routing_weight; routing needs expert_field), TrainingArgs and DataFormat fields as in `train_expert`.
-    The final model is saved to `output_dir` in the engine's layout (XLoraModel.from_pretrained(output_dir))."""
+    `config`: the experts (`adapters`, name -> PEFT folder) and the gate; `args`: the loop (TrainingArgs(), lr
+    GATE_LR when unset); `data_format`: how rows become text, and `expert_field` for the routing loss;
+    `routing`: the gate's extra terms (RoutingLosses(), none); `data` / `eval_data`, `base` and its loading
+    options as in `train_expert`. The base is loaded once, by `XLoraModel.from_base`. The final model is saved
+    to `output_dir` in the engine's layout (XLoraModel.from_pretrained(output_dir))."""
     from ..model import XLoraModel
 
-    groups = _split_options(options, {"train": _TRAIN_FIELDS, "data": _DATA_FIELDS, "xlora": _XLORA_FIELDS,
-                                      "routing": _ROUTING_FIELDS})
-    groups["train"].setdefault("lr", 1e-3)
-    args = TrainingArgs(output_dir=output_dir, **groups["train"])
-    fmt = DataFormat(**groups["data"])
-    routing = RoutingLosses(**groups["routing"])
+    if not isinstance(config, XLoraConfig):
+        raise TypeError(f"config: expected an XLoraConfig (the experts and the gate), got {type(config).__name__}")
+    args = _run_args(args, GATE_LR)
+    fmt = _given(data_format, DataFormat, "data_format")
+    routing = _given(routing, RoutingLosses, "routing")
     if routing.routing_weight and not fmt.expert_field:
         raise ValueError("routing_weight: the supervised routing loss needs expert_field (rows naming an expert)")
-    config = XLoraConfig(adapters=dict(adapters), **groups["xlora"])
+    train_sources, eval_sources = data_sources(data), _eval_sources(eval_data)
     dist = Distributed()
     try:
         tok = load_tokenizer(tokenizer if tokenizer is not None else base_model_id(base))
-        train, evaluation = _prepare_data(data, eval_data, data_weights, tok, fmt, config.expert_names, dist, log)
+        train, evaluation = _prepare_data(train_sources, eval_sources, tok, fmt, config.expert_names, dist, log)
         torch.manual_seed(args.seed)
         device = dist.device(args.device)
-        base_model = load_base(base, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
-        model = XLoraModel.from_base(base_model, config, device=device)
-        if isinstance(base, str):
-            model.base_model_id = base
+        model = XLoraModel.from_base(base, config, dtype=dtype, device=device, quantization=quantization,
+                                     trust_remote_code=trust_remote_code)
         task = _GateTask(model, routing)
         task.model_device = device
         trainable, total = model.get_nb_trainable_parameters()
@@ -554,11 +579,10 @@ def train_xlora(base: str | nn.Module, adapters: dict[str, str], data: str | lis
             log(f"X-LoRA: {model.n_experts} experts on {model.n_lora_layers} LoRA layers; training {trainable:,} "
                 f"of {total:,} parameters on {len(train.examples)} examples x {dist.world} process(es)")
         record = {"verb": "train", "base": base if isinstance(base, str) else type(base).__name__,
-                  "adapters": dict(adapters), "data": _as_list(data), "data_weights": data_weights,
-                  "eval_data": _as_list(eval_data), "xlora": config.to_dict(), "routing": dataclasses.asdict(routing),
-                  "training": dataclasses.asdict(args), "format": dataclasses.asdict(fmt), "world_size": dist.world}
-        signature = {"data": _as_list(data), "experts": config.expert_names}
-        return _train_and_save(task, train, evaluation, args, tok, dist, record, signature, log)
+                  **_data_record(train_sources, eval_sources), "xlora": config.to_dict(),
+                  "routing": dataclasses.asdict(routing), "format": dataclasses.asdict(fmt)}
+        signature = {"data": [s.path for s in train_sources], "experts": config.expert_names}
+        return _train_and_save(task, train, evaluation, args, output_dir, tok, dist, record, signature, log)
     finally:
         dist.close()
 
@@ -570,5 +594,5 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-__all__ = ["TrainingArgs", "TrainResult", "RoutingLosses", "train_base", "train_expert", "train_xlora", "evaluate",
-           "latest_checkpoint", "save_checkpoint", "DataError"]
+__all__ = ["TrainResult", "train_base", "train_expert", "train_xlora", "run_training", "evaluate", "MixedPrecision",
+           "METRICS_NAME"]
