@@ -175,6 +175,14 @@ def test_train_flags_build_the_settings_a_python_user_builds(monkeypatch, capsys
     assert "data weights: 1 weights for 2 data sources" in capsys.readouterr().err and len(calls) == 4
 
 
+def test_enable_softmax_topk_replaces_the_softmax_over_all_experts(monkeypatch):
+    """`--enable-softmax-topk` gives the config a Python user writes for it (it used to be refused, always)."""
+    calls = _entry_point_calls(monkeypatch, [TRAIN + ["--top-k-lora", "1", "--enable-softmax-topk"]])
+    assert calls[0][0][1] == XLoraConfig(adapters={"a": "x"}, top_k_lora=1, enable_softmax=False,
+                                         enable_softmax_topk=True)
+    assert main(TRAIN + ["--enable-softmax-topk"]) == 2  # without --top-k-lora: refused, naming the field
+
+
 def test_generate_prints_what_the_server_returns_for_the_same_request(tmp_path, capsys):
     """`loramix generate --stop X` prints the server's text for the same request: cut before the stop string."""
     from helpers import post_json, save_served_checkpoint, serving
@@ -193,3 +201,70 @@ def test_generate_prints_what_the_server_returns_for_the_same_request(tmp_path, 
         assert capsys.readouterr().out == stopped["text"] + "\n"
     assert main(args) == 0
     assert capsys.readouterr().out == whole["text"] + "\n"
+
+
+# ---- --threads: torch's CPU threads, for every verb ------------------------------------------------------------------
+MEMORY = ["memory", "--base", "unused", "--experts", "2", "--rank", "4"]
+
+
+@pytest.fixture
+def threads_seen(monkeypatch):
+    """Runs `main(argv)` with `memory` replaced by a verb that reads torch's thread count; restores the count."""
+    import torch
+
+    import loramix.cli as cli
+
+    before = torch.get_num_threads()
+    seen = []
+    monkeypatch.setitem(cli.VERBS, "memory", (lambda args: seen.append(torch.get_num_threads()) or 0, "memory"))
+
+    def run(argv) -> int:
+        assert main(argv) == 0
+        return seen.pop()
+
+    yield run
+    torch.set_num_threads(before)
+
+
+def physical_cores_allowed() -> int:
+    """The rule, computed apart: the CPUs this process may run on, counted once per physical core."""
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        folder = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        with open(f"{folder}/physical_package_id") as package, open(f"{folder}/core_id") as core:
+            cores.add((int(package.read()), int(core.read())))
+    return min(len(cpus), len(cores))
+
+
+def test_threads_flag_sets_torch_threads_for_the_verb(threads_seen, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the flag wins over the environment
+    assert threads_seen(MEMORY + ["--threads", "1"]) == 1
+    assert threads_seen(MEMORY + ["--threads", "3"]) == 3
+    torch.set_num_threads(5)
+    assert threads_seen(MEMORY) == 5  # OMP_NUM_THREADS set and no flag: torch's own choice is left alone
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/devices/system/cpu/cpu0/topology") or not hasattr(os, "sched_getaffinity"),
+                    reason="needs Linux's CPU topology")
+def test_threads_default_is_the_physical_cores_the_process_may_use(threads_seen, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    torch.set_num_threads(7)
+    assert threads_seen(MEMORY) == physical_cores_allowed()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's processes on this machine share the cores
+    assert threads_seen(MEMORY) == max(1, physical_cores_allowed() // 2)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "x"])
+def test_bad_threads_value_exits_2_naming_the_flag(bad, capsys):
+    from loramix.cli import VERBS
+
+    for verb in VERBS:  # every verb has the flag, checked before anything runs
+        assert main([verb, "--threads", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "argument --threads: got" in err, (verb, err)

@@ -196,3 +196,81 @@ def test_registering_our_model_keeps_lm_evals_own_models():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["LocalCompletionsAPI", "XLoraLM"]
+
+
+# ---- bad task names and task options: one line, early where possible, and what was computed kept ------------------
+def test_misspelt_task_is_one_line_with_a_suggestion_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from loramix.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the task names were checked")
+
+    monkeypatch.setattr(XLoraModel, "from_pretrained", no_model)
+    tasks = write_tasks(tmp_path)
+    argv = ["eval", "--model", str(tmp_path / "no-such-checkpoint"), "--tasks", "tiny_mc,tiny_gne",
+            "--include-path", tasks, "--no-builtin-tasks"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("loramix eval: tasks: 'tiny_gne' is not a task") and "did you mean 'tiny_gen'?" in err
+    assert "lm-eval's own tasks were left out" in err
+    # lm-eval's own tasks are searched unless --no-builtin-tasks
+    assert main(["eval", "--model", str(tmp_path / "no-such-checkpoint"), "--tasks", "hellaswg"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'hellaswg' is not a task" in err and "'hellaswag'" in err
+
+
+def bad_option_task(folder, option: str) -> str:
+    """tiny_gen (generation, exact match) with `option` added to its YAML at the given place."""
+    write_tasks(folder)
+    text = (folder / "tiny_gen.yaml").read_text()
+    if option == "unknown key":
+        text = text.replace("test_split: test\n", "test_split: test\nnum_fewshoot: 2\n")
+    else:  # a misspelt metric option: lm-eval only calls the metric with it after every answer is generated
+        text = text.replace("  - metric: exact_match\n", "  - metric: exact_match\n    ignroe_case: true\n")
+    (folder / "tiny_gen.yaml").write_text(text)
+    return str(folder)
+
+
+def test_bad_task_option_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from loramix.cli import main
+
+    monkeypatch.setattr(XLoraModel, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    tasks = bad_option_task(tmp_path, "unknown key")
+    assert main(["eval", "--model", str(tmp_path / "ck"), "--tasks", "tiny_gen", "--include-path", tasks,
+                 "--no-builtin-tasks"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("loramix eval: task 'tiny_gen': ") and "'num_fewshoot'" in err
+
+
+def test_late_failure_is_one_line_and_keeps_what_was_computed(model, tmp_path, capsys):
+    """The metric option fails only once the answers exist: the line names the task, and the answers (equal to a
+    plain greedy loop's) and the routing so far are saved, atomically, where the line says."""
+    from loramix.cli import main
+
+    tokenizer = tiny_tokenizer()
+    model.save_pretrained(str(tmp_path / "ck"))
+    tokenizer.save_pretrained(str(tmp_path / "ck"))
+    tiny_base("llama").save_pretrained(str(tmp_path / "base"))  # the fixture's base, rebuilt from the same seed
+    (tmp_path / "tasks").mkdir()
+    tasks = bad_option_task(tmp_path / "tasks", "metric option")
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(tmp_path / "ck"), "--base", str(tmp_path / "base"), "--tasks", "tiny_mc,tiny_gen",
+            "--include-path", tasks, "--no-builtin-tasks", "--output", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # lm-eval's own log lines and progress bars, then ours
+    assert "Traceback" not in err
+    err = err.splitlines()[-1]
+    assert err.startswith("loramix eval: lm-eval stopped: task 'tiny_gen': TypeError: ")
+    assert f"what was computed is in {out / 'results.json'}" in err
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["error"].startswith("task 'tiny_gen': TypeError")
+    assert sorted(saved["routing"]) == ["tiny_gen", "tiny_mc"]
+    assert saved["responses"] == 3 * len(MC_ROWS) + len(GEN_ROWS)
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    answers = {r["doc_id"]: r["resps"][0] for r in rows if r["task"] == "tiny_gen"}
+    assert [answers[i] for i in range(len(GEN_ROWS))] == [plain_greedy(model, tokenizer, r["prompt"], 6, ["."])
+                                                         for r in GEN_ROWS]
+    assert sorted(p.name for p in out.iterdir()) == ["responses.jsonl", "results.json", "routing.csv", "routing.png"]

@@ -33,7 +33,7 @@ from .classifier import XLoraClassifier
 from .config import XLoraConfig
 from .experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert, load_safetensors, save_expert
 from .files import atomic_write, atomic_write_text, replace_dir
-from .hub import resolve_file
+from .hub import local_id, recorded_path, resolve_file
 
 CONFIG_NAME = "xlora_config.json"
 CLASSIFIER_NAME = "xlora_classifier.safetensors"
@@ -44,7 +44,8 @@ _PICKLED_CLASSIFIERS = ("xlora_classifier.pt", "xlora_classifier.bin", "xlora_cl
 def write_checkpoint(folder: str, config: XLoraConfig, classifier_state: dict[str, torch.Tensor],
                      experts: list[Expert], base_model_id: str | None) -> None:
     """Write loramix's layout: `config` with "adapters" = the experts' names (in order), `base_model_id` and the
-    loramix version; `classifier_state` in the classifier's own key names; one PEFT adapter folder per expert.
+    loramix version; `classifier_state` in the classifier's own key names; one PEFT adapter folder per expert
+    (its config as read; a relative `base_model_name_or_path` that exists here made absolute).
 
     Every file and expert folder is written under a temporary name and renamed, so an interrupted save leaves no
     partial file."""
@@ -59,10 +60,16 @@ def write_checkpoint(folder: str, config: XLoraConfig, classifier_state: dict[st
     for expert in experts:
         tmp = tempfile.mkdtemp(prefix=f".{expert.name}.", dir=folder)
         try:
-            save_expert(expert.modules, expert.config, expert.dtype, tmp)
+            save_expert(expert.modules, _absolute_base(expert.config), expert.dtype, tmp)
             replace_dir(tmp, os.path.join(folder, expert.name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _absolute_base(config: dict) -> dict:
+    """An expert's adapter config with a relative local base path (as older versions recorded it) made absolute."""
+    name = config.get("base_model_name_or_path")
+    return {**config, "base_model_name_or_path": local_id(name)} if isinstance(name, str) and name else config
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------
@@ -106,7 +113,7 @@ def read_checkpoint(source: str, base: str | nn.Module | None = None,
     if base is None:
         if not base_id:
             raise ValueError(f"{source}: the checkpoint records no base model id; pass base=...")
-        base = base_id
+        base = recorded_path(base_id, os.path.expanduser(source))  # older versions recorded relative paths
     classifier_path = resolve_file(source, classifier_file, what="X-LoRA checkpoint")
     if classifier_path is None:
         local = os.path.expanduser(source)

@@ -188,7 +188,9 @@ def train(args: argparse.Namespace) -> int:
         adapters[name] = path
     config = XLoraConfig(adapters=adapters, xlora_depth=args.xlora_depth, xlora_size=args.xlora_size,
                          layerwise_scalings=args.layerwise_scalings, top_k_lora=args.top_k_lora,
-                         enable_softmax_topk=args.enable_softmax_topk, softmax_temperature=args.softmax_temperature,
+                         # the softmax over the kept top-k replaces the softmax over all experts (PEFT's semantics)
+                         enable_softmax=not args.enable_softmax_topk, enable_softmax_topk=args.enable_softmax_topk,
+                         softmax_temperature=args.softmax_temperature,
                          use_trainable_adapters=args.use_trainable_adapters, xlora_dropout_p=args.xlora_dropout_p,
                          scaling_pass_value=args.scaling_pass_value)
     routing = RoutingLosses(balance_weight=args.balance_weight, entropy_weight=args.entropy_weight,
@@ -407,18 +409,17 @@ def _maybe_tokenizer(model_dir: str, base: str | None):
 
 def eval_(args: argparse.Namespace) -> int:
     """Benchmark with lm-evaluation-harness in process; writes its results and the routing per task."""
-    from .evaluation import evaluate, lm_class
+    from .evaluation import evaluate, load_tasks
+    from .loading import load_tokenizer
     from .model import XLoraModel
 
-    lm_class()  # a missing lm-eval is an ImportError that main() reports in one line, before the model loads
-    from .loading import load_tokenizer
-
+    # lm-eval missing, a misspelt task or a bad task YAML: one line before the model loads
+    tasks = load_tasks(args.tasks, include_path=args.include_path, builtin_tasks=not args.no_builtin_tasks)
     model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
     tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    results = evaluate(model, tokenizer, args.tasks, include_path=args.include_path, limit=limit,
-                       batch_size=args.batch_size, output=args.output, num_fewshot=args.num_fewshot,
-                       builtin_tasks=not args.no_builtin_tasks)
+    results = evaluate(model, tokenizer, tasks, limit=limit, batch_size=args.batch_size, output=args.output,
+                       num_fewshot=args.num_fewshot)
     from lm_eval.utils import make_table
 
     print(make_table(results))
@@ -476,6 +477,9 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
     p.add_argument("--max-request-bytes", type=int, default=default["max_request_bytes"],
                    help="larger request bodies get 413 (default: 1 MiB)")
+    p.add_argument("--max-logprob-entries", type=int, default=default["max_logprob_entries"],
+                   help="most log-probability entries in one answer: (echoed prompt tokens + max_tokens) x n x "
+                        "(1 + logprobs), summed over prompts; more is a 400 (default: 262144)")
     p.add_argument("--chat-template", help="a Jinja chat template file, for tokenizers without one")
     p.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code (off)")
     p.add_argument("--log-level", default=default["log_level"],
@@ -542,7 +546,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     _alias(g, "--xlora-dropout", "xlora_dropout_p", type=dropout_float)
     g.add_argument("--layerwise-scalings", action="store_true")
     g.add_argument("--top-k-lora", type=positive_int)
-    g.add_argument("--enable-softmax-topk", action="store_true")
+    g.add_argument("--enable-softmax-topk", action="store_true",
+                   help="softmax over the top-k kept experts instead of over all experts (needs --top-k-lora)")
     g.add_argument("--softmax-temperature", type=positive_float, default=1.0)
     g.add_argument("--scaling-pass-value", type=finite_float, default=0.0)
     g.add_argument("--use-trainable-adapters", action="store_true", help="train the experts too")
@@ -624,8 +629,44 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loramix", description="X-LoRA: a mixture of LoRA experts.")
     sub = parser.add_subparsers(dest="verb", required=True)
     for verb, (_, help_text) in VERBS.items():
-        FLAGS[verb](sub.add_parser(verb, help=help_text))
+        p = sub.add_parser(verb, help=help_text)
+        FLAGS[verb](p)
+        p.add_argument("--threads", type=positive_int,
+                       help="torch's CPU threads (default: OMP_NUM_THREADS when set, else the physical cores this "
+                            "process may run on, shared among torchrun's processes)")
     return parser
+
+
+def default_threads() -> int:
+    """Threads for torch when --threads is not given: the CPUs in this process's affinity mask, no more than the
+    physical cores among them where /sys tells (two threads on one core's hyper-threads only spin), divided
+    among the processes torchrun starts on this machine (LOCAL_WORLD_SIZE)."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        try:
+            topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:  # not Linux, or /sys hidden: the affinity mask alone
+            cores = set(cpus)
+            break
+    per_machine = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    processes = int(per_machine) if per_machine.isdigit() and int(per_machine) > 0 else 1
+    return max(1, min(len(cpus), len(cores)) // processes)
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's intra-op threads for the verb: --threads, else OMP_NUM_THREADS (left to torch), else the default."""
+    import os
+
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    torch.set_num_threads(threads or default_threads())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -633,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as done:  # --help (0) or a usage error already printed (2)
         return done.code if isinstance(done.code, int) else 2
+    _set_threads(args.threads)
     try:
         return VERBS[args.verb][0](args)
     except (ValueError, OSError, ImportError, NotImplementedError) as err:

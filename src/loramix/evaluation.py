@@ -10,14 +10,20 @@ registry):
 Each row's gate scalings are summed per task (context and continuation tokens for log-likelihoods, generated
 tokens for generation), giving the mean routing of each task: a table (routing.csv) and a figure (routing.png).
 
+`load_tasks` checks the task names and builds the tasks before any model is loaded; a failure of lm-eval later
+is one ValueError naming the task, after what was computed is saved.
+
 lm-eval is imported only when used: `pip install lm-eval` (tested with 0.4.13).
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import os
+import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -191,31 +197,135 @@ class RoutingTotals:
         return (self.sums[task] / max(self.tokens[task], 1)).float()
 
 
+# ---- tasks, checked before any model is loaded ------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalTasks:
+    """lm-eval tasks named, checked and built: `objects` are lm-eval's Task and Group objects, ready to run."""
+
+    names: tuple[str, ...]
+    manager: Any  # lm-eval's TaskManager over the indexed folders
+    objects: tuple[Any, ...]
+
+
+def load_tasks(tasks: list[str] | str, *, include_path: str | None = None, builtin_tasks: bool = True) -> EvalTasks:
+    """Check every name in `tasks` against lm-eval's index (its own tasks unless `builtin_tasks=False`, and those
+    in `include_path`), then build each (its YAML read, its dataset loaded): cheap next to a model, so a misspelt
+    name or a bad task option fails here, in one ValueError naming the task, with close names suggested."""
+    lm_class()  # a clear ImportError when lm-eval is missing
+    from lm_eval.tasks import TaskManager
+
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError("tasks: no task name given")
+    if include_path is not None and not os.path.isdir(include_path):
+        raise FileNotFoundError(f"include_path: {include_path} is not a folder of task YAMLs")
+    if include_path is None and not builtin_tasks:
+        raise ValueError("tasks: lm-eval's own tasks are left out (builtin_tasks=False) and no include_path is given")
+    manager = TaskManager(include_path=include_path, include_defaults=builtin_tasks)
+    searched = " and ".join(["lm-eval's own tasks"] * builtin_tasks + [repr(include_path)] * bool(include_path))
+    for name in names:
+        if name not in manager.all_tasks and not (name.endswith((".yaml", ".yml")) and os.path.isfile(name)):
+            close = difflib.get_close_matches(name, manager.all_tasks, n=3, cutoff=0.75)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            left_out = "" if builtin_tasks else " (lm-eval's own tasks were left out)"
+            raise ValueError(f"tasks: {name!r} is not a task, group or tag in {searched}{left_out}{hint}")
+    objects = []
+    for name in names:
+        try:
+            loaded = manager.load([name])
+        except Exception as err:  # lm-eval raises KeyError, TypeError, ValueError, ... for a bad task YAML
+            raise ValueError(f"task {name!r}: {_one_line(err)}") from err
+        children = {c for kids in loaded["group_map"].values() for c in kids}
+        objects += [g for n, g in loaded["groups"].items() if n not in children]
+        objects += [t for n, t in loaded["tasks"].items() if n not in children]
+    return EvalTasks(tuple(names), manager, tuple(objects))
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    first = (text.strip().splitlines() or [""])[0][:300]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _failing_task(err: BaseException) -> str | None:
+    """The lm-eval task whose code raised `err`: the innermost frame of a Task method, or of lm-eval's loop over
+    tasks (`task_name`)."""
+    from lm_eval.api.task import Task
+
+    name = None
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Task):
+            name = owner.task_name
+        elif frame.f_globals.get("__name__", "").startswith("lm_eval") and isinstance(
+                frame.f_locals.get("task_name"), str):
+            name = frame.f_locals["task_name"]
+    return name
+
+
 # ---- entry point -----------------------------------------------------------------------------------------------
-def evaluate(model, tokenizer, tasks: list[str] | str, *, include_path: str | None = None, limit: float | None = None,
-             batch_size: int = 8, output: str | None = None, log_samples: bool = False,
+def evaluate(model, tokenizer, tasks: list[str] | str | EvalTasks, *, include_path: str | None = None,
+             limit: float | None = None, batch_size: int = 8, output: str | None = None, log_samples: bool = False,
              num_fewshot: int | None = None, builtin_tasks: bool = True) -> dict[str, Any]:
     """Run lm-eval `tasks` on an XLoraModel in process. Returns lm-eval's results dict plus "routing": {task:
     {expert: mean weight}}. With `output`, writes results.json, routing.csv and routing.png there.
-    `builtin_tasks=False` skips indexing lm-eval's own task YAMLs (20 s) when every task is in `include_path`."""
-    lm_type = lm_class()  # a clear ImportError when lm-eval is missing
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    `tasks`: names (checked and built by `load_tasks` with `include_path` and `builtin_tasks`; the latter False
+    skips indexing lm-eval's own task YAMLs, 20 s) or `load_tasks`' answer.
 
-    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    if include_path is not None and not os.path.isdir(include_path):
-        raise FileNotFoundError(f"include_path: {include_path} is not a folder of task YAMLs")
-    lm = lm_type(model, tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=include_path, include_defaults=builtin_tasks),
-                                      limit=limit, batch_size=batch_size, log_samples=log_samples,
-                                      num_fewshot=num_fewshot, bootstrap_iters=0)
-    results = dict(results)
+    A failure while the tasks run is one ValueError naming the task where it can tell; with `output`, what was
+    computed before it is saved there first (results.json with the error and the routing so far,
+    responses.jsonl with every answer the model gave)."""
+    import lm_eval
+
+    if not isinstance(tasks, EvalTasks):
+        tasks = load_tasks(tasks, include_path=include_path, builtin_tasks=builtin_tasks)
+    lm = lm_class()(model, tokenizer, batch_size=batch_size)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.objects), task_manager=tasks.manager,
+                                          limit=limit, batch_size=batch_size, log_samples=log_samples,
+                                          num_fewshot=num_fewshot, bootstrap_iters=0)
+    except Exception as err:  # lm-eval's own errors come raw (KeyError, TypeError, ...): one line instead
+        task = _failing_task(err)
+        line = f"task {task!r}: {_one_line(err)}" if task else _one_line(err)
+        if output is None:
+            raise ValueError(f"lm-eval stopped: {line} (nothing saved: no output folder)") from err
+        write_partial(tasks.objects, _with_routing({"error": line}, model, lm), output)
+        raise ValueError(f"lm-eval stopped: {line}; what was computed is in {os.path.join(output, 'results.json')} "
+                         f"and responses.jsonl") from err
+    results = _with_routing(dict(results), model, lm)
+    if output is not None:
+        write_outputs(results, output)
+        stale = os.path.join(output, "responses.jsonl")  # an earlier failed run's, no longer what results.json says
+        if os.path.exists(stale):
+            os.remove(stale)
+    return results
+
+
+def _with_routing(results: dict[str, Any], model, lm) -> dict[str, Any]:
     results["routing"] = {task: dict(zip(model.expert_names, lm.routing.mean(task).mean(0).tolist()))
                           for task in sorted(lm.routing.sums)}
     results["routing_tokens"] = dict(sorted(lm.routing.tokens.items()))
-    if output is not None:
-        write_outputs(results, output)
     return results
+
+
+def write_partial(objects, partial: dict[str, Any], folder: str) -> None:
+    """After a failure: responses.jsonl (each request the model answered: task, document, request type,
+    arguments, answers), then results.json with the error and the routing so far, routing.csv and routing.png."""
+    from lm_eval.api.group import Group
+
+    leaves = [t for o in objects for t in (o.get_all_tasks() if isinstance(o, Group) else [o])]
+    lines = []
+    for task in leaves:
+        for inst in task.instances or []:
+            if inst.resps:
+                lines.append(json.dumps({"task": task.task_name, "doc_id": inst.doc_id, "idx": inst.idx,
+                                         "request_type": inst.request_type, "arguments": inst.args,
+                                         "resps": inst.resps}, default=str) + "\n")
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_text(os.path.join(folder, "responses.jsonl"), "".join(lines))
+    partial["responses"] = len(lines)
+    write_outputs(partial, folder)
 
 
 def write_outputs(results: dict[str, Any], folder: str) -> None:

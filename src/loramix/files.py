@@ -1,10 +1,12 @@
 """Writing files so that a crash leaves nothing half-written: atomic files or folders (a temporary beside,
-then a rename), JSON Lines logs whose torn last line is dropped on reading."""
+then a rename), JSON Lines logs whose torn last line is dropped on reading, and write errors that name the file."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Callable
@@ -19,10 +21,33 @@ def atomic_write(path: str, write: Callable[[str], object], suffix: str = "") ->
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        named = write_failure(err, path, "; the old file, if any, is unchanged")
+        if named is None:
+            raise
+        raise named from err
+
+
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")  # Rust's io::Error, shown or debugged
+
+
+def write_failure(err: BaseException, path: str, after: str = "") -> OSError | None:
+    """The failed write `err` as one OSError naming `path` and the errno, for a write error that names no file
+    (a full disk, ENOSPC, or a file-size limit, EFBIG, raised by `write`; Rust writers such as safetensors and
+    tokenizers report the errno only in their text, "os error 27"). `after` ends the message. None when `err` is
+    no such error (it names a file already, or is no I/O error)."""
+    if isinstance(err, OSError):
+        if err.filename is not None or err.errno is None:
+            return None
+        code = err.errno
+    elif isinstance(err, Exception) and (found := _OS_ERROR_TEXT.search(str(err))):
+        code = int(found[1] or found[2])
+    else:
+        return None
+    name = errno.errorcode.get(code, "?")
+    return OSError(code, f"{os.strerror(code)} ({name}) writing {path}{after}")
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -57,8 +82,14 @@ def move_into(tmp: str, folder: str) -> None:
 
 def append_jsonl(path: str, record: dict) -> None:
     """Append one JSON line (a log: a crash mid-append can leave a torn last line, which read_jsonl handles)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        named = write_failure(err, path)
+        if named is None:
+            raise
+        raise named from err
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import XLoraConfig
 from .experts import Expert, load_expert
-from .hub import check_local
+from .hub import HubUnreachableError, check_local, from_hub, local_id
 
 QUANTIZATIONS = ("4bit", "8bit")
 
@@ -58,7 +58,13 @@ def load_base(base: str | nn.Module, *, dtype: torch.dtype | None = None, device
                                      ("offload_folder", offload_folder)) if v is not None})
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if os.path.exists(path):  # by its absolute path, which the model records as its name (and PEFT from it)
+        model = AutoModelForCausalLM.from_pretrained(os.path.abspath(path), **kwargs)
+    else:
+        # cache only: transformers looks for a PEFT adapter config with its own options (adapter_kwargs)
+        cache = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}}
+        model = from_hub(lambda cache_only: AutoModelForCausalLM.from_pretrained(
+            path, **kwargs, **(cache if cache_only else {})), path, what="base model")
     return model.to(device) if device is not None else model
 
 
@@ -77,10 +83,10 @@ def _quantization_config(quantization: Any):
 
 
 def base_model_id(base: str | nn.Module) -> str | None:
-    """The name a base is loaded by: the string itself, or the `_name_or_path` a loaded model records."""
-    if isinstance(base, str):
-        return base
-    return getattr(getattr(base, "config", None), "_name_or_path", None) or None
+    """The name a base is loaded by, as a checkpoint records it: the string itself, or the `_name_or_path` a
+    loaded model records; an existing local path made absolute, so that the record works from any folder."""
+    name = base if isinstance(base, str) else getattr(getattr(base, "config", None), "_name_or_path", None)
+    return local_id(name) if name else None
 
 
 def load_tokenizer(*sources: Any, chat_template_file: str | None = None):
@@ -90,7 +96,7 @@ def load_tokenizer(*sources: Any, chat_template_file: str | None = None):
     if not candidates:
         raise ValueError("tokenizer: nothing to load it from (a base model passed as a module has no name); "
                          "pass a tokenizer")
-    tokenizer, tried = None, []
+    tokenizer, tried, unreachable = None, [], None
     for source in candidates:
         if not isinstance(source, str):
             tokenizer = source
@@ -99,12 +105,20 @@ def load_tokenizer(*sources: Any, chat_template_file: str | None = None):
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            if os.path.exists(path):
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            else:  # an unreachable hub is one line of its own, not a tokenizer that "could not be loaded"
+                tokenizer = from_hub(lambda cache_only: AutoTokenizer.from_pretrained(
+                    path, **({"local_files_only": True} if cache_only else {})), source, what="tokenizer")
             break
+        except HubUnreachableError as err:
+            unreachable = err
         except (OSError, ValueError) as err:
             reason = (str(err).strip().splitlines() or [""])[0][:160]
             what = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
             tried.append(f"{source!r} ({what})")
+    if tokenizer is None and unreachable is not None:
+        raise unreachable
     if tokenizer is None:
         raise FileNotFoundError(f"tokenizer: none could be loaded from {', '.join(tried)}; save one beside the "
                                 f"checkpoint or the base model")

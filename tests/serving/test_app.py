@@ -166,6 +166,8 @@ def test_seeded_sampling_is_reproducible(live):
     ({"model": "tiny-xlora", "prompt": [[5], []]}, 400, "prompt"),
     ({"model": "tiny-xlora", "prompt": [[5], [1000]]}, 400, "prompt"),
     ({"model": "tiny-xlora", "prompt": "a", "stop": [""]}, 400, "stop"),
+    ({"model": "tiny-xlora", "prompt": "a", "stop": ["x" * 3000, "y" * 1097]}, 400, "stop"),  # 4,097 characters
+    ({"model": "tiny-xlora", "prompt": "a", "stop": "x" * 4097}, 400, "stop"),
     ({"model": "tiny-xlora", "prompt": "a", "stream": "yes"}, 400, "stream"),
     ({"model": "tiny-xlora", "prompt": "a" * 200}, 400, "prompt"),
     ({"model": "tiny-xlora", "prompt": [1000]}, 400, "prompt"),
@@ -203,6 +205,50 @@ def test_bad_chats_get_openai_errors(live):
     response = post_json(server, "/v1/chat/completions",  # a lone surrogate was a 500
                      b'{"model": "tiny-xlora", "messages": [{"role": "user", "content": "hi \\ud800"}]}')
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0].content"
+
+
+def test_stop_strings_up_to_the_size_limit_are_accepted(live):
+    _, server = live
+    body = {"model": "tiny-xlora", "prompt": "a", "max_tokens": 4, "stop": ["x" * 3000, "y" * 1096]}  # 4,096
+    assert post_json(server, "/v1/completions", body).status_code == 200
+    too_many = post_json(server, "/v1/completions", {**body, "stop": ["x" * 3000, "y" * 1097]}).json()["error"]
+    assert too_many["param"] == "stop" and "4097 characters" in too_many["message"] and "4096" in too_many["message"]
+
+
+# ---- content types (issue 21) --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content_type", [
+    None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data",
+    "application/jsonx", "application/json-patch+json", "application/json; charset=latin-1", "",
+])
+def test_a_body_not_declared_json_gets_415_and_runs_nothing(live, content_type):
+    """Browsers send text/plain, form encodings and multipart across sites without a CORS preflight: a web page
+    could drive a local server with a JSON body sent as text/plain. Refused before the body is read."""
+    state, server = live
+    requests = state.engine.stats["requests"]
+    body = json.dumps({"model": "tiny-xlora", "prompt": "a", "max_tokens": 2})
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        response = httpx.post(server.url + path, content=body, headers=headers, timeout=30)
+        assert response.status_code == 415, response.text
+        assert _is_openai_error(response) and "application/json" in response.json()["error"]["message"]
+    assert state.engine.stats["requests"] == requests
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8",
+                                          "Application/JSON;Charset=\"UTF-8\"", "application/json;charset=utf8"])
+def test_json_with_or_without_a_utf8_charset_is_accepted(live, content_type):
+    _, server = live
+    body = json.dumps({"model": "tiny-xlora", "prompt": "a", "max_tokens": 2})
+    response = httpx.post(server.url + "/v1/completions", content=body, headers={"Content-Type": content_type},
+                          timeout=30)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
+
+
+def test_the_content_type_is_checked_before_the_body_is_read(strict):
+    _, server = strict
+    response = httpx.post(server.url + "/v1/completions", content=b"x" * 5000, headers={"Content-Type": "text/plain"},
+                          timeout=30)
+    assert response.status_code == 415  # not 413 (the body is over the 2 KiB limit) nor 400 (not JSON)
 
 
 def test_a_seed_at_the_edge_of_64_bits_is_accepted_and_reproducible(live):
@@ -402,6 +448,78 @@ def test_health_answers_while_a_prompt_is_tokenized(strict, monkeypatch):
         assert pending.result().status_code == 200
 
 
+def _health_latencies(server, busy) -> list[float]:
+    """Seconds each GET /health took, polled every 20 ms while busy() holds (at most 2,000 polls)."""
+    latencies: list[float] = []
+    with httpx.Client(timeout=30) as client:
+        while busy() and len(latencies) < 2000:
+            start = time.perf_counter()
+            assert client.get(server.url + "/health").status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.02)
+    return latencies
+
+
+def test_health_answers_while_a_large_answer_is_built(live, reference):
+    """Issue 21: 72 prompts x 127 token ids with echo, logprobs 20 and max_tokens 0 (192,024 entries, 4.6 MB of
+    JSON) were answered by building and writing the JSON on the event loop: /health took up to 0.85 s meanwhile
+    (2 cores, one torch thread), the whole answer's time. Built and written in a worker thread, a chunk of positions
+    per json.dumps, it took at most 0.03 s in the same run; the bound is 0.3 s."""
+    state, server = live
+    torch.manual_seed(21)
+    prompts = torch.randint(3, 97, (72, 127)).tolist()
+    body = {"model": "tiny-xlora", "prompt": prompts, "echo": True, "logprobs": 20, "max_tokens": 0}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post_json, server, "/v1/completions", body, timeout=120)
+        latencies = _health_latencies(server, lambda: not pending.done())
+        response = pending.result()
+    assert response.status_code == 200, response.text[:300]
+    assert len(latencies) >= 5 and max(latencies) < 0.3, (len(latencies), max(latencies))
+    choices = response.json()["choices"]
+    assert len(choices) == 72
+    model, _ = reference
+    for i in (0, 71):  # the numbers are the model's
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompts[i]])).logits[0].double()
+        expected = torch.log_softmax(logits, -1)[torch.arange(126), torch.tensor(prompts[i][1:])]
+        got = choices[i]["logprobs"]["token_logprobs"]
+        assert got[0] is None and torch.allclose(torch.tensor(got[1:], dtype=torch.double), expected, atol=1e-4)
+        assert all(len(top) >= 20 for top in choices[i]["logprobs"]["top_logprobs"][1:])
+    assert wait_idle(state.engine) and state.engine.in_flight == 0
+
+
+def test_an_answer_over_the_log_probability_cap_is_a_400_naming_logprobs(live):
+    """(echoed prompt tokens + max_tokens) x n x (1 + logprobs), summed over prompts, above --max-logprob-entries
+    (default 262,144) is refused before anything runs."""
+    state, server = live
+    requests = state.engine.stats["requests"]
+    prompts = [[5] * 127] * 72
+    body = {"model": "tiny-xlora", "prompt": prompts, "echo": True, "logprobs": 20, "max_tokens": 64}
+    response = post_json(server, "/v1/completions", body)  # 72 x (127 + 64) x 21 = 288,792
+    assert response.status_code == 400 and _is_openai_error(response)
+    error = response.json()["error"]
+    assert error["param"] == "logprobs" and "288792" in error["message"] and "262144" in error["message"]
+    assert "--max-logprob-entries" in error["message"] and "(1 + logprobs)" in error["message"]
+    assert state.engine.stats["requests"] == requests
+    chat = {"model": "tiny-xlora", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+            "top_logprobs": 20, "max_tokens": 64, "n": 16}  # 16 x 64 x 21 = 21,504: within the cap
+    assert post_json(server, "/v1/chat/completions", chat).status_code == 200
+
+
+def test_the_log_probability_cap_is_a_serve_setting(served_checkpoint):
+    with serving(served_checkpoint, max_logprob_entries=100) as (state, server):
+        body = {"model": "tiny-xlora", "prompt": [[5] * 9] * 2, "echo": True, "logprobs": 4, "max_tokens": 1}
+        assert post_json(server, "/v1/completions", body).status_code == 200  # 2 x (9 + 1) x 5 = 100
+        response = post_json(server, "/v1/completions", {**body, "logprobs": 5})  # 120
+        assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
+        chat = {"model": "tiny-xlora", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                "top_logprobs": 4, "max_tokens": 10, "n": 3}  # 3 x 10 x 5 = 150
+        response = post_json(server, "/v1/chat/completions", chat)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
+        plain = {"model": "tiny-xlora", "prompt": [[5] * 9] * 2, "max_tokens": 60}  # no logprobs: no entries
+        assert post_json(server, "/v1/completions", plain).status_code == 200
+
+
 def test_the_default_max_tokens_obeys_the_cap(strict, reference):
     _, server = strict
     ids = tiny_tokenizer()("hello wor")["input_ids"]
@@ -516,6 +634,9 @@ def _healthy(url: str) -> bool:
     (["--host", "no such host!"], "--host"),
     (["--host", ""], "--host"),
     (["--log-level", "loud"], "--log-level"),
+    (["--max-logprob-entries", "0"], "--max-logprob-entries"),
+    (["--api-key", ""], "--api-key"),  # issue 21: a blank key served every request that sent `Bearer` alone
+    (["--api-key", "  "], "--api-key"),
 ])
 def test_serve_checks_its_flags_before_loading(flags, named, capsys):
     from loramix.cli import main

@@ -12,7 +12,7 @@ import torch
 from helpers import CHAT_TEMPLATE, openai_client, post_json, serving, slow_down_engine, tiny_tokenizer, wait_until
 
 from loramix.config import GateOptions
-from loramix.engine.sampling import prompt_logprobs
+from loramix.engine.sampling import prompt_logprob_table, prompt_logprobs
 
 MODEL = "tiny-xlora"
 
@@ -54,6 +54,47 @@ def test_prompt_logprobs_equal_a_direct_log_softmax(model, temperature):
         assert torch.allclose(torch.tensor([lp for _, lp in entry.top], dtype=torch.double), values, atol=1e-4)
     with pytest.raises(ValueError, match="temperature"):
         prompt_logprobs(model, ids, temperature=0.0)
+
+
+@pytest.mark.parametrize("top", [0, 3, 200])
+def test_prompt_log_probabilities_a_chunk_at_a_time_equal_the_whole_computation_exactly(model, top):
+    """Issue 21: the prompt's table (chosen token and top-k) is computed a chunk of positions at a time, never as a
+    float32 log_softmax of every position at once; each chunk size gives exactly the numbers of one computation."""
+    torch.manual_seed(3)
+    ids = torch.randint(3, 97, (40,)).tolist()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    for temperature in (1.0, 0.7):
+        whole = torch.log_softmax(logits[:-1].float() / temperature, dim=-1)  # what was computed before
+        chosen = whole.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        values, tokens = whole.topk(min(top, 97), dim=-1)
+        for chunk in (1, 3, 16, 39, 1000, None):
+            table = prompt_logprob_table(logits, ids, top=top, temperature=temperature, chunk=chunk)
+            assert torch.equal(table.chosen, chosen) and torch.equal(table.top_values, values)
+            assert torch.equal(table.top_ids, tokens)
+        entries = prompt_logprobs(model, ids, top=top, temperature=temperature)
+        assert entries == table.entries() and entries[1].logprob == chosen[0].item()
+        assert table.entries(5, 9) == entries[5:9] and table.entries(0, 1) == entries[:1]
+
+
+def test_an_echoed_prefill_keeps_only_the_asked_log_probabilities(model):
+    """The prefill that serves `echo` keeps each row's chosen and top-k log-probabilities (tensors of t - 1 and
+    (t - 1, k)), not the prompt's (t, vocab) logits, and its first new token's logits are those of a plain prefill."""
+    from loramix.engine.batch import DecodeBatch
+    from loramix.engine.params import SamplingParams
+    from loramix.engine.rows import RowState
+
+    ids = _ids("mixture of experts")
+    rows = [RowState.start(ids, SamplingParams(max_new_tokens=4), device=model.device)]
+    plain = DecodeBatch(model).prefill(rows, torch.tensor([ids]))
+    batch = DecodeBatch(model)
+    echoed = batch.prefill(rows, torch.tensor([ids]), prompt_logprobs=5)
+    assert torch.allclose(echoed, plain, atol=1e-5) and echoed.shape == (1, 97)
+    table = batch.prompt_logprobs[0]
+    assert table.chosen.shape == (len(ids) - 1,) and table.top_values.shape == table.top_ids.shape == (len(ids) - 1, 5)
+    assert table.entries() == prompt_logprobs(model, ids, top=5)
+    assert not any(isinstance(v, torch.Tensor) and v.shape[-1] == 97 and v.dim() > 1 and v.shape[-2] > 1
+                   for v in vars(batch).values())
 
 
 # ---- completions: echo, logprobs, max_tokens 0 -------------------------------------------------------------------

@@ -26,6 +26,15 @@ from loramix.serving.settings import LOG_LEVELS, ServeSettings
     ("host", "", "--host"),
     ("log_level", "loud", "--log-level"),
     ("model", "", "--model"),
+    ("max_logprob_entries", 0, "--max-logprob-entries"),
+    # issue 21: an empty or blank key (an unset environment variable) opened the server to `Bearer` with no key
+    ("api_key", "", "--api-key"),
+    ("api_key", "   ", "--api-key"),
+    ("api_key", "\t\n", "--api-key"),
+    ("api_key", " key", "--api-key"),
+    ("api_key", "key\n", "--api-key"),
+    ("api_key", "k\x00ey", "--api-key"),
+    ("api_key", 5, "--api-key"),
 ])
 def test_each_bad_value_is_refused_naming_its_flag(field, value, flag):
     with pytest.raises(ValueError, match="^" + re.escape(flag)):
@@ -34,7 +43,8 @@ def test_each_bad_value_is_refused_naming_its_flag(field, value, flag):
 
 @pytest.mark.parametrize("field, value", [
     ("port", 1), ("port", 65535), ("max_batch", 1), ("max_queue", 0), ("max_tokens_cap", 1),
-    ("max_request_bytes", 1), *(("log_level", level) for level in LOG_LEVELS),
+    ("max_request_bytes", 1), ("max_logprob_entries", 1), ("api_key", "k"), ("api_key", "a key with spaces"),
+    ("api_key", None), *(("log_level", level) for level in LOG_LEVELS),
 ])
 def test_a_value_at_each_bound_is_accepted(field, value):
     assert getattr(ServeSettings(**{"model": "ckpt", field: value}), field) == value
@@ -76,3 +86,22 @@ def test_every_field_is_a_serve_flag(capsys):
     help_text = capsys.readouterr().out
     for field in dataclasses.fields(ServeSettings):
         assert "--" + field.name.replace("_", "-") in help_text, field.name
+
+
+def test_the_key_middleware_refuses_an_empty_key_and_compares_in_constant_time(monkeypatch):
+    """A library user building the app around a blank key gets the same refusal as the flag; keys are compared
+    with hmac.compare_digest."""
+    import hmac
+
+    from loramix.serving import app
+
+    for key in ("", "  "):
+        with pytest.raises(ValueError, match="^--api-key"):
+            app.RequireKey(None, key)
+    compared, original = [], hmac.compare_digest
+    monkeypatch.setattr(app.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or original(a, b))
+    guard = app.RequireKey(None, "s3cret")
+    assert guard.authorized([(b"authorization", b"Bearer s3cret")])
+    assert not guard.authorized([(b"authorization", b"Bearer")])
+    assert not guard.authorized([(b"authorization", b"Bearer ")])
+    assert compared == [(b"s3cret", b"s3cret"), (b"", b"s3cret"), (b"", b"s3cret")]

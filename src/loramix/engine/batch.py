@@ -8,7 +8,7 @@ import torch
 from ..backbone.kv_cache import GrowingCache
 from ..config import GateOptions
 from .rows import RowState, finish_reason
-from .sampling import Sampled, sample_next_token
+from .sampling import PromptLogprobs, Sampled, prompt_logprob_table, sample_next_token
 
 
 class DecodeBatch:
@@ -35,7 +35,7 @@ class DecodeBatch:
         self.frozen: torch.Tensor | None = None  # (n, 1, L, E) once every row is frozen
         self.folded = None  # FoldedWeights while the rows run folded
         self.last_sampled: Sampled | None = None  # what `choose` picked
-        self.prompt_logits: torch.Tensor | None = None  # (n, t, vocab) from `prefill(keep_prompt_logits=True)`
+        self.prompt_logprobs: list[PromptLogprobs] | None = None  # per row, from `prefill(prompt_logprobs=k)`
 
     @property
     def accepting(self) -> bool:
@@ -43,10 +43,12 @@ class DecodeBatch:
         return self.scaling_cache is not None
 
     def prefill(self, rows: list[RowState], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                keep_prompt_logits: bool = False) -> torch.Tensor:
+                prompt_logprobs: int | None = None) -> torch.Tensor:
         """Run the (left-padded) prompts through both passes; returns the logits of each row's first new token
-        (n, vocab). The batch must be empty. `keep_prompt_logits` keeps every position's logits in
-        `prompt_logits` (for `prompt_logprobs`; the caller drops them when read)."""
+        (n, vocab). The batch must be empty. `prompt_logprobs` = k also keeps each row's prompt log-probabilities in
+        `self.prompt_logprobs` (the chosen tokens' and the k most likely, at the row's distribution temperature:
+        `prompt_logprob_table`, a chunk of positions at a time), read from this same forward pass; the prompt's
+        logits themselves are not kept (the caller drops the table when read)."""
         from transformers import DynamicCache
 
         if self.rows:
@@ -59,14 +61,18 @@ class DecodeBatch:
         gate = self.options
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=self.mixed_cache, scaling_past_key_values=self.scaling_cache,
-                         use_cache=True, logits_to_keep=0 if keep_prompt_logits else 1, top_k_lora=gate.top_k_lora,
-                         softmax_temperature=gate.softmax_temperature)
+                         use_cache=True, logits_to_keep=1 if prompt_logprobs is None else 0,
+                         top_k_lora=gate.top_k_lora, softmax_temperature=gate.softmax_temperature)
         if self.model.decodes_by_hand:  # one-token steps append in place instead of copying the cache each step
             self.scaling_cache = GrowingCache.from_cache(self.scaling_cache)
             self.mixed_cache = GrowingCache.from_cache(self.mixed_cache)
         self.rows, self.mask, self.scalings = list(rows), mask, out.scalings[:, -1]
-        self.prompt_logits = out.logits if keep_prompt_logits else None
-        return out.logits[:, -1]
+        self.prompt_logprobs = None if prompt_logprobs is None else [
+            prompt_logprob_table(out.logits[i, out.logits.shape[1] - len(row.prompt):], row.prompt,
+                                 top=prompt_logprobs, temperature=row.params.distribution_temperature)
+            for i, row in enumerate(rows)]
+        # the last position alone (a copy when every position's logits came: their storage is freed on return)
+        return out.logits[:, -1] if prompt_logprobs is None else out.logits[:, -1].clone()
 
     def choose(self, logits: torch.Tensor, logprobs: int | None = None) -> list[str | None]:
         """Sample each row's next token from `logits` (n, vocab), record it, and return each row's finish

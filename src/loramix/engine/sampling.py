@@ -90,6 +90,63 @@ def chosen_logprobs(sampled: Sampled, row: int, top: int) -> TokenLogprob:
     return TokenLogprob(int(sampled.tokens[row]), float(sampled.logprobs[row]), list(alternatives))
 
 
+PROMPT_CHUNK_ELEMENTS = 1 << 22  # logits handled at once by `prompt_logprob_table`: positions x vocab (16 MB float32)
+
+
+@dataclass
+class PromptLogprobs:
+    """The log-probabilities of a prompt's tokens as a table of tensors (no Python object per token): row t is
+    position t + 1, the log-probability of `tokens[t + 1]` given the tokens before it and the k most likely tokens
+    there (largest first). The first token has none (nothing predicts it)."""
+
+    tokens: list[int]  # the prompt (t,)
+    chosen: torch.Tensor  # (t - 1,) float32: the log-probability of tokens[1:]
+    top_values: torch.Tensor  # (t - 1, k) float32
+    top_ids: torch.Tensor  # (t - 1, k)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def entries(self, start: int = 0, stop: int | None = None) -> list[TokenLogprob]:
+        """Positions start..stop (default: all) as `TokenLogprob`s, the first token's logprob None."""
+        stop = len(self.tokens) if stop is None else stop
+        first = max(start, 1)  # row 0 of the table is position 1
+        chosen = self.chosen[first - 1:stop - 1].tolist()
+        values, ids = self.top_values[first - 1:stop - 1].tolist(), self.top_ids[first - 1:stop - 1].tolist()
+        head = [TokenLogprob(self.tokens[0], None, [])] if start == 0 and stop > 0 else []
+        return head + [TokenLogprob(token, lp, list(zip(t, v)))
+                       for token, lp, t, v in zip(self.tokens[first:stop], chosen, ids, values)]
+
+
+def prompt_logprob_table(logits: torch.Tensor, prompt: list[int], *, top: int = 0, temperature: float = 1.0,
+                         chunk: int | None = None) -> PromptLogprobs:
+    """The prompt's log-probabilities from the logits of one forward pass over it (t, vocab): position t's logits
+    predict token t + 1, as log_softmax(logits / temperature), with the `top` most likely tokens.
+
+    Computed `chunk` positions at a time (default: PROMPT_CHUNK_ELEMENTS // vocab), so that no float32 copy, quotient
+    or log_softmax of the whole prompt's logits is ever made; every position's numbers are those of the whole
+    computation (log_softmax, gather and topk are per position). The table is on the CPU."""
+    if not is_finite_number(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: got {temperature!r}, expected a finite number > 0")
+    if logits.shape[0] != len(prompt):
+        raise ValueError(f"logits: {logits.shape[0]} positions for a prompt of {len(prompt)} tokens")
+    positions, vocab = len(prompt) - 1, logits.shape[-1]
+    k = min(top, vocab)
+    chunk = chunk or max(1, PROMPT_CHUNK_ELEMENTS // vocab)
+    ids = torch.tensor(prompt, device=logits.device)  # (t,)
+    chosen = torch.empty(positions, dtype=torch.float32)
+    top_values = torch.empty(positions, k, dtype=torch.float32)
+    top_ids = torch.empty(positions, k, dtype=torch.long)
+    for a in range(0, positions, chunk):
+        b = min(a + chunk, positions)
+        distribution = torch.log_softmax(logits[a:b].float() / temperature, dim=-1)  # (b - a, vocab)
+        chosen[a:b] = distribution.gather(-1, ids[a + 1:b + 1, None])[:, 0].cpu()
+        if k:
+            values, tokens = distribution.topk(k, dim=-1)  # (b - a, k)
+            top_values[a:b], top_ids[a:b] = values.cpu(), tokens.cpu()
+    return PromptLogprobs(list(prompt), chosen, top_values, top_ids)
+
+
 def prompt_logprobs(model, prompt: list[int], *, top: int = 0, temperature: float = 1.0,
                     gate: GateOptions = GateOptions(), logits: torch.Tensor | None = None) -> list[TokenLogprob]:
     """The log-probability of each prompt token given the ones before it, from one forward pass of the X-LoRA
@@ -98,27 +155,23 @@ def prompt_logprobs(model, prompt: list[int], *, top: int = 0, temperature: floa
     The distribution is log_softmax(logits / temperature) (pass `params.distribution_temperature`, i.e.
     1 for greedy), the same that `sample_next_token` reports for generated tokens; `top` adds that many alternatives
     per position. `gate`: the gate options of this call, as in `DecodeBatch`. `logits` (t, vocab): that forward pass
-    already run by the caller (`DecodeBatch.prefill(..., keep_prompt_logits=True)` of this prompt alone)."""
+    already run by the caller. `prompt_table` gives the same numbers as tensors (`PromptLogprobs`)."""
+    return prompt_table(model, prompt, top=top, temperature=temperature, gate=gate, logits=logits).entries()
+
+
+def prompt_table(model, prompt: list[int], *, top: int = 0, temperature: float = 1.0,
+                 gate: GateOptions = GateOptions(), logits: torch.Tensor | None = None) -> PromptLogprobs:
+    """`prompt_logprobs` as a table of tensors (`prompt_logprob_table`): one forward pass of the model over the
+    prompt (unless its `logits` (t, vocab) are given), reduced a chunk of positions at a time."""
     if not prompt:
         raise ValueError("prompt: no tokens")
     if not is_finite_number(temperature) or temperature <= 0:
         raise ValueError(f"temperature: got {temperature!r}, expected a finite number > 0")
-    ids = torch.tensor([prompt], device=model.device)  # (1, t)
     if logits is None:
         with torch.no_grad():
-            logits = model(input_ids=ids, top_k_lora=gate.top_k_lora,
+            logits = model(input_ids=torch.tensor([prompt], device=model.device), top_k_lora=gate.top_k_lora,
                            softmax_temperature=gate.softmax_temperature).logits[0]
-    if logits.shape[0] != len(prompt):
-        raise ValueError(f"logits: {logits.shape[0]} positions for a prompt of {len(prompt)} tokens")
-    distribution = torch.log_softmax(logits[:-1].float() / temperature, dim=-1)  # (t - 1, vocab)
-    chosen = distribution.gather(-1, ids[0, 1:, None])[:, 0].tolist()  # (t - 1,)
-    if top:
-        values, tokens = distribution.topk(min(top, distribution.shape[-1]), dim=-1)  # (t - 1, top)
-        alternatives = [list(zip(t, v)) for t, v in zip(tokens.tolist(), values.tolist())]
-    else:
-        alternatives = [[] for _ in chosen]
-    return [TokenLogprob(prompt[0], None, [])] + [
-        TokenLogprob(token, lp, alt) for token, lp, alt in zip(prompt[1:], chosen, alternatives)]
+    return prompt_logprob_table(logits, prompt, top=top, temperature=temperature)
 
 
 def _sample(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:

@@ -24,6 +24,7 @@ log-probabilities show for tokens (joined, a row's token strings are its text; a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 
 REPLACEMENT = "\ufffd"  # what a decode shows for bytes that are not (yet) a whole UTF-8 character
@@ -84,12 +85,14 @@ class RowText:
 
     The text is the decoded tokens (`TextDecoder`, in the context of the prompt) up to the first EOS, cut before
     the first occurrence of a stop string; `stopped` says that a stop string has occurred (the row ends there).
-    Finding a stop string costs the new text and the longest stop string's length, not the whole text."""
+    Stop strings are matched by `StopMatcher`: each new character costs a step or two per stop string, whatever
+    the stop strings' lengths and however much text is held back."""
 
     def __init__(self, tokenizer, prompt: Sequence[int], stop: Iterable[str] = (),
                  eos_token_ids: Iterable[int] = ()) -> None:
         self.decoder = TextDecoder(tokenizer, prompt)
         self.stop = list(stop)
+        self.matcher = StopMatcher(self.stop)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.unsent = ""  # the text not handed out yet
         self.ended = False  # an EOS or a stop string has come: nothing after it is text
@@ -103,12 +106,10 @@ class RowText:
         piece = self.decoder.push(token)
         if not piece:
             return
-        # a stop string not found before ends in this piece: it starts at most len(stop) - 1 characters earlier
-        start = max(0, len(self.unsent) - max((len(s) for s in self.stop), default=1) + 1)
+        at = self.matcher.feed(piece)  # where in the piece the first stop string starts (negative: before it)
         self.unsent += piece
-        hits = [at for at in (self.unsent.find(s, start) for s in self.stop) if at >= 0]
-        if hits:
-            self.unsent = self.unsent[:min(hits)]
+        if at is not None:
+            self.unsent = self.unsent[:max(0, len(self.unsent) - len(piece) + at)]
             self.ended = self.stopped = True
 
     def take(self, final: bool) -> str:
@@ -116,17 +117,65 @@ class RowText:
         that is the start of a stop string is held back; at the end (`final`) all of it."""
         end = len(self.unsent)
         if not (final or self.ended):
-            end -= max((_overlap(self.unsent, s) for s in self.stop), default=0)
+            end -= min(self.matcher.held(), end)
         piece, self.unsent = self.unsent[:end], self.unsent[end:]
         return piece
 
 
-def _overlap(text: str, stop: str) -> int:
-    """The length of the longest tail of `text` that is a proper start of `stop`."""
-    for k in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:k]):
-            return k
-    return 0
+class StopMatcher:
+    """The first occurrence of any stop string in a text fed piece by piece, by one Knuth-Morris-Pratt automaton
+    per stop string: `state[j]` is the length of the longest tail of the text so far that is a proper start of
+    stop string j, and a new character moves it by one step forward and amortised at most one step back along the
+    string's border table (`_borders`). So matching costs at most 2 steps per character and stop string
+    (`steps` counts them), whatever the stop strings' lengths, and the tail to hold back is `held()`, read off the
+    states. The first occurrence is the one that starts first among those ending in the piece that completes
+    one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = list(stops)
+        self.borders = [_borders(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
+        self.steps = 0
+
+    def feed(self, piece: str) -> int | None:
+        """Advance over `piece`; the offset in `piece` where the first stop string completed in it starts (negative
+        when it starts in the text before), or None."""
+        first = None
+        for j, (stop, borders) in enumerate(zip(self.stops, self.borders)):
+            k, steps = self.state[j], 0
+            for i, char in enumerate(piece):
+                while k and stop[k] != char:
+                    k = borders[k]
+                    steps += 1
+                if stop[k] == char:
+                    k += 1
+                steps += 1
+                if k == len(stop):  # the first occurrence of this stop string: it ends at piece[i]
+                    start = i + 1 - k
+                    first = start if first is None else min(first, start)
+                    k = borders[k]
+                    break
+            self.state[j] = k
+            self.steps += steps
+        return first
+
+    def held(self) -> int:
+        """The length of the text's longest tail that is a proper start of a stop string (0 without any)."""
+        return max(self.state, default=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _borders(stop: str) -> tuple[int, ...]:
+    """Knuth-Morris-Pratt's table of `stop`: entry k (1 <= k <= len) is the length of the longest proper prefix of
+    stop[:k] that is also its suffix; entry 0 is 0. Rows of one request share their stop strings' tables."""
+    table, k = [0] * (len(stop) + 1), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = table[k]
+        if stop[i] == stop[k]:
+            k += 1
+        table[i + 1] = k
+    return tuple(table)
 
 
 class TokenTexts:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..experts import ExpertModule, save_expert
+from ..hub import local_id
 from .mistralrs import export_mistralrs
 from .saving import new_output_folder, plain_base
 
@@ -120,8 +121,9 @@ def export_peft(model, folder: str, scalings: torch.Tensor) -> str:
     ranks = {name: m.rank for name, m in modules.items()}
     pattern = {re.escape(name): rank for name, rank in ranks.items()}  # PEFT reads the keys as regexes
     conv1d = any(type(layer.base_layer).__name__ == "Conv1D" for layer in model.mixed_layers())
+    base_id = model.base_model_id and local_id(model.base_model_id)  # a local base by its absolute path
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model.base_model_id,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_id,
         "r": max(ranks.values()), "lora_alpha": max(ranks.values()), "rank_pattern": pattern,
         "alpha_pattern": pattern, "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
         "use_rslora": False, "fan_in_fan_out": conv1d, "inference_mode": True, "modules_to_save": None,

@@ -1,18 +1,35 @@
-"""Whether a request fits the running server, checked cheapest first: its body within the byte limit, the model it
-names, its rows against the engine's room, its prompts' length in characters, then in tokens (tokenized off the
-event loop). Each refusal is a 4xx `ApiError` naming the field."""
+"""Whether a request fits the running server, checked cheapest first: its body declared JSON and within the byte
+limit, the model it names, its rows against the engine's room, its prompts' length in characters, then in tokens
+(tokenized off the event loop), then the log-probability entries its answer would hold. Each refusal is a 4xx
+`ApiError` naming the field."""
 
 from __future__ import annotations
 
 from fastapi import Request as HttpRequest
 
-from .protocol import ApiError, parse_body, short_value
+from .protocol import ApiError, RequestOptions, parse_body, short_value
 from .state import ServerState
 
 
+def check_content_type(value: str | None) -> None:
+    """A request body must be declared `application/json` (a charset, if given, UTF-8): 415 otherwise, before the
+    body is read. Browsers send text/plain, application/x-www-form-urlencoded and multipart/form-data across sites
+    without asking first (no CORS preflight), so accepting them would let any web page drive a local server."""
+    media, _, parameters = (value or "").partition(";")
+    charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in parameters.split(";"))
+                    if k.strip().lower() == "charset"), "utf-8")
+    if media.strip().lower() == "application/json" and charset in ("utf-8", "utf8"):
+        return
+    got = "no Content-Type" if value is None else f"Content-Type {short_value(value)}"
+    raise ApiError(415, f"the request body must be sent as Content-Type: application/json (UTF-8), got {got}",
+                   code="unsupported_media_type")
+
+
 async def read_body(state: ServerState, http: HttpRequest) -> dict:
-    """The body as a JSON object naming the served model; 413 past --max-request-bytes, before it is all read."""
+    """The body as a JSON object naming the served model: 415 unless it is declared application/json, 413 past
+    --max-request-bytes, both before it is read."""
     state.check_open()
+    check_content_type(http.headers.get("content-type"))
     limit = state.settings.max_request_bytes
     too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes "
                             "(--max-request-bytes)", code="request_too_large")
@@ -74,3 +91,28 @@ async def tokenize(state: ServerState, text: str, param: str, **kwargs) -> list[
         raise ApiError(400, f"{param}: the tokenizer failed: {type(e).__name__}: {e}", param=param) from None
     check_length(state, len(ids), param)
     return ids
+
+
+def logprob_entries(prompt_lengths: list[int], options: RequestOptions) -> int:
+    """The log-probability entries an answer may hold: each choice of each prompt reports (echoed prompt tokens +
+    max_tokens) positions, each with the chosen token and `logprobs` alternatives:
+
+        sum over prompts of  n x ((prompt tokens if echo else 0) + max_tokens) x (1 + logprobs)
+
+    0 when the request asks for no log-probabilities."""
+    choices = options.choices
+    if choices.logprobs is None:
+        return 0
+    positions = sum((length if choices.echo else 0) + options.params.max_new_tokens for length in prompt_lengths)
+    return choices.n * positions * (1 + choices.logprobs)
+
+
+def check_logprob_entries(state: ServerState, prompt_lengths: list[int], options: RequestOptions) -> None:
+    """An answer bounded in size: more log-probability entries than --max-logprob-entries (`logprob_entries`) is
+    a 400 naming `logprobs`, before anything runs."""
+    entries, limit = logprob_entries(prompt_lengths, options), state.settings.max_logprob_entries
+    if entries > limit:
+        raise ApiError(400, f"logprobs: this request's answer would hold {entries} log-probability entries, "
+                            "(echoed prompt tokens + max_tokens) x n x (1 + logprobs) summed over its prompts; this "
+                            f"server answers at most {limit} (--max-logprob-entries): ask for fewer prompts, tokens "
+                            "or alternatives", param="logprobs")

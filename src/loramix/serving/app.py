@@ -3,12 +3,14 @@ over a model loaded by `load_state`.
 
 Routes: GET /health, GET /v1/models, POST /v1/completions (completions.py), POST /v1/chat/completions (chat.py),
 streaming as server-sent events or one JSON answer; requests run on the continuous-batching engine (scheduler.py)
-through requests.py. Request fields are checked in protocol.py and answers built in responses.py.
+through requests.py. Request fields are checked in protocol.py and answers built in responses.py. GET / is the
+explorer page (page/), a client of the same routes.
 
 The X-LoRA extension: an optional request field
     "xlora": {"return_scalings": true, "top_k": 2, "softmax_temperature": 0.5, "freeze_scalings_after": 16}
 sets the gate for that request only; with return_scalings the answer (or each stream chunk) carries
-"xlora": {"experts": [...names], "scalings": [[per-expert weight summed over LoRA layers] per new token]}.
+"xlora": {"experts": [...names], "scalings": [[per-expert weight summed over LoRA layers] per new token]}
+(with "return_scalings": "layers", [[[weight per expert] per LoRA layer] per new token]).
 
 Every error, bad request or not, gets an OpenAI-style JSON body {"error": {"message", "type", "param", "code"}}.
 A client that hangs up frees its slot; on shutdown (SIGTERM) new requests get 503 and running ones end at once
@@ -30,11 +32,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .._version import __version__
 from .chat import create_chat_completion
 from .completions import create_completion
+from .page import PAGE_PATHS, add_page_routes
 from .protocol import ApiError, openapi_body, request_schemas, short_value
-from .settings import ServeSettings
+from .settings import ServeSettings, check_api_key
 from .state import ServerState
 
 SHUTDOWN_GRACE_S = 5  # uvicorn's backstop: tasks still running this long after shutdown starts are cancelled
+OPEN_PATHS = PAGE_PATHS | {"/health"}  # answered without the API key: nothing in them is the model's
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -49,6 +53,7 @@ def create_app(state: ServerState) -> FastAPI:
         app.add_middleware(RequireKey, api_key=state.settings.api_key)
     _add_error_handlers(app)
     _add_routes(app, state)
+    add_page_routes(app)
     return app
 
 
@@ -102,18 +107,23 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
 def _model_card(state: ServerState) -> dict:
     return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "loramix",
-            "xlora": {"experts": list(state.model.expert_names), "n_lora_layers": state.model.n_lora_layers}}
+            "xlora": {"experts": list(state.model.expert_names), "n_lora_layers": state.model.n_lora_layers,
+                      "lora_layers": list(state.model.lora_layer_names)},
+            "chat_template": getattr(state.tokenizer, "chat_template", None) is not None}
 
 
 class RequireKey:
-    """ASGI middleware: every route but /health needs `Authorization: Bearer KEY`; the scheme is case-insensitive
-    (RFC 7235) and the key is compared in constant time."""
+    """ASGI middleware: every route but /health and the page's files (OPEN_PATHS) needs `Authorization: Bearer
+    KEY`; the scheme is case-insensitive (RFC 7235) and the key is compared in constant time
+    (`hmac.compare_digest`). An empty or blank key is refused (ValueError naming --api-key), so that `Bearer` with
+    nothing after it never passes."""
 
     def __init__(self, app, api_key: str) -> None:
+        check_api_key(api_key)
         self.app, self.key = app, api_key.encode("utf-8")
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health" and not self.authorized(scope["headers"]):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not self.authorized(scope["headers"]):
             err = ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key",
                            kind="authentication_error")
             await err.response()(scope, receive, send)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import Request as HttpRequest
 
-from .admission import check_characters, check_rows, read_body, tokenize
+from .admission import check_characters, check_logprob_entries, check_rows, read_body, tokenize
 from .protocol import ApiError, options_from
 from .requests import run
 from .state import ServerState
@@ -39,4 +39,5 @@ async def create_chat_completion(state: ServerState, http: HttpRequest):
         raise ApiError(400, f"messages: the chat template failed: {e}", param="messages") from None
     check_characters(state, text, "messages")
     ids = await tokenize(state, text, "messages", add_special_tokens=False)
+    check_logprob_entries(state, [len(ids)], options)
     return await run(state, http, options, [ids], [text], chat=True)

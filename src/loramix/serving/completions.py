@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request as HttpRequest
 
-from .admission import check_characters, check_length, check_rows, read_body, tokenize
+from .admission import check_characters, check_length, check_logprob_entries, check_rows, read_body, tokenize
 from .protocol import ApiError, options_from, prompt_list
 from .requests import run
 from .state import ServerState
@@ -28,4 +28,5 @@ async def create_completion(state: ServerState, http: HttpRequest):
                 raise ApiError(400, "prompt: a token id is outside the vocabulary", param="prompt")
             ids.append(list(prompt))
             texts.append(None)  # decoded only when echoed
+    check_logprob_entries(state, [len(p) for p in ids], options)
     return await run(state, http, options, ids, texts, chat=False)

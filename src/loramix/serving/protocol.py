@@ -4,7 +4,8 @@ Pure functions: no app, no engine.
 
 The X-LoRA extension: an optional request field
     "xlora": {"return_scalings": true, "top_k": 2, "softmax_temperature": 0.5, "freeze_scalings_after": 16}
-sets the gate for that request only (see `gate_from`).
+sets the gate for that request only (see `gate_from`); `"return_scalings": "layers"` asks for each token's
+scalings per LoRA layer instead of summed over the layers (`choices_from`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed acc
 MAX_CHOICES = 16  # n: choices per prompt
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
 MAX_STOP = 16  # stop strings (OpenAI allows 4; lm-eval adds the EOS text to a task's own)
+SCALINGS_PER_LAYER = "layers"  # xlora.return_scalings: each token's scalings per LoRA layer, not summed
+MAX_STOP_CHARS = 4096  # characters of a request's stop strings together (every row's text is matched against them)
 
 
 class ApiError(Exception):
@@ -183,22 +186,27 @@ def short_value(value: Any) -> str:
 class Choices:
     """What a request asks back besides text: `n` choices per prompt, log-probabilities (k alternatives per
     token, or None), for completions the prompt echoed before the completion, and the X-LoRA scalings of each
-    new token (`xlora.return_scalings`)."""
+    new token (`xlora.return_scalings`): summed over the LoRA layers, or per layer with `scalings_per_layer`
+    (`"return_scalings": "layers"`)."""
 
     n: int = 1
     logprobs: int | None = None
     echo: bool = False
     scalings: bool = False
+    scalings_per_layer: bool = False
 
 
 def choices_from(body: dict, chat: bool, ranges: dict[str, Range]) -> Choices:
     """`n`, `logprobs` (completions: an integer 0-20; chat: true, with `top_logprobs` 0-20), `echo` and
-    `xlora.return_scalings`; 400 naming the field otherwise."""
+    `xlora.return_scalings` (true, false or "layers"); 400 naming the field otherwise."""
     n = _field(body, "n", ranges, default=1)
     spec = body.get("xlora")
     scalings = spec.get("return_scalings", False) if isinstance(spec, dict) else False
-    if not isinstance(scalings, bool):
-        raise ApiError(400, "xlora.return_scalings must be true or false", param="xlora.return_scalings")
+    if not isinstance(scalings, bool) and scalings != SCALINGS_PER_LAYER:
+        raise ApiError(400, f'xlora.return_scalings must be true, false or "{SCALINGS_PER_LAYER}", got '
+                            f"{short_value(scalings)}", param="xlora.return_scalings")
+    per_layer = scalings == SCALINGS_PER_LAYER
+    scalings = per_layer or scalings
     if chat:
         if body.get("echo"):
             raise ApiError(400, "echo is not supported for chat completions", param="echo")
@@ -209,12 +217,12 @@ def choices_from(body: dict, chat: bool, ranges: dict[str, Range]) -> Choices:
         top = _field(body, "top_logprobs", ranges, default=0)
         if top and not flag:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        return Choices(n=n, logprobs=top if flag else None, scalings=scalings)
+        return Choices(n=n, logprobs=top if flag else None, scalings=scalings, scalings_per_layer=per_layer)
     logprobs = _field(body, "logprobs", ranges)
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise ApiError(400, "echo must be true or false", param="echo")
-    return Choices(n=n, logprobs=logprobs, echo=bool(echo), scalings=scalings)
+    return Choices(n=n, logprobs=logprobs, echo=bool(echo), scalings=scalings, scalings_per_layer=per_layer)
 
 
 def sampling_from(body: dict, ranges: dict[str, Range], echo: bool = False) -> SamplingParams:
@@ -244,6 +252,9 @@ def sampling_from(body: dict, ranges: dict[str, Range], echo: bool = False) -> S
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} non-empty strings",
                        param="stop")
+    if sum(len(s) for s in stop) > MAX_STOP_CHARS:
+        raise ApiError(400, f"stop: the stop strings hold {sum(len(s) for s in stop)} characters together; this "
+                            f"server takes at most {MAX_STOP_CHARS}", param="stop")
     return SamplingParams(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
                           top_p=top_p, seed=seed, stop=stop)
 
@@ -330,13 +341,16 @@ def request_schemas(model_name: str, ranges: dict[str, Range], max_rows: int) ->
         "temperature": field("temperature"),
         "top_p": field("top_p"),
         "seed": field("seed"),
-        "stop": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"},
-                           {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}]},
+        "stop": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}, {"type": "null"},
+                           {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                            "maxItems": MAX_STOP, "description": f"at most {MAX_STOP_CHARS} characters together"}]},
         "stream": {"type": "boolean"},
         "stream_options": nullable({"type": "object", "properties": {"include_usage": {"type": "boolean"}}}),
         "n": field("n"),
         "xlora": {"type": "object", "additionalProperties": False, "properties": {
-            "return_scalings": {"type": "boolean"},
+            "return_scalings": {"anyOf": [{"type": "boolean"}, {"type": "string", "enum": [SCALINGS_PER_LAYER]}],
+                                "description": "each new token's expert weights: true, summed over the LoRA layers; "
+                                               f'"{SCALINGS_PER_LAYER}", one row per LoRA layer'},
             "top_k": field("xlora.top_k"),
             "softmax_temperature": field("xlora.softmax_temperature"),
             "freeze_scalings_after": field("xlora.freeze_scalings_after")}},

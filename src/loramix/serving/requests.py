@@ -1,6 +1,9 @@
 """One API call on the engine, the same for every API: its rows submitted all or none, their events collected into
 one answer or streamed as server-sent events, and every row cancelled once the call ends unfinished (a client
-gone, a sibling failed, shutdown)."""
+gone, a sibling failed, shutdown).
+
+An answer is built and written to JSON in a worker thread (whole answers, and stream chunks carrying an echoed
+prompt's log-probabilities), never on the event loop: a large answer does not stall the other clients."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response, StreamingResponse
 
 from .protocol import ApiError, RequestOptions
-from .responses import Reply, usage
+from .responses import Reply, to_json, usage
 from .scheduler import Event, QueueFull, Request
 from .state import ServerState, shutting_down
 
@@ -40,7 +43,8 @@ class Rows:
                 seed = params.seed if params.seed is None or j == 0 else (params.seed + j) % (1 << 64)
                 self.jobs.append(Request(prompt_ids=ids, params=replace(params, seed=seed), gate=options.gate,
                                          emit=_deliverer(loop, self.events, len(self.jobs)),
-                                         scalings=choices.scalings, logprobs=choices.logprobs,
+                                         scalings=choices.scalings, scalings_per_layer=choices.scalings_per_layer,
+                                         logprobs=choices.logprobs,
                                          prompt_logprobs=choices.logprobs if choices.echo else None))
         try:
             state.engine.submit_all(self.jobs)
@@ -107,12 +111,27 @@ class Answer:
             body["xlora"] = {"experts": self.experts, "scalings": reply.scalings[0]}
         return body
 
+    def render(self, rows: Rows) -> bytes:
+        """The whole answer as JSON (UTF-8): slow for a large answer, so called in a worker thread."""
+        return to_json(self.whole(rows)).encode("utf-8")
+
     def chunk(self, choice: dict, scalings=None) -> str:
         """One server-sent event carrying one choice's delta (and the new token's scalings when asked)."""
         data = self.body("chat.completion.chunk" if self.chat else "text_completion", [choice])
         if self.reply.choices.scalings and scalings is not None:
             data["xlora"] = {"experts": self.experts, "scalings": scalings}
-        return f"data: {json.dumps(data)}\n\n"
+        return f"data: {to_json(data)}\n\n"
+
+    def event_chunks(self, index: int, event: Event) -> list[str]:
+        """The server-sent events for one engine event of choice `index`: its delta (if it carries anything), then
+        the choice's end when it finishes."""
+        chunks = []
+        delta = self.reply.delta(index, event)
+        if delta is not None:
+            chunks.append(self.chunk(delta, scalings=event.scalings))
+        if event.finish_reason is not None:
+            chunks.append(self.chunk(self.reply.end(index, event.finish_reason)))
+        return chunks
 
 
 async def collect(http: HttpRequest, rows: Rows, answer: Answer):
@@ -137,7 +156,7 @@ async def collect(http: HttpRequest, rows: Rows, answer: Answer):
         raise failure(error)
     if not rows.done:
         return Response(status_code=499)  # the client went away; nobody reads it, uvicorn drops it
-    return answer.whole(rows)
+    return Response(await asyncio.to_thread(answer.render, rows), media_type="application/json")
 
 
 async def stream(rows: Rows, answer: Answer, include_usage: bool):
@@ -155,12 +174,14 @@ async def stream(rows: Rows, answer: Answer, include_usage: bool):
                 rows.finished.add(index)
                 yield f"data: {json.dumps(failure(event).body())}\n\n"
                 break
-            delta = reply.delta(index, event)
-            if delta is not None:
-                yield answer.chunk(delta, scalings=event.scalings)
+            if event.prompt_logprobs is not None:  # an echoed prompt's: large, written off the event loop
+                chunks = await asyncio.to_thread(answer.event_chunks, index, event)
+            else:
+                chunks = answer.event_chunks(index, event)
+            for chunk in chunks:
+                yield chunk
             if event.finish_reason is not None:
                 rows.finished.add(index)
-                yield answer.chunk(reply.end(index, event.finish_reason))
         else:
             if include_usage:
                 kind = "chat.completion.chunk" if answer.chat else "text_completion"

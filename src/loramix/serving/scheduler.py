@@ -32,7 +32,7 @@ from ..config import GateOptions
 from ..engine.batch import DecodeBatch
 from ..engine.params import SamplingParams
 from ..engine.rows import RowState
-from ..engine.sampling import TokenLogprob, chosen_logprobs, prompt_logprobs
+from ..engine.sampling import PromptLogprobs, TokenLogprob, chosen_logprobs, prompt_table
 from .settings import check_count
 
 SHUTTING_DOWN = "the server is shutting down"
@@ -47,11 +47,11 @@ class Event:
     """What the engine tells a request's owner after a step: new text, and at the end why it stopped."""
 
     text: str = ""
-    scalings: list[list[float]] | None = None  # per new token: expert weights summed over LoRA layers
+    scalings: list | None = None  # per new token: expert weights summed over LoRA layers, or [layer][expert]
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # the new token's, when the request asks (Request.logprobs)
-    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's, in the first event (Request.prompt_logprobs)
+    prompt_logprobs: PromptLogprobs | None = None  # the prompt's, in the first event (Request.prompt_logprobs)
     shutdown: bool = False  # an "error" that is the engine (or server) stopping, not a fault of this request
 
     @classmethod
@@ -67,6 +67,7 @@ class Request:
     gate: GateOptions
     emit: Callable[[Event], None]  # called from the engine thread
     scalings: bool = False  # each event carries the new token's scalings, summed over LoRA layers
+    scalings_per_layer: bool = False  # ... per LoRA layer instead: [layer][expert]
     logprobs: int | None = None  # k: each new token's log-probability and k alternatives (None: none)
     prompt_logprobs: int | None = None  # k: the same for the prompt's tokens, from one forward pass first
     cancelled: bool = False
@@ -177,14 +178,11 @@ class Engine:
             return
         gate = request.gate
 
-        def report_prompt(logits=None) -> None:
-            if request.prompt_logprobs is not None:
-                request.emit(Event(prompt_logprobs=prompt_logprobs(
-                    self.model, request.prompt_ids, top=request.prompt_logprobs, logits=logits,
-                    temperature=request.params.distribution_temperature, gate=gate)))
-
         if request.params.max_new_tokens == 0:  # the prompt alone (echo): one forward pass, nothing generated
-            report_prompt()
+            if request.prompt_logprobs is not None:
+                request.emit(Event(prompt_logprobs=prompt_table(
+                    self.model, request.prompt_ids, top=request.prompt_logprobs, gate=gate,
+                    temperature=request.params.distribution_temperature)))
             self._release(request)
             request.emit(Event(finish_reason="length"))
             return
@@ -193,11 +191,10 @@ class Engine:
         row = RowState.start(request.prompt_ids, request.params, device=self.model.device,
                              eos_token_ids=self.eos, tokenizer=self.tokenizer, context_length=self.context_length,
                              keep_text=True, owner=request)
-        logits = batch.prefill([row], torch.tensor([request.prompt_ids]),
-                               keep_prompt_logits=request.prompt_logprobs is not None)
-        if batch.prompt_logits is not None:  # the prefill's own logits: no second pass over the prompt
-            report_prompt(batch.prompt_logits[0])
-            batch.prompt_logits = None
+        logits = batch.prefill([row], torch.tensor([request.prompt_ids]), prompt_logprobs=request.prompt_logprobs)
+        if batch.prompt_logprobs is not None:  # from the prefill's own logits: no second pass over the prompt
+            request.emit(Event(prompt_logprobs=batch.prompt_logprobs[0]))
+            batch.prompt_logprobs = None
         self._choose(batch, logits)
         if not batch.rows:
             return
@@ -238,7 +235,7 @@ class Engine:
                 try:
                     request.n_generated = len(row.tokens)
                     self.stats["tokens"] += 1
-                    scalings = [batch.scalings[i].float().sum(0).tolist()] if request.scalings else None
+                    scalings = [_token_scalings(batch.scalings[i], request)] if request.scalings else None
                     logprobs = None if request.logprobs is None else [
                         chosen_logprobs(batch.last_sampled, i, request.logprobs)]
                     event = Event(text=row.take_text(final=reason is not None), scalings=scalings,
@@ -251,6 +248,12 @@ class Engine:
                 self._release(request)
             request.emit(event)
         batch.keep(kept)
+
+
+def _token_scalings(scalings: torch.Tensor, request: Request) -> list:
+    """One token's scalings (n_lora_layers, n_experts) as its event carries them: summed over the LoRA layers
+    ([expert]), or per layer ([layer][expert]) when the request asks."""
+    return scalings.float().tolist() if request.scalings_per_layer else scalings.float().sum(0).tolist()
 
 
 def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:

@@ -20,6 +20,24 @@ def check_count(value, name: str, low: int, high: int | None = None) -> None:
     raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
+def check_api_key(key) -> None:
+    """An API key is None (no key) or text a client can send: not empty, not blank, no whitespace at its ends (an
+    `Authorization` header's value is trimmed) and no control or other non-printing characters; ValueError naming
+    --api-key. An empty key, from an unset environment variable say, would otherwise accept `Authorization: Bearer`
+    with nothing after it."""
+    if key is None:
+        return
+    if not isinstance(key, str):
+        raise ValueError(f"--api-key must be text, got {type(key).__name__}")
+    if not key.strip():
+        raise ValueError("--api-key must not be empty or blank (an unset environment variable?); leave the flag "
+                         "out to serve without a key")
+    if key != key.strip():
+        raise ValueError("--api-key must not start or end with whitespace (a client's header could never match it)")
+    if not key.isprintable():
+        raise ValueError("--api-key must not hold control or other non-printing characters")
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """How `loramix serve` runs. Every field is a flag of the verb (`--max-batch` is `max_batch`); a bad value is a
@@ -39,6 +57,11 @@ class ServeSettings:
     max_queue: int = 64  # --max-queue: rows waiting beyond the batch; a request that does not fit gets 429
     max_tokens_cap: int = 1024  # --max-tokens-cap: the largest max_tokens a request may ask for
     max_request_bytes: int = 1 << 20  # --max-request-bytes: larger request bodies get 413
+    # --max-logprob-entries: the most log-probability entries one answer may hold, counted as
+    # (echoed prompt tokens + max_tokens) x (1 + logprobs) summed over its choices; beyond it a request gets 400.
+    # The default holds lm-eval's log-likelihood requests (echo, max_tokens 1, logprobs 1) of 32 prompts at a
+    # 4,096-token context: 4,096 x 32 x 2
+    max_logprob_entries: int = 1 << 18
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -48,6 +71,8 @@ class ServeSettings:
         check_count(self.max_queue, "--max-queue", 0)
         check_count(self.max_tokens_cap, "--max-tokens-cap", 1)
         check_count(self.max_request_bytes, "--max-request-bytes", 1)
+        check_count(self.max_logprob_entries, "--max-logprob-entries", 1)
+        check_api_key(self.api_key)
         self.read_chat_template()
         if not isinstance(self.host, str) or not self.host:
             raise ValueError("--host must not be empty (0.0.0.0 listens on every interface)")

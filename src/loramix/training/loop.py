@@ -44,12 +44,23 @@ from ..config import XLoraConfig
 from ..files import append_jsonl, atomic_write_text, move_into, write_jsonl
 from ..loading import base_model_id, load_base, load_tokenizer
 from ..losses import RoutingLosses, causal_lm_loss, routing_losses
-from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, truncate_metrics
+from .checkpoints import (
+    FINAL_PREFIX,
+    clear_stale_temporaries,
+    naming_write_errors,
+    prune_checkpoints,
+    restore_replaced_checkpoints,
+    resume_from,
+    save_checkpoint,
+    truncate_metrics,
+)
 from .data import BatchPlan, DataError, DataFormat, Dataset, DataSource, collate, data_sources, load_dataset
 from .distributed import Distributed
 from .settings import EXPERT_LR, GATE_LR, LoraSettings, TrainingArgs
 
 METRICS_NAME = "metrics.jsonl"
+# the files a run writes atomically in its output folder (a killed write leaves `.<name>.XXXXXXXX`)
+_RUN_FILES = ("training_args.json", METRICS_NAME, "skipped_rows.jsonl", "final_metrics.jsonl")
 
 
 @dataclass
@@ -242,23 +253,30 @@ class _Loop:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
 
     def start(self, log: Callable[[str], None]) -> int:
-        """The step to start from (0, or the newest checkpoint's with `resume`); readies the output folder and
-        the metrics log (cut back to that step), and writes the skipped rows."""
+        """The step to start from (0, or the newest intact checkpoint's with `resume`, a damaged newer one
+        named and passed over); readies the output folder (what a killed save left is removed and named) and the
+        metrics log (cut back to that step), and writes the skipped rows."""
         dist, out = self.dist, self.out
         if dist.main:
             os.makedirs(out, exist_ok=True)
+            for path in restore_replaced_checkpoints(out):
+                log(f"put back {path} (a run was killed while replacing it)")
+            removed = clear_stale_temporaries(out, _RUN_FILES)
+            if removed:
+                log(f"removed what a killed save left in {out}: {', '.join(map(os.path.basename, removed))}")
         dist.barrier()
         step = 0
         if self.args.resume:
-            found = latest_checkpoint(out)
-            if found is not None:
-                step = load_checkpoint(found, self.task, self.optimizer, self.signature, self.precision.scaler)
+            resumed = resume_from(out, self.task, self.optimizer, self.signature, self.precision.scaler,
+                                  log=log if dist.main else _silent)
+            if resumed is not None:
+                found, step = resumed
                 if dist.main:
                     truncate_metrics(self.metrics_path, step, warn=log)
                     log(f"resuming from {found} (step {step} of {self.total_steps})")
             elif dist.main:
                 truncate_metrics(self.metrics_path, 0, warn=log)  # the log starts again with the run
-                log(f"--resume: no complete checkpoint in {out}; starting from the beginning")
+                log(f"--resume: no checkpoint in {out}; starting from the beginning")
         elif dist.main and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run starts a fresh log
         if dist.main and self.train.bad_rows:
@@ -341,7 +359,7 @@ class _Loop:
         if self.dist.main:
             save_checkpoint(self.out, step, self.task, self.optimizer, self.signature, tokenizer,
                             self.precision.scaler)
-            prune_checkpoints(self.out, self.args.save_total_limit)
+            prune_checkpoints(self.out, self.args.save_total_limit, newest=step)
         self.dist.barrier()
 
 
@@ -463,10 +481,11 @@ def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, arg
         atomic_write_text(os.path.join(out, "training_args.json"), json.dumps(record, indent=2, default=str))
     metrics = run_training(task, train, args, out, _pad_id(tokenizer), signature, evaluation, tokenizer, dist, log)
     if dist.main:
-        tmp = tempfile.mkdtemp(prefix=".final.", dir=out)
+        tmp = tempfile.mkdtemp(prefix=FINAL_PREFIX, dir=out)
         try:
-            task.save(tmp)
-            tokenizer.save_pretrained(tmp)
+            with naming_write_errors(tmp, out, "; the final model was not saved (the checkpoints are kept)"):
+                task.save(tmp)
+                tokenizer.save_pretrained(tmp)
             move_into(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -508,6 +527,7 @@ def train_expert(base: str | nn.Module, data: DataArg, output_dir: str, *, lora:
             peft_model = get_peft_model(model, peft_config)
         except ValueError as e:
             raise ValueError(f"target_modules {targets}: {e}") from e
+        peft_config.base_model_name_or_path = base_model_id(base)  # a local base by its absolute path
         task = _ExpertTask(peft_model.to(dist.device(args.device)))
         task.model_device = dist.device(args.device)
         record = {"verb": "train-expert", "base": base if isinstance(base, str) else type(base).__name__,
@@ -585,6 +605,10 @@ def train_xlora(base: str | nn.Module, config: XLoraConfig, data: DataArg, outpu
         return _train_and_save(task, train, evaluation, args, output_dir, tok, dist, record, signature, log)
     finally:
         dist.close()
+
+
+def _silent(*_: Any) -> None:
+    pass
 
 
 def _pad_id(tokenizer) -> int:
