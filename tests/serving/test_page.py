@@ -94,10 +94,17 @@ def _download(driver, downloads, button: str, name: str, timeout: float = 10.0) 
     path.unlink(missing_ok=True)
     driver.find_element("id", button).click()
     deadline = time.time() + timeout
-    while not path.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert path.exists(), f"{button} saved no {name} (folder holds {sorted(p.name for p in downloads.iterdir())})"
-    return path.read_bytes()
+    # Chromium may create the final name (empty) before it writes the bytes through a .crdownload file and
+    # renames it; the download is done when no partial file remains and the size holds between two polls.
+    last_size = -1
+    while time.time() < deadline:
+        partial = any(p.suffix == ".crdownload" for p in downloads.iterdir())
+        size = path.stat().st_size if path.exists() else -1
+        if not partial and size > 0 and size == last_size:
+            return path.read_bytes()
+        last_size = size
+        time.sleep(0.1)
+    raise AssertionError(f"{button} saved no complete {name} (folder holds {sorted(p.name for p in downloads.iterdir())})")
 
 
 def _post(server, path: str, body: dict) -> httpx.Response:
