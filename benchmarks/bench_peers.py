@@ -36,7 +36,9 @@ PEER_SIZES = {
                   targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                   tokens=64, peft_tokens=16),
 }
-SYSTEMS = ["base", "peft", "loramix", "mistralrs", "loramix-frozen", "mistralrs-frozen", "loramix-folded"]
+SYSTEMS = ["base", "peft", "loramix", "mistralrs", "loramix-frozen", "mistralrs-frozen", "loramix-folded",
+           "loramix-speculative"]
+SPECULATE = 8  # loramix-speculative: granular decoding with speculate=8 (engine/speculative.py), the same tokens
 READING = """### Reading the numbers
 
 - Each engine runs at its defaults (torch on --threads, mistral.rs with its own thread pool, f16 KV cache); the
@@ -173,7 +175,9 @@ def worker(size: str, folder: str, threads: int, rounds: int) -> dict:
         "mistralrs-frozen": lambda: mistralrs_tokens("mistralrs-frozen"),
         "loramix-folded": lambda: model.generate(ids, freeze_scalings_after=1, fold_frozen=True,
                                                  **common)[0, 1:].tolist(),
+        "loramix-speculative": lambda: model.generate(ids, speculate=SPECULATE, **common)[0, 1:].tolist(),
     }
+    acceptance = model.generate(ids, speculate=SPECULATE, return_scalings=True, **common).speculation.acceptance
     tokens = {}
     for name, run in runs.items():  # warm-up, and the tokens to compare
         start = time.perf_counter()
@@ -186,7 +190,7 @@ def worker(size: str, folder: str, threads: int, rounds: int) -> dict:
                 start = time.perf_counter()
                 made = len(run())
                 speeds[name].append(made / (time.perf_counter() - start))
-    return {"size": size, "speeds": speeds, "tokens": tokens, "n": n, "n_peft": n_peft,
+    return {"size": size, "speeds": speeds, "tokens": tokens, "n": n, "n_peft": n_peft, "acceptance": acceptance,
             "mistralrs_threads": os.environ.get("RAYON_NUM_THREADS", "its default"),
             "mistralrs_version": getattr(mistralrs, "__version__", MISTRALRS_VERSION)}
 
@@ -319,9 +323,13 @@ def report(results: dict, threads: int, rounds: int, profile: dict | None = None
                   f"| loramix frozen + folded / base, the fold included | {ratio('loramix-folded', 'base')} "
                   "| (bench_inference: ≥ 0.9×) |",
                   f"| loramix / PEFT | {ratio('loramix', 'peft')} | |",
-                  f"| mistral.rs / base | {ratio('mistralrs', 'base')} | |", ""]
+                  f"| mistral.rs / base | {ratio('mistralrs', 'base')} | |",
+                  f"| loramix speculative (speculate={SPECULATE}) / mistral.rs, granular | "
+                  f"{ratio('loramix-speculative', 'mistralrs')} | ≥ 1.2× |",
+                  f"| loramix speculative / loramix granular (acceptance {r['acceptance']:.2f}) | "
+                  f"{ratio('loramix-speculative', 'loramix')} | ≥ 1.5× |", ""]
         for ours, theirs in (("loramix", "mistralrs"), ("loramix-frozen", "mistralrs-frozen"), ("loramix", "peft"),
-                             ("loramix-frozen", "loramix-folded")):
+                             ("loramix-frozen", "loramix-folded"), ("loramix-speculative", "loramix")):
             a, b = r["tokens"][ours], r["tokens"][theirs]
             same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             verdict = "the same tokens" if a == b else f"the same first {same} tokens (of {len(a)} and {len(b)})"
@@ -365,7 +373,8 @@ def main() -> None:
     parser.add_argument("--venv", default=os.path.expanduser("~/.cache/loramix/mistralrs-venv"),
                         help="where mistralrs is installed when the running Python lacks it")
     parser.add_argument("--single-threaded", action="store_true",
-                        help="also run tiny with mistral.rs on one thread (RAYON_NUM_THREADS=1), torch on --threads")
+                        help="also run each size with mistral.rs on one thread (RAYON_NUM_THREADS=1), torch on "
+                             "--threads")
     parser.add_argument("--out", default=DEFAULT)
     parser.add_argument("--worker", nargs=2, metavar=("SIZE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -376,8 +385,8 @@ def main() -> None:
     results, profile = {}, None
     with tempfile.TemporaryDirectory() as folder:
         runs = [(size, size, {}) for size in args.sizes]
-        if args.single_threaded and "tiny" in args.sizes:
-            runs.append(("tiny, every engine on one thread", "tiny", {"RAYON_NUM_THREADS": "1"}))
+        if args.single_threaded:
+            runs += [(f"{size}, every engine on one thread", size, {"RAYON_NUM_THREADS": "1"}) for size in args.sizes]
         for title, size, env in runs:
             if not os.path.isdir(os.path.join(folder, size)):
                 os.makedirs(os.path.join(folder, size))

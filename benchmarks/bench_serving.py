@@ -1,12 +1,14 @@
 """Serving throughput of `loramix serve`: N concurrent clients, batched decoding against one request at a time,
 in one run; writes the serving section of docs/benchmarks.md.
 
-    python benchmarks/bench_serving.py [--size tiny] [--clients 1 4 8 16] [--threads 2] [--out docs/benchmarks.md]
+    python benchmarks/bench_serving.py [--size tiny] [--clients 1 4 8 16] [--threads 2] [--speculate N]
+                                       [--out docs/benchmarks.md]
 
 The model is bench_inference.py's random Llama (vocabulary 32000) with 8 random LoRA experts, served on a
 loopback port by the real server (FastAPI + uvicorn, in this process). Each client sends requests of 32 prompt
 tokens for 32 new tokens (greedy) back to back for a fixed time; throughput counts the completion tokens the
-server returned. "one at a time" is the same server with --max-batch 1.
+server returned. "one at a time" is the same server with --max-batch 1; with --speculate N, "speculative" is the
+batched server with `loramix serve --speculate N` (exact self-speculative rounds, engine/speculative.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def serve(folder: str, max_batch: int):
+def serve(folder: str, max_batch: int, speculate: int = 0):
     import socket
 
     from loramix import XLoraConfig, XLoraModel
@@ -44,7 +46,7 @@ def serve(folder: str, max_batch: int):
     model = XLoraModel.from_base(os.path.join(folder, "base"), XLoraConfig(adapters=adapters, xlora_depth=2,
                                                                            xlora_size=64, layerwise_scalings=True))
     settings = ServeSettings(model="bench", max_batch=max_batch, max_queue=256, max_tokens_cap=64,
-                             log_level="warning")
+                             log_level="warning", speculate=speculate)
     state = ServerState(model, word_tokenizer(model.base.config.vocab_size), settings)
     # a loopback port the OS chose; IPPROTO_TCP named, so that asyncio turns Nagle off on accepted connections
     listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--seconds", type=float, default=20.0, help="load time per measurement")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--speculate", type=int, default=0, help="also measure the batched server with --speculate N")
     parser.add_argument("--out", default=DEFAULT)
     args = parser.parse_args()
     import platform
@@ -107,8 +110,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         prepare(args.size, folder)
         vocab = SIZES[args.size]["vocab_size"]
-        for label, max_batch in (("batched (max batch 16)", 16), ("one at a time (max batch 1)", 1)):
-            state, server, thread, url = serve(folder, max_batch)
+        runs = [("batched (max batch 16)", 16, 0), ("one at a time (max batch 1)", 1, 0)]
+        if args.speculate:
+            runs.append(("speculative", 16, args.speculate))
+        for label, max_batch, speculate in runs:
+            state, server, thread, url = serve(folder, max_batch, speculate)
             load(url, 1, 2.0, vocab)  # warm-up
             for clients in args.clients:
                 results[label, clients] = load(url, clients, args.seconds, vocab)
@@ -130,6 +136,15 @@ def main() -> None:
         lines.append(f"| {clients} | {b['tokens_per_s']:.1f} | {o['tokens_per_s']:.1f} | "
                      f"**{b['tokens_per_s'] / o['tokens_per_s']:.2f}×** | {b['latency_s']:.2f} | {o['latency_s']:.2f} "
                      f"| {b['errors'] + o['errors']} |")
+    if args.speculate:
+        lines += ["", f"With `--speculate {args.speculate}` (the batched server, the same requests; its answers are "
+                  "the plain engine's, token for token):", "",
+                  "| clients | speculative tokens/s | / batched | speculative latency (s) | errors |",
+                  "|---|---|---|---|---|"]
+        for clients in args.clients:
+            b, sp = results["batched (max batch 16)", clients], results["speculative", clients]
+            lines.append(f"| {clients} | {sp['tokens_per_s']:.1f} | **{sp['tokens_per_s'] / b['tokens_per_s']:.2f}×** "
+                         f"| {sp['latency_s']:.2f} | {sp['errors']} |")
     lines += ["", "Batched: requests that arrive together share each decode step (rows join and leave between "
               "steps). On a CPU a step's cost grows with the rows in it, so the gain is smaller than on a GPU, "
               "where a step of 16 rows costs about what a step of one costs.", ""]

@@ -12,7 +12,7 @@ import tempfile
 import time
 
 DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md")
-ORDER = ["inference", "peers", "training", "serving", "scale"]
+ORDER = ["inference", "peers", "training", "serving", "scale", "gpu"]
 
 SIZES = {
     "tiny": dict(hidden_size=256, layers=4, intermediate_size=688, heads=4, vocab_size=32000),

@@ -66,7 +66,7 @@ def test_model_saves_through_the_layout(tmp_path, served_checkpoint):
     model = XLoraModel.from_pretrained(str(served_checkpoint))
     model.save_pretrained(str(tmp_path / "again"))
     saved = {k: v for k, v in _files(served_checkpoint).items() if k.startswith(("expert_", CONFIG_NAME,
-                                                                               CLASSIFIER_NAME))}
+                                                                               CLASSIFIER_NAME, "README.md"))}
     assert _files(tmp_path / "again") == saved
 
 

@@ -50,6 +50,27 @@ def test_generate_prints_the_greedy_completion(tmp_path, capsys):
     assert "--max-new-tokens" in capsys.readouterr().err
 
 
+def test_generate_speculate_prints_the_same_completion(tmp_path, capsys):
+    """`loramix generate --speculate N`: the plain run's text, and the same dominant experts per token."""
+    from helpers import make_experts, tiny_base, tiny_tokenizer
+
+    from loramix import XLoraConfig, XLoraModel
+
+    base, tokenizer = tiny_base("llama"), tiny_tokenizer()
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = XLoraModel.from_base(str(tmp_path / "base"), XLoraConfig(adapters=make_experts(base, "llama", tmp_path)))
+    model.save_pretrained(str(tmp_path / "xlora"))
+    args = ["generate", "--model", str(tmp_path / "xlora"), "--prompt", "the cat", "--max-new-tokens", "24",
+            "--show-experts"]
+    assert main(args + ["--speculate", "0"]) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--speculate", "6"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(args + ["--speculate", "-1"]) == 2
+    assert "--speculate" in capsys.readouterr().err
+
+
 
 TRAIN = ["train", "--base", "b", "--data", "d.jsonl", "--output", "o", "--adapters", "a=x"]
 
@@ -93,9 +114,11 @@ def test_bad_flags_fail_at_parse_time_in_one_line(argv, flag, capsys, monkeypatc
 
 def _entry_point_calls(monkeypatch, argv_list) -> list:
     """Run `loramix` on each argv with the training entry points replaced by a recorder; their (args, kwargs)."""
+    import loramix.cli
     import loramix.training.loop
     from loramix import TrainResult
 
+    monkeypatch.setattr(loramix.cli, "check_paths", lambda args: None)  # the argv name files that are not there
     calls = []
     for name in ("train_xlora", "train_expert"):
         monkeypatch.setattr(loramix.training.loop, name,

@@ -156,14 +156,14 @@ def test_public_names_still_import():
 # functions count too). The engine sits below the model: it drives any model-like object and imports none of the
 # method's modules but the config, so `XLoraModel.generate` delegating to it points down.
 LAYERS = [
-    ["_version", "checks", "files", "hub", "memory", "tiny", "losses", "classifier", "engine.text", "demo.domains"],
+    ["_version", "checks", "files", "hub", "cards", "memory", "tiny", "losses", "classifier", "engine.text", "demo.domains"],
     ["config", "backbone", "experts"],
     ["engine"],
     ["layers", "loading", "checkpoint", "interop.mistralrs", "interop.saving"],
     ["model"],
-    ["training", "interop.export", "analysis", "evaluation"],
+    ["training", "interop.export", "analysis", "evaluation", "science"],
     ["serving"],
-    ["demo", "cli"],
+    ["demo", "cli", "warnings_policy", "recipe"],
 ]
 
 

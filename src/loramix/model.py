@@ -24,12 +24,13 @@ from torch import nn
 
 from .backbone.compat import enable_activation_checkpointing, output_cache, with_cache
 from .backbone.decoder import DecoderStack, PreparedStep
+from .cards import TrainingRecord, expert_entry, write_card, xlora_card
 from .checkpoint import Checkpoint, load_classifier, read_checkpoint, write_checkpoint
 from .classifier import XLoraClassifier, mixing_weights
 from .config import GateOptions, XLoraConfig
 from .experts import Expert, ExpertModule, supported_module
 from .layers import MixedLoraEmbedding, MixedLoraLayer, MixedLoraLinear, MixingState
-from .loading import base_model_id, load_base, load_experts
+from .loading import base_model_id, load_base, load_experts, load_tokenizer
 from .losses import causal_lm_loss, shift_labels  # noqa: F401  (re-exported: loramix.model.causal_lm_loss)
 
 
@@ -110,6 +111,9 @@ class XLoraModel(nn.Module):
         # base(...). `_pass` makes that choice for both passes.
         self._stack = DecoderStack.of(base_model)
         self.direct_layers = True
+        # the tokenizer that goes with the model, saved beside it by save_pretrained; from_base / from_pretrained
+        # keep the one they are given (None: none known)
+        self.tokenizer: Any = None
         self.eval()
 
     # ---- construction ---------------------------------------------------------------------------------------
@@ -117,31 +121,37 @@ class XLoraModel(nn.Module):
     def from_base(cls, base: str | nn.Module, config: XLoraConfig, *, dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None, trust_remote_code: bool = False,
                   device_map: Any = None, max_memory: dict | None = None, offload_folder: str | None = None,
-                  quantization: Any = None) -> "XLoraModel":
+                  quantization: Any = None, tokenizer: Any = None) -> "XLoraModel":
         """Load the base model (path, hub id or a loaded PreTrainedModel) and the experts named in `config`.
 
         `device_map`, `max_memory`, `offload_folder` and `quantization` ("4bit", "8bit" or a BitsAndBytesConfig)
-        go to transformers when the base is loaded by name (see `loramix.loading.load_base`)."""
+        go to transformers when the base is loaded by name (see `loramix.loading.load_base`). `tokenizer` (a
+        tokenizer, or a folder or hub id to load one from) is kept as `model.tokenizer` and saved beside the model
+        by `save_pretrained`."""
         if isinstance(config.adapters, list):
             raise ValueError("adapters: from_base needs a mapping name -> adapter path or hub id")
         base_model = load_base(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                                quantization=quantization)
-        return cls(base_model, config, load_experts(config, base_model), base_model_id=base_model_id(base))
+        model = cls(base_model, config, load_experts(config, base_model), base_model_id=base_model_id(base))
+        model.tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
+        return model
 
     @classmethod
     def from_pretrained(cls, source: str, base: str | nn.Module | None = None, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, trust_remote_code: bool = False,
                         adapters: dict[str, str] | None = None, device_map: Any = None,
                         max_memory: dict | None = None, offload_folder: str | None = None,
-                        quantization: Any = None) -> "XLoraModel":
+                        quantization: Any = None, tokenizer: Any = None) -> "XLoraModel":
         """Load a saved X-LoRA: loramix / original `xlora` layout, an X-LoRA saved by PEFT (see loramix.checkpoint),
         or a local mistral.rs X-LoRA folder (ordering file + flat `<expert>.adapter_*` files; see
         loramix.interop.mistralrs).
 
         `base` defaults to the base model id recorded in the checkpoint. `adapters` (name -> folder or hub id)
         loads the experts from elsewhere instead of the checkpoint's own folders; names must match the saved ones.
-        `device_map`, `max_memory`, `offload_folder` and `quantization` are as in `from_base`.
+        `device_map`, `max_memory`, `offload_folder` and `quantization` are as in `from_base`. `tokenizer` (a
+        tokenizer, or a folder or hub id; `source` itself for the one saved beside the checkpoint) is kept as
+        `model.tokenizer`, as in `from_base`.
         """
         from .interop.mistralrs import find_ordering_file, read_mistralrs_checkpoint
 
@@ -149,8 +159,11 @@ class XLoraModel(nn.Module):
                          max_memory=max_memory, offload_folder=offload_folder, quantization=quantization)
         if find_ordering_file(source) is not None:  # mistral.rs's layout: ordering file + flat adapter files
             with read_mistralrs_checkpoint(source, base=base, adapters=adapters) as checkpoint:  # adapters: in here
-                return cls._from_checkpoint(checkpoint, placement)
-        return cls._from_checkpoint(read_checkpoint(source, base=base, adapters=adapters), placement)
+                model = cls._from_checkpoint(checkpoint, placement)
+        else:
+            model = cls._from_checkpoint(read_checkpoint(source, base=base, adapters=adapters), placement)
+        model.tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
+        return model
 
     @classmethod
     def _from_checkpoint(cls, checkpoint: Checkpoint, placement: dict[str, Any]) -> "XLoraModel":
@@ -160,9 +173,13 @@ class XLoraModel(nn.Module):
         load_classifier(model.classifier, checkpoint)
         return model
 
-    def save_pretrained(self, folder: str) -> None:
+    def save_pretrained(self, folder: str, *, tokenizer: Any = None, training: TrainingRecord | None = None,
+                        repo_id: str | None = None) -> None:
         """Write the published X-LoRA layout (see loramix.checkpoint): config, classifier, and one PEFT adapter
-        folder per expert. An interrupted save leaves no partial file."""
+        folder per expert; a model card, README.md (see loramix.cards: the base, the experts, the gate, and with
+        `training` the data and the eval table; `repo_id` names where it is published); and the tokenizer
+        (`tokenizer`, else `self.tokenizer`; none when neither is known). An interrupted save leaves no partial
+        file."""
         experts = []
         for e, name in enumerate(self.expert_names):
             modules: dict[str, ExpertModule] = {}
@@ -172,6 +189,45 @@ class XLoraModel(nn.Module):
                     modules[layer_name] = m
             experts.append(Expert(name, self._expert_configs[e], modules, self._expert_dtypes[e]))
         write_checkpoint(folder, self.config, self.classifier.state_dict(), experts, self.base_model_id)
+        write_card(folder, xlora_card(base_model_id=self.base_model_id, experts=self.card_experts(),
+                                      gate=self._card_gate(), training=training, repo_id=repo_id))
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, folder)
+
+    def card_experts(self) -> list[dict[str, Any]]:
+        """The experts as a model card lists them (loramix.cards.expert_entry), in order."""
+        sources = self.config.adapters if isinstance(self.config.adapters, dict) else {}
+        return [expert_entry(name, config, sources.get(name))
+                for name, config in zip(self.expert_names, self._expert_configs)]
+
+    def _card_gate(self) -> dict[str, Any]:
+        c = self.config
+        return {"n_lora_layers": self.n_lora_layers, "xlora_depth": c.xlora_depth, "xlora_size": c.xlora_size,
+                "layerwise_scalings": c.layerwise_scalings, "top_k_lora": c.top_k_lora,
+                "enable_softmax": c.enable_softmax, "softmax_temperature": c.softmax_temperature,
+                "global_scaling_weight": c.global_scaling_weight, "scaling_pass_value": c.scaling_pass_value}
+
+    def push_to_hub(self, repo_id: str, *, tokenizer: Any = None, training: TrainingRecord | None = None,
+                    private: bool | None = None, token: str | None = None, commit_message: str | None = None,
+                    endpoint: str | None = None) -> str:
+        """Save the model (as `save_pretrained`, the card naming `repo_id`) to a temporary folder and upload it to
+        the hub repository `repo_id` ("owner/name"), created when missing (see loramix.hub.push_folder: `private`,
+        `token`, `endpoint`: a hub other than huggingface_hub's default). Returns the commit's URL. A base model
+        recorded as a local path is pushed as it is, with a warning: whoever loads it passes `base=`."""
+        import tempfile
+        import warnings
+
+        from .hub import looks_like_path, push_folder
+
+        if self.base_model_id and looks_like_path(self.base_model_id):
+            warnings.warn(f"push_to_hub: the base model is the local path {self.base_model_id}; who loads "
+                          f"{repo_id} must pass base=... (or build the model from the base's hub id)", stacklevel=2)
+
+        with tempfile.TemporaryDirectory(prefix="loramix-push-") as tmp:
+            self.save_pretrained(tmp, tokenizer=tokenizer, training=training, repo_id=repo_id)
+            return push_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message,
+                               endpoint=endpoint)
 
     # ---- the two passes -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -358,7 +414,8 @@ class XLoraModel(nn.Module):
         return self._stack if self.direct_layers else None
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Cached generation with one KV cache per pass; see `loramix.engine.generate.generate` for the options."""
+        """Cached generation with one KV cache per pass; see `loramix.engine.generate.generate` for the options
+        (`speculate=N`: exact self-speculative decoding, engine/speculative.py)."""
         from .engine.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
@@ -458,6 +515,33 @@ class XLoraModel(nn.Module):
         params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
+    # ---- what transformers' pipelines read of a generating model (GenerationMixin's names) --------------------
+    # `transformers.pipeline("text-generation", model=xlora_model, tokenizer=tok)` calls `generate` with the
+    # pipeline's generation arguments. `config` stays the XLoraConfig; the base's own config is `base.config`.
+    main_input_name = "input_ids"
+    input_modalities = "text"
+    output_modalities = "text"
+
+    def can_generate(self) -> bool:
+        """True: `generate` decodes text (GenerationMixin's question, asked by transformers' pipelines)."""
+        return True
+
+    @property
+    def generation_config(self):
+        """The base model's `transformers.GenerationConfig` (its EOS, pad and default lengths), made from its
+        config when the base has none. `generate` itself takes its options as arguments."""
+        config = getattr(self.base, "generation_config", None)
+        if config is None:
+            from transformers import GenerationConfig
+
+            config = GenerationConfig.from_model_config(self.base.config)
+        return config
+
+    @property
+    def name_or_path(self) -> str:
+        """The base model's id (as transformers' models name themselves), or "" when it has none."""
+        return self.base_model_id or ""
+
 
 def _swap_in_mixed_layers(base: nn.Module, experts: list[Expert], state: MixingState,
                           config: XLoraConfig, dtype: torch.dtype) -> list[str]:
@@ -474,6 +558,21 @@ def _swap_in_mixed_layers(base: nn.Module, experts: list[Expert], state: MixingS
         cls = MixedLoraEmbedding if supported_module(module) == "embedding" else MixedLoraLinear
         setattr(parent, child, cls(module, per_expert, index, state, config.use_trainable_adapters, dropout_p, dtype))
     return names
+
+
+def _save_tokenizer(tokenizer: Any, folder: str) -> None:
+    """`tokenizer.save_pretrained` into a temporary folder inside `folder`, then each file renamed in."""
+    import shutil
+    import tempfile
+
+    from .files import move_into
+
+    tmp = tempfile.mkdtemp(prefix=".tokenizer.", dir=folder)
+    try:
+        tokenizer.save_pretrained(tmp)
+        move_into(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _hidden_size(base: nn.Module) -> int | None:

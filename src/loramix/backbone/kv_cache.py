@@ -9,6 +9,9 @@ It serves the hand-written decode layers (backbone/decoder.py), which call `upda
 signature. Generation prefills with a DynamicCache (the prompt goes through the model's own layers) and then
 converts it with `GrowingCache.from_cache` when the model decodes by hand. As in DynamicCache, the rows of a batch
 share one length; left padding is hidden by the attention mask.
+
+Speculative decoding (engine/speculative.py) also needs `crop` (forget the positions of rejected drafts: a length
+change) and `several_tokens` (a step of several tokens through the model's own decoder layers, appending in place).
 """
 
 from __future__ import annotations
@@ -62,6 +65,17 @@ class GrowingCache:
     def values(self, layer_idx: int) -> torch.Tensor:
         return self.value_buffers[layer_idx].narrow(2, 0, self.lengths[layer_idx])
 
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions of every layer (a rollback: the next update writes at `length`)."""
+        if length < 0:
+            raise ValueError(f"length: got {length}, expected >= 0")
+        self.lengths = [min(n, length) for n in self.lengths]
+
+    def several_tokens(self) -> "SeveralTokens":
+        """This cache as the model's own decoder layers see it for a step of several tokens, which the hand-written
+        one-token step does not serve (speculative verification); pass a 4-d attention mask with it."""
+        return SeveralTokens(self)
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only the rows `index` (1-d), in place."""
         self.key_buffers = [buffer.index_select(0, index) for buffer in self.key_buffers]
@@ -75,6 +89,24 @@ class GrowingCache:
         values = [torch.cat([_pad_left(self.values(i), width), _pad_left(other.values(i), width)])
                   for i in range(len(self.lengths))]
         self._fill(keys, values)
+
+
+class SeveralTokens:
+    """A GrowingCache under another type, for a step of several tokens through the model's own decoder layers:
+    `update` appends in place (GrowingCache.update), whatever keyword arguments the layers add. The decoder stack
+    sends every GrowingCache to the hand-written one-token step; this view goes the layers' way instead, with the
+    4-d attention mask its caller built (the mask functions return a 4-d mask as it is)."""
+
+    def __init__(self, cache: GrowingCache) -> None:
+        self.cache = cache
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.get_seq_length(layer_idx)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """GrowingCache.update: append (b, kv_heads, t, head_dim); returns the layer's keys and values so far."""
+        return self.cache.update(key, value, layer_idx)
 
 
 def _with_room(filled: torch.Tensor, room: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .._version import installed_versions
 from ..files import atomic_write_text, write_jsonl
 from .domains import (
     COMPOSED,
@@ -160,7 +161,7 @@ def _run_demo(out: str, quick: bool, fresh: bool, seed: int, log: Callable[[str]
                           "turns": len(figures["history_dominant"])}
     results["composed_figure"] = figures["composed_checks"]
     results.update({"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
-                    "cpus": os.cpu_count(), "quick": quick, "seed": seed, "versions": _versions()})
+                    "cpus": os.cpu_count(), "quick": quick, "seed": seed, "versions": installed_versions()})
     _write_json(os.path.join(out, "results.json"), results)
     report = write_report(out, results, figures, domains, timings, settings, examples, ablation,
                           dict(model=MODEL, expert=EXPERT, gate=GATE, routing=_routing(scale),
@@ -399,17 +400,6 @@ def _composed_figures(out: str, folder: str, model, tokenizer, data: str) -> dic
                                 "shown": check}}
 
 
-def _versions() -> dict[str, str]:
-    """The versions that produced a run (results.json records them; scripts/demo_table.py prints them)."""
-    from importlib import metadata
-
-    versions = {}
-    for name in ("loramix", "torch", "transformers", "peft"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def _write_json(path: str, value) -> None:

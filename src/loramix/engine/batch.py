@@ -7,7 +7,7 @@ import torch
 
 from ..backbone.kv_cache import GrowingCache
 from ..config import GateOptions
-from .rows import RowState, finish_reason
+from .rows import RowState, context_length, finish_reason
 from .sampling import PromptLogprobs, Sampled, prompt_logprob_table, sample_next_token
 
 
@@ -27,6 +27,7 @@ class DecodeBatch:
     def __init__(self, model, options: GateOptions = GateOptions()) -> None:
         self.model = model
         self.options = options
+        self.context_length = context_length(model)  # positions past it exist nowhere (speculative drafts clamp)
         self.rows: list[RowState] = []
         self.scaling_cache = None  # None once every row is frozen
         self.mixed_cache = None
@@ -35,6 +36,7 @@ class DecodeBatch:
         self.frozen: torch.Tensor | None = None  # (n, 1, L, E) once every row is frozen
         self.folded = None  # FoldedWeights while the rows run folded
         self.last_sampled: Sampled | None = None  # what `choose` picked
+        self.last_reasons: list[str | None] = []  # and the finish reasons it returned
         self.prompt_logprobs: list[PromptLogprobs] | None = None  # per row, from `prefill(prompt_logprobs=k)`
 
     @property
@@ -91,7 +93,7 @@ class DecodeBatch:
             except Exception as err:  # noqa: BLE001 - a tokenizer that fails on this row's text
                 row.error = f"{type(err).__name__}: {err}"
                 reasons.append("error")
-        self.last_sampled = sampled
+        self.last_sampled, self.last_reasons = sampled, reasons
         return reasons
 
     def keep(self, index: list[int]) -> None:
@@ -179,6 +181,17 @@ def select_cache_rows(cache, index: torch.Tensor) -> None:
         cache.batch_select_indices(index)
     else:  # older transformers
         cache.reorder_cache(index)
+
+
+def crop_cache(cache, length: int) -> None:
+    """Keep the first `length` positions of a GrowingCache or of a transformers cache (its layers' keys and values,
+    the surface `merge_caches` uses too: `crop`'s meaning differs between transformers releases), in place."""
+    if isinstance(cache, GrowingCache):
+        cache.crop(length)
+        return
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
 
 def merge_caches(cache, other, width: int) -> None:

@@ -11,7 +11,8 @@ import torch
 from ..config import GateOptions
 from .batch import DecodeBatch
 from .params import SamplingParams
-from .rows import RowState
+from .rows import RowState, context_length  # noqa: F401  (context_length: re-exported)
+from .speculative import SpeculationStats, chosen, speculative_round
 
 
 @dataclass
@@ -32,19 +33,27 @@ class GenerationResult:
     n_new_tokens: list[int]
     finish_reasons: list[str]
     texts: list[str] | None = None  # each row's text (the text rule, engine/text.py), when a tokenizer is given
+    speculation: SpeculationStats | None = None  # rounds, drafted and accepted tokens (speculate > 0)
 
 
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  params: list[SamplingParams], *, eos_token_ids: list[int], gate: GateOptions = GateOptions(),
-                 tokenizer=None, max_length: int | None = None) -> Iterator[Step]:
+                 tokenizer=None, max_length: int | None = None, speculate: int = 0,
+                 stats: SpeculationStats | None = None) -> Iterator[Step]:
     """The decode loop over a batch of prompts, as a generator of steps; finished rows leave the batch and its
     caches. A row whose sampling fails raises RuntimeError naming the row. With a `tokenizer` each step also
-    carries the text each row hands out (`Step.texts`; joined over the steps, the row's text: engine/text.py)."""
+    carries the text each row hands out (`Step.texts`; joined over the steps, the row's text: engine/text.py).
+
+    `speculate` = N > 0: exact self-speculative decoding (engine/speculative.py), at most N drafted tokens per
+    verification; a round's verified tokens come out as consecutive steps, each for the rows that took a token
+    there, and `stats` (when given) counts the drafts. 0: one token per row per step through both passes."""
     b, prompt_len = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if max_length is not None and prompt_len > max_length:
         raise ValueError(f"input_ids: the prompt has {prompt_len} tokens, the model's context is {max_length}")
+    if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
+        raise ValueError(f"speculate: got {speculate!r}, expected an integer >= 0 (0: off)")
     batch = DecodeBatch(model, gate)
     prompts, real = input_ids.cpu(), attention_mask.bool().cpu()
     # the context budget counts the padded prompt (Hugging Face's max_length convention)
@@ -55,19 +64,28 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         return
     with torch.inference_mode():  # no autograd bookkeeping at all: cheaper than no_grad on small steps
         logits = batch.prefill(rows, input_ids, attention_mask)
+        batch.choose(logits)
+        rounds = [chosen(batch)]
         while True:
-            reasons = batch.choose(logits)
-            for row, reason in zip(batch.rows, reasons):
-                if reason == "error":
-                    raise RuntimeError(f"input_ids: row {row.owner}: {row.error}")
-            texts = None if tokenizer is None else [
-                row.take_text(final=reason is not None) for row, reason in zip(batch.rows, reasons)]
-            yield Step(rows=torch.tensor([row.owner for row in batch.rows], device=batch.mask.device),
-                       tokens=batch.last_sampled.tokens, scalings=batch.scalings, reasons=reasons, texts=texts)
-            batch.keep([i for i, reason in enumerate(reasons) if reason is None])
+            ended = set()
+            for taken in rounds:
+                for row, reason in zip(taken.rows, taken.reasons):
+                    if reason == "error":
+                        raise RuntimeError(f"input_ids: row {row.owner}: {row.error}")
+                    if reason is not None:
+                        ended.add(id(row))
+                texts = None if tokenizer is None else taken.texts if taken.texts is not None else [
+                    row.take_text(final=reason is not None) for row, reason in zip(taken.rows, taken.reasons)]
+                yield Step(rows=torch.tensor([row.owner for row in taken.rows], device=batch.mask.device),
+                           tokens=taken.tokens, scalings=taken.scalings, reasons=taken.reasons, texts=texts)
+            batch.keep([i for i, row in enumerate(batch.rows) if id(row) not in ended])
             if not batch.rows:
                 return
-            logits = batch.decode()
+            if speculate:
+                rounds = speculative_round(batch, speculate, stats=stats)
+            else:
+                batch.choose(batch.decode())
+                rounds = [chosen(batch)]
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -77,7 +95,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              stop: list[str] | None = None, tokenizer=None, seed: int | None = None, streamer=None,
              freeze_scalings_after: int | None = None, fold_frozen: bool = False,
              top_k_lora: int | None = None, softmax_temperature: float | None = None,
-             return_scalings: bool = False) -> torch.Tensor | GenerationResult:
+             return_scalings: bool = False, speculate: int = 0) -> torch.Tensor | GenerationResult:
     """Generate with both KV caches. Returns prompt + new tokens (HF convention), or a GenerationResult with
     the per-token scalings when `return_scalings` (scalings[b, i] produced new token i) and, given a `tokenizer`,
     each row's text (decoded against its prompt, up to the EOS, cut before a stop string: engine/text.py).
@@ -87,7 +105,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     generated tokens after which the latest scalings are kept and the scaling pass is skipped; `fold_frozen`
     then also folds the experts into the weights (all rows must share the frozen scalings, else they are mixed
     per token as usual). `top_k_lora`, `softmax_temperature`: the gate's options for this call (None: the
-    model's config)."""
+    model's config). `speculate` = N > 0: exact self-speculative decoding, at most N drafted tokens per
+    verification (engine/speculative.py: the same tokens greedily, the same distribution sampled; the result's
+    `speculation` counts the drafts); not with `freeze_scalings_after`, which skips the scaling pass already."""
+    if speculate and freeze_scalings_after is not None:
+        raise ValueError("speculate: frozen scalings (freeze_scalings_after) already skip the scaling pass; "
+                         "choose one or the other")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected (batch, tokens), got shape {tuple(input_ids.shape)}")
     if streamer is not None and input_ids.shape[0] != 1:
@@ -107,8 +130,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         streamer.put(input_ids.cpu())
     gate = GateOptions(top_k_lora=top_k_lora, softmax_temperature=softmax_temperature,
                        freeze_scalings_after=freeze_scalings_after, fold_frozen=fold_frozen)
+    stats = SpeculationStats() if speculate else None
     for step in decode_steps(model, input_ids, attention_mask, params, eos_token_ids=eos_ids, gate=gate,
-                             tokenizer=tokenizer, max_length=context_length(model)):
+                             tokenizer=tokenizer, max_length=context_length(model), speculate=speculate, stats=stats):
         for i, (r, token) in enumerate(zip(step.rows.tolist(), step.tokens.tolist())):
             new[r].append(token)
             if return_scalings:
@@ -134,7 +158,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if rows:
             scalings[r, : len(rows)] = torch.stack(rows)
     return GenerationResult(sequences=out, scalings=scalings, n_new_tokens=[len(n) for n in new],
-                            finish_reasons=reasons, texts=texts)
+                            finish_reasons=reasons, texts=texts, speculation=stats)
 
 
 def special_tokens(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
@@ -150,12 +174,3 @@ def special_tokens(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
     return eos_ids, int(pad_token_id)
-
-
-def context_length(model) -> int | None:
-    cfg = model.base.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int):
-            return value
-    return None

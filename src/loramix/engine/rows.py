@@ -31,6 +31,8 @@ class RowState:
     owner: Any = None
     tokens: list[int] = field(default_factory=list)
     frozen: torch.Tensor | None = None
+    gamma: int | None = None  # speculative decoding: the row's draft length, adapted each round (None: not yet)
+    pause: int = 0  # speculative decoding: plain steps left while the row's drafts are paused (gamma 0)
     error: str | None = None  # why the row failed, when its finish reason is "error"
 
     @classmethod
@@ -59,6 +61,16 @@ class RowState:
         """Text not handed out yet (`RowText.take`): while the row runs, a tail that could still grow into a stop
         string is held back; at the end (`final`) the rest, cut before the stop string. "" without text."""
         return "" if self.text is None else self.text.take(final)
+
+
+def context_length(model) -> int | None:
+    """The model's context: its config's max_position_embeddings (or the name its family gives it), else None."""
+    cfg = model.base.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def token_budget(params: SamplingParams, prompt_length: int, context_length: int | None) -> int:

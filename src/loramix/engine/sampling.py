@@ -174,8 +174,9 @@ def prompt_table(model, prompt: list[int], *, top: int = 0, temperature: float =
     return prompt_logprob_table(logits, prompt, top=top, temperature=temperature)
 
 
-def _sample(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """One token from a row's logits (vocab,): temperature, then top-k, then top-p, then a draw."""
+def sampling_distribution(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled row draws from, (vocab,) from its logits (vocab,): temperature, then top-k,
+    then top-p, then softmax (also the verified distribution p of speculative decoding, engine/speculative.py)."""
     row = row / p.temperature
     if 0 < p.top_k < row.shape[-1]:
         row = row.masked_fill(row < row.topk(p.top_k).values[-1], -math.inf)
@@ -184,7 +185,12 @@ def _sample(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) ->
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
         row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
-    return torch.multinomial(row.softmax(-1), 1, generator=generator)[0]
+    return row.softmax(-1)
+
+
+def _sample(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """One token from a row's logits (vocab,): a draw from `sampling_distribution`."""
+    return torch.multinomial(sampling_distribution(row, p), 1, generator=generator)[0]
 
 
 def new_generator(seed: int | None, device) -> torch.Generator:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cards import export_card, write_card
 from ..experts import ExpertModule, save_expert
 from ..hub import local_id
 from .mistralrs import export_mistralrs
@@ -114,9 +115,10 @@ def static_lora_modules(model, weights: torch.Tensor) -> dict[str, ExpertModule]
     return modules
 
 
-def export_peft(model, folder: str, scalings: torch.Tensor) -> str:
+def export_peft(model, folder: str, scalings: torch.Tensor, weights_from: str = "fixed weights") -> str:
     """Write one PEFT LoRA adapter equal to `model` with its scalings fixed to `scalings` (n_lora_layers,
-    n_experts). `PeftModel.from_pretrained(base, folder)` then gives `model(..., scalings=scalings)`'s logits."""
+    n_experts), and its model card (`weights_from` says where the weights came from).
+    `PeftModel.from_pretrained(base, folder)` then gives `model(..., scalings=scalings)`'s logits."""
     modules = static_lora_modules(model, model.mixing_weights(scalings))
     ranks = {name: m.rank for name, m in modules.items()}
     pattern = {re.escape(name): rank for name, rank in ranks.items()}  # PEFT reads the keys as regexes
@@ -131,24 +133,37 @@ def export_peft(model, folder: str, scalings: torch.Tensor) -> str:
     }
     with new_output_folder(folder) as tmp:
         save_expert(modules, config, model.dtype, tmp)
+        write_card(tmp, _card(model, "peft", scalings, weights_from))
     return folder
 
 
 # ---- merged model ------------------------------------------------------------------------------------------------
-def export_merged(model, folder: str, scalings: torch.Tensor, tokenizer=None) -> str:
-    """Save the base model with the fixed mix folded into its weights (`save_pretrained`, plus the tokenizer):
-    a plain transformers model giving `model(..., scalings=scalings)`'s logits."""
+def export_merged(model, folder: str, scalings: torch.Tensor, tokenizer=None,
+                  weights_from: str = "fixed weights") -> str:
+    """Save the base model with the fixed mix folded into its weights (`save_pretrained`, plus the tokenizer and
+    the model card): a plain transformers model giving `model(..., scalings=scalings)`'s logits."""
     weights = model.mixing_weights(scalings)
     with new_output_folder(folder) as tmp, plain_base(model, weights) as base:
         base.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_card(tmp, _card(model, "merged", scalings, weights_from))
     return folder
 
 
-def export(model, to: str, folder: str, scalings: torch.Tensor | None = None, tokenizer=None, **options) -> str:
+def _card(model, kind: str, scalings: torch.Tensor, weights_from: str):
+    """The export's model card: the base, the experts and each expert's mixing weight, averaged over the LoRA
+    layers (what `mixing_weights` makes of `scalings`: top-k and the global weight included)."""
+    mean = model.mixing_weights(scalings).float().mean(0).tolist()  # (n_experts,)
+    return export_card(kind, base_model_id=model.base_model_id, experts=model.card_experts(),
+                       weights=dict(zip(model.expert_names, mean)), weights_from=weights_from)
+
+
+def export(model, to: str, folder: str, scalings: torch.Tensor | None = None, tokenizer=None,
+           weights_from: str | None = None, **options) -> str:
     """Export `model` for another server: `to` is 'peft' or 'merged' (fixed `scalings` (n_lora_layers,
-    n_experts), uniform by default) or 'mistralrs' (the gate kept; see loramix.interop.mistralrs)."""
+    n_experts), uniform by default; `weights_from`, where they came from, for the model card) or 'mistralrs'
+    (the gate kept; see loramix.interop.mistralrs)."""
     if to not in TARGETS:
         raise ValueError(f"to: {to!r} is not one of {list(TARGETS)}")
     if to == "mistralrs":
@@ -157,11 +172,12 @@ def export(model, to: str, folder: str, scalings: torch.Tensor | None = None, to
         return export_mistralrs(model, folder, tokenizer=tokenizer, **options)
     if options:
         raise ValueError(f"{sorted(options)}: options of --to mistralrs only")
+    weights_from = weights_from or ("uniform" if scalings is None else "fixed weights")
     scalings = uniform_scalings(model) if scalings is None else scalings
     expected = (model.n_lora_layers, model.n_experts)
     if tuple(scalings.shape) != expected:
         raise ValueError(f"weights: shape {tuple(scalings.shape)}, the model needs (n_lora_layers, n_experts) = "
                          f"{expected}")
     if to == "peft":
-        return export_peft(model, folder, scalings)
-    return export_merged(model, folder, scalings, tokenizer=tokenizer)
+        return export_peft(model, folder, scalings, weights_from)
+    return export_merged(model, folder, scalings, tokenizer=tokenizer, weights_from=weights_from)

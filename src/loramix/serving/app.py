@@ -1,10 +1,10 @@
 """`loramix serve`'s HTTP face: the FastAPI app (thin routes, OpenAI-style error bodies, the API key) on uvicorn,
 over a model loaded by `load_state`.
 
-Routes: GET /health, GET /v1/models, POST /v1/completions (completions.py), POST /v1/chat/completions (chat.py),
-streaming as server-sent events or one JSON answer; requests run on the continuous-batching engine (scheduler.py)
-through requests.py. Request fields are checked in protocol.py and answers built in responses.py. GET / is the
-explorer page (page/), a client of the same routes.
+Routes: GET /health, GET /metrics (Prometheus, metrics.py), GET /v1/models, POST /v1/completions (completions.py),
+POST /v1/chat/completions (chat.py), streaming as server-sent events or one JSON answer; requests run on the
+continuous-batching engine (scheduler.py) through requests.py. Request fields are checked in protocol.py and
+answers built in responses.py. GET / is the explorer page (page/), a client of the same routes.
 
 The X-LoRA extension: an optional request field
     "xlora": {"return_scalings": true, "top_k": 2, "softmax_temperature": 0.5, "freeze_scalings_after": 16}
@@ -27,11 +27,13 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from .chat import create_chat_completion
 from .completions import create_completion
+from .metrics import MetricsMiddleware
 from .page import PAGE_PATHS, add_page_routes
 from .protocol import ApiError, openapi_body, request_schemas, short_value
 from .settings import ServeSettings, check_api_key
@@ -51,6 +53,8 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="loramix", version=__version__, lifespan=lifespan)
     if state.settings.api_key is not None:
         app.add_middleware(RequireKey, api_key=state.settings.api_key)
+    # outermost: a request refused for its key counts too
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=app.router.routes)
     _add_error_handlers(app)
     _add_routes(app, state)
     add_page_routes(app)
@@ -85,6 +89,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         state.check_open()  # a load balancer stops sending requests here
         return {"status": "ok", "model": state.model_name, "running": state.engine.active_rows(),
                 "waiting": len(state.engine.waiting)}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():  # Prometheus' text format (metrics.py); behind the API key when there is one
+        body, content_type = state.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():

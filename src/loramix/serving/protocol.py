@@ -289,9 +289,28 @@ class RequestOptions:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
 
 
+def check_response_format(body: dict) -> None:
+    """`response_format`: absent, null or {"type": "text"} (plain text, what every answer is). A JSON mode
+    ({"type": "json_object"} or "json_schema") needs decoding constrained to the grammar, which this server does
+    not do: refused with a 400 naming the field rather than answered with text that may not parse."""
+    value = body.get("response_format")
+    if value is None:
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text" and set(value) == {"type"}:
+        return
+    if kind in ("json_object", "json_schema"):
+        raise ApiError(400, f'response_format: {{"type": "{kind}"}} is not supported by this server (it does not '
+                            'constrain decoding to JSON); leave response_format out or send {"type": "text"}',
+                       param="response_format")
+    raise ApiError(400, f'response_format must be {{"type": "text"}}, got {short_value(value)}',
+                   param="response_format")
+
+
 def options_from(body: dict, chat: bool, ranges: dict[str, Range]) -> RequestOptions:
     """Every field but the prompt (or the messages), checked before any tokenizing; 400 naming the first bad one.
     `ranges`: the server's `field_ranges`."""
+    check_response_format(body)
     choices = choices_from(body, chat, ranges)
     params = sampling_from(body, ranges, echo=choices.echo)
     gate = gate_from(body, ranges)
@@ -345,6 +364,9 @@ def request_schemas(model_name: str, ranges: dict[str, Range], max_rows: int) ->
                            {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
                             "maxItems": MAX_STOP, "description": f"at most {MAX_STOP_CHARS} characters together"}]},
         "stream": {"type": "boolean"},
+        "response_format": nullable({"type": "object", "required": ["type"], "additionalProperties": False,
+                                     "properties": {"type": {"type": "string", "enum": ["text"]}},
+                                     "description": "only plain text: JSON modes are refused (400)"}),
         "stream_options": nullable({"type": "object", "properties": {"include_usage": {"type": "boolean"}}}),
         "n": field("n"),
         "xlora": {"type": "object", "additionalProperties": False, "properties": {

@@ -16,6 +16,7 @@ from dataclasses import replace
 from fastapi import Request as HttpRequest
 from fastapi.responses import Response, StreamingResponse
 
+from .metrics import CallCounts
 from .protocol import ApiError, RequestOptions
 from .responses import Reply, to_json, usage
 from .scheduler import Event, QueueFull, Request
@@ -28,10 +29,11 @@ class Rows:
     """The engine rows of one call, choice index = prompt x n + j, and the queue where their events arrive as
     (index, event); None in the queue: the client has hung up."""
 
-    def __init__(self, state: ServerState, prompts: list[list[int]], options: RequestOptions) -> None:
+    def __init__(self, state: ServerState, prompts: list[list[int]], options: RequestOptions,
+                 scope: dict | None = None) -> None:
         """Queue one row per prompt and choice, all or none (429 when they do not fit, 503 once the engine has
         stopped). Choice j of a seeded request samples with a seed derived from j, so its choices differ and each
-        is reproducible."""
+        is reproducible. `scope`: the HTTP call's, for the metrics (metrics.py)."""
         self.state = state
         self.events: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()
         self.finished: set[int] = set()
@@ -55,6 +57,7 @@ class Rows:
             raise shutting_down() from None
         for job in self.jobs:
             state.running[id(job)] = (job, job.emit)
+        self.counts = CallCounts(state.metrics, scope or {}, len(self.jobs), sum(len(p) for p in prompts))
 
     @property
     def done(self) -> bool:
@@ -63,6 +66,7 @@ class Rows:
     def forget(self) -> None:
         """The call is over: its rows leave the server's books, and unfinished ones are cancelled."""
         for index, job in enumerate(self.jobs):
+            self.counts.saw(index, job.n_generated, late=True)
             self.state.running.pop(id(job), None)
             if index not in self.finished:
                 self.state.engine.cancel(job)
@@ -80,7 +84,7 @@ async def run(state: ServerState, http: HttpRequest, options: RequestOptions, pr
     """Generate for these prompts (token ids; `texts` their text, None where only ids came) and answer: one JSON
     object, or a stream of server-sent events when `options.stream`."""
     state.check_open()
-    rows = Rows(state, prompts, options)
+    rows = Rows(state, prompts, options, http.scope)
     answer = Answer(state, chat, Reply(state.tokenizer, chat, options.choices, prompts, texts))
     if options.stream:
         return StreamingResponse(stream(rows, answer, options.include_usage), media_type="text/event-stream",
@@ -145,6 +149,7 @@ async def collect(http: HttpRequest, rows: Rows, answer: Answer):
             if item is None:
                 break
             index, event = item
+            rows.counts.saw(index, rows.jobs[index].n_generated)
             answer.reply.add(index, event)
             if event.finish_reason is not None:
                 rows.finished.add(index)
@@ -170,6 +175,7 @@ async def stream(rows: Rows, answer: Answer, include_usage: bool):
                 yield answer.chunk(first)
         while not rows.done:
             index, event = await rows.events.get()
+            rows.counts.saw(index, rows.jobs[index].n_generated)
             if event.finish_reason == "error":
                 rows.finished.add(index)
                 yield f"data: {json.dumps(failure(event).body())}\n\n"

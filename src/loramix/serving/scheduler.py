@@ -33,6 +33,7 @@ from ..engine.batch import DecodeBatch
 from ..engine.params import SamplingParams
 from ..engine.rows import RowState
 from ..engine.sampling import PromptLogprobs, TokenLogprob, chosen_logprobs, prompt_table
+from ..engine.speculative import Accepted, chosen, speculative_round
 from .settings import check_count
 
 SHUTTING_DOWN = "the server is shutting down"
@@ -79,12 +80,17 @@ class Engine:
     """Continuous batching over an XLoraModel. `submit` from any thread; events come back through `emit`.
 
     `fold_frozen`: a group whose rows are all frozen on the same scalings runs with the experts folded into the
-    weights (see `generate`'s fold_frozen; it holds a copy of the adapted weights while the group runs)."""
+    weights (see `generate`'s fold_frozen; it holds a copy of the adapted weights while the group runs).
+    `speculate` = N > 0: each step of a group is a speculative round (engine/speculative.py): rows keep different
+    numbers of verified tokens, a row that ends mid-round leaves at its last token, and each verified token is
+    its own event. Groups with frozen scalings decode plainly."""
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], max_batch: int = 8, max_queue: int = 64,
-                 context_length: int | None = None, fold_frozen: bool = False) -> None:
+                 context_length: int | None = None, fold_frozen: bool = False, speculate: int = 0) -> None:
         check_count(max_batch, "max_batch", 1)
         check_count(max_queue, "max_queue", 0)
+        check_count(speculate, "speculate", 0)
+        self.speculate = speculate  # N > 0: exact self-speculative rounds of at most N drafted tokens a row
         self.model, self.tokenizer = model, tokenizer
         self.eos = list(eos_token_ids)
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -214,40 +220,52 @@ class Engine:
                 kept.append(i)
         group.keep(kept)
         if group.rows:
-            logits = group.decode()
             self.stats["steps"] += 1
             self.stats["max_rows_in_step"] = max(self.stats["max_rows_in_step"], len(group.rows))
-            self._choose(group, logits)
+            if self.speculate:  # a round: every row gets one token or more, reported as they were verified
+                self._report(group, speculative_round(group, self.speculate, logprobs=_logprobs_asked(group)))
+            else:
+                self._choose(group, group.decode())
         if not group.rows:
             self.groups.remove(group)
 
     def _choose(self, batch: DecodeBatch, logits: torch.Tensor) -> None:
         """Each row's next token and finish reason (the decode core), reported to its owner; ended rows leave.
         A row that fails here (sampling, decoding its text) ends alone with an error event."""
-        asked = [row.owner.logprobs for row in batch.rows if row.owner.logprobs is not None]
-        reasons = batch.choose(logits, logprobs=max(asked) if asked else None)
-        kept = []
-        for i, (row, reason) in enumerate(zip(batch.rows, reasons)):
-            request = row.owner
-            if reason == "error":
-                event = Event(finish_reason="error", error=row.error)
-            else:
-                try:
-                    request.n_generated = len(row.tokens)
-                    self.stats["tokens"] += 1
-                    scalings = [_token_scalings(batch.scalings[i], request)] if request.scalings else None
-                    logprobs = None if request.logprobs is None else [
-                        chosen_logprobs(batch.last_sampled, i, request.logprobs)]
-                    event = Event(text=row.take_text(final=reason is not None), scalings=scalings,
-                                  finish_reason=reason, logprobs=logprobs)
-                except Exception as err:  # noqa: BLE001 - this request alone fails
-                    event = Event(finish_reason="error", error=f"{type(err).__name__}: {err}")
-            if event.finish_reason is None:
-                kept.append(i)
-            else:
-                self._release(request)
-            request.emit(event)
-        batch.keep(kept)
+        batch.choose(logits, logprobs=_logprobs_asked(batch))
+        self._report(batch, [chosen(batch)])
+
+    def _report(self, batch: DecodeBatch, positions: list[Accepted]) -> None:
+        """An event per row and new token, position after position (a plain step has one position, a speculative
+        round one per verified token); the rows that ended leave the batch."""
+        ended = set()
+        for taken in positions:
+            for k, (row, reason) in enumerate(zip(taken.rows, taken.reasons)):
+                request = row.owner
+                if reason == "error":
+                    event = Event(finish_reason="error", error=row.error)
+                else:
+                    try:
+                        request.n_generated += 1
+                        self.stats["tokens"] += 1
+                        scalings = [_token_scalings(taken.scalings[k], request)] if request.scalings else None
+                        logprobs = None if request.logprobs is None else [
+                            chosen_logprobs(taken.sampled, k, request.logprobs)]
+                        text = taken.texts[k] if taken.texts is not None else row.take_text(final=reason is not None)
+                        event = Event(text=text, scalings=scalings, finish_reason=reason, logprobs=logprobs)
+                    except Exception as err:  # noqa: BLE001 - this request alone fails
+                        event = Event(finish_reason="error", error=f"{type(err).__name__}: {err}")
+                if event.finish_reason is not None:
+                    ended.add(id(row))
+                    self._release(request)
+                request.emit(event)
+        batch.keep([i for i, row in enumerate(batch.rows) if id(row) not in ended])
+
+
+def _logprobs_asked(batch: DecodeBatch) -> int | None:
+    """The most alternatives any row of the batch asks for with its tokens (None: no row asks for log-probabilities)."""
+    asked = [row.owner.logprobs for row in batch.rows if row.owner.logprobs is not None]
+    return max(asked) if asked else None
 
 
 def _token_scalings(scalings: torch.Tensor, request: Request) -> list:

@@ -62,6 +62,9 @@ class ServeSettings:
     # The default holds lm-eval's log-likelihood requests (echo, max_tokens 1, logprobs 1) of 32 prompts at a
     # 4,096-token context: 4,096 x 32 x 2
     max_logprob_entries: int = 1 << 18
+    # --speculate: at most N tokens drafted with frozen scalings per verification (exact self-speculative
+    # decoding, engine/speculative.py); 0: one token per row per step through both passes
+    speculate: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -72,6 +75,7 @@ class ServeSettings:
         check_count(self.max_tokens_cap, "--max-tokens-cap", 1)
         check_count(self.max_request_bytes, "--max-request-bytes", 1)
         check_count(self.max_logprob_entries, "--max-logprob-entries", 1)
+        check_count(self.speculate, "--speculate", 0, 64)
         check_api_key(self.api_key)
         self.read_chat_template()
         if not isinstance(self.host, str) or not self.host:

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..engine.generate import context_length, special_tokens
+from .metrics import ServerMetrics
 from .protocol import ApiError, field_ranges
 from .scheduler import SHUTTING_DOWN, Engine, Event, Request
 from .settings import ServeSettings
@@ -33,7 +34,8 @@ class ServerState:
         self.max_prompt_chars = None if self.context is None else self.context * max(longest, 1)
         eos, _ = special_tokens(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.engine = Engine(model, tokenizer, eos, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                             context_length=self.context)
+                             context_length=self.context, speculate=settings.speculate)
+        self.metrics = ServerMetrics(self.engine)  # GET /metrics
         self.max_rows = settings.max_rows  # rows (prompts x n) one request may ask for
         self.ranges = field_ranges(settings.max_tokens_cap, model.n_experts, self.max_rows)
         self.created = int(time.time())

@@ -32,6 +32,7 @@ from ..files import read_jsonl, replace_dir, write_failure, write_jsonl
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
+SHARDED_NAME = "sharded"  # an FSDP checkpoint's trainable tensors and optimizer moments, one file per process
 FINAL_PREFIX = ".final."  # the temporary folder of a run's final model (training/loop.py)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _RANDOM = r"[a-z0-9_]{8}"  # the eight characters tempfile adds to a prefix
@@ -183,8 +184,12 @@ def load_checkpoint(folder: str, task, optimizer: torch.optim.Optimizer,
     Every file is read and checked before anything is loaded: a damaged one is a `DamagedCheckpoint` naming it
     (and the model and optimizer are untouched); a checkpoint made with other run settings (`signature`, the
     parameters trained or their shapes) is a ValueError."""
+    if os.path.isdir(os.path.join(folder, SHARDED_NAME)):
+        return load_sharded_checkpoint(folder, task, optimizer, signature)
     state = _read_state(folder, signature, optimizer, grad_scaler)
     params = task.trainable()
+    if any(_is_dtensor(p) for p in params.values()):
+        raise ValueError(f"--resume: {folder} was saved without --fsdp (whole tensors); resume it without --fsdp")
     tensors = _read_tensors(os.path.join(folder, TRAINABLE_NAME))
     if set(tensors) != set(params):
         raise ValueError(f"--resume: {folder}/{TRAINABLE_NAME} holds other parameters than this model trains")
@@ -315,3 +320,115 @@ def truncate_metrics(path: str, step: int, warn: Callable[[str], None] | None = 
         if not is_finite_number(record.get("step", 0)):
             raise ValueError(f"{path}: record {n} has step {record['step']!r}, not a number; the log is damaged")
     write_jsonl(path, [r for r in records if r.get("step", 0) <= step])
+
+
+# ---- sharded checkpoints (FSDP) ------------------------------------------------------------------------------
+def save_sharded_checkpoint(folder: str, step: int, task, optimizer: torch.optim.Optimizer,
+                            signature: dict[str, Any], dist, tokenizer=None) -> str:
+    """Write checkpoint-<step> of a sharded (FSDP) run, every process taking part (`dist`: training/distributed.py).
+
+    The same folder as `save_checkpoint`'s, but the trainable tensors and the optimizer's moments go to
+    `sharded/` through `torch.distributed.checkpoint` in its safetensors layout: each process writes the pieces it
+    holds, one file each, with their offsets in the file header, so that any number of processes (one, unsharded,
+    included) reads them back (`load_sharded_checkpoint`). The loadable model is written by the main process from
+    the gathered trainable and expert weights. Atomic as `save_checkpoint`: a temporary folder renamed last."""
+    import torch.distributed.checkpoint as dcp
+
+    from .fsdp import full_parameters, saved_by_task
+
+    target = os.path.join(folder, f"checkpoint-{step}")
+    tmp = _shared_temporary_folder(folder, f".checkpoint-{step}.", dist)
+    try:
+        with full_parameters(task.model, saved_by_task):  # collective; only the main process writes
+            if dist.main:
+                with naming_write_errors(tmp, target, f"; checkpoint-{step} was not saved"):
+                    task.save(tmp)
+                    if tokenizer is not None:
+                        tokenizer.save_pretrained(tmp)
+        tensors, entries = _sharded_state(task, optimizer)
+        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(os.path.join(tmp, SHARDED_NAME),
+                                                                       save_distributed=dist.world > 1))
+        if dist.main:
+            groups = optimizer.state_dict()["param_groups"]
+            state = {"step": step, "optimizer": {"param_groups": groups, "plain": {}}, "signature": signature,
+                     "sharded": {"world_size": dist.world, "entries": entries}}
+            with open(os.path.join(tmp, STATE_NAME), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=2)
+        dist.barrier()
+        if dist.main:
+            replace_dir(tmp, target)
+        dist.barrier()
+    finally:
+        if dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_sharded_checkpoint(folder: str, task, optimizer: torch.optim.Optimizer, signature: dict[str, Any]) -> int:
+    """Load a checkpoint of `save_sharded_checkpoint` into this run, sharded over any number of processes or not
+    sharded at all (every process calls it); returns its step. Damage and other settings as `load_checkpoint`."""
+    import torch.distributed.checkpoint as dcp
+
+    state = _read_state(folder, signature, optimizer, None)
+    entries = state.get("sharded", {}).get("entries") if isinstance(state.get("sharded"), dict) else None
+    params = task.trainable()
+    path = os.path.join(folder, STATE_NAME)
+    if not isinstance(entries, dict) or set(entries) != set(params):
+        raise ValueError(f"--resume: {folder} holds other parameters than this model trains")
+    targets: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        targets[f"model.{name}"] = p
+        if not isinstance(entries[name], dict):
+            raise DamagedCheckpoint(path, f"'sharded.entries.{name}' is not the optimizer's entries")
+        for key, scalar in entries[name].items():  # AdamW: step (a scalar), exp_avg and exp_avg_sq (p's shape)
+            targets[f"optim.{name}.{key}"] = torch.zeros((), dtype=torch.float32) if scalar else \
+                torch.zeros_like(p, dtype=torch.float32 if p.dtype.is_floating_point else p.dtype)
+    from torch.distributed.checkpoint.api import CheckpointException  # not an Exception: a BaseException
+
+    try:
+        with torch.no_grad():
+            dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(os.path.join(folder, SHARDED_NAME)))
+    except (Exception, CheckpointException) as err:  # a missing or cut-short shard, other shapes
+        last = (str(err).strip().splitlines() or [type(err).__name__])[-1]  # the cause, not the ranks' tracebacks
+        raise DamagedCheckpoint(os.path.join(folder, SHARDED_NAME), f"cannot be read back ({last})") from None
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    name_of = {id(p): name for name, p in params.items()}
+    moments = {i: {key: targets[f"optim.{name_of[id(p)]}.{key}"] for key in entries[name_of[id(p)]]}
+               for i, p in enumerate(ordered)}
+    optimizer.load_state_dict({"state": {i: m for i, m in moments.items() if m},
+                               "param_groups": state["optimizer"]["param_groups"]})
+    return int(state["step"])
+
+
+def _sharded_state(task, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors a sharded checkpoint holds ("model.<name>", "optim.<name>.<entry>", DTensors where the run is
+    sharded) and, per parameter, its optimizer entries (true: a scalar)."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, bool]] = {}
+    for name, p in task.trainable().items():
+        tensors[f"model.{name}"] = p.detach()
+        entries[name] = {}
+        for key, value in optimizer.state.get(p, {}).items():
+            if not torch.is_tensor(value):
+                raise NotImplementedError(f"sharded checkpoints hold tensor optimizer state only; {key} is "
+                                          f"{type(value).__name__}")
+            tensors[f"optim.{name}.{key}"] = value
+            entries[name][key] = value.dim() == 0
+    return tensors, entries
+
+
+def _shared_temporary_folder(folder: str, prefix: str, dist) -> str:
+    """A fresh temporary folder made by the main process, its name sent to the others (8 random characters)."""
+    tail = torch.zeros(8, dtype=torch.uint8)
+    if dist.main:
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=folder)
+        tail = torch.tensor(list(os.path.basename(tmp)[-8:].encode("ascii")), dtype=torch.uint8)
+    if dist.world > 1:
+        tail = dist.broadcast_(tail)
+    return os.path.join(folder, prefix + bytes(tail.tolist()).decode("ascii"))
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)

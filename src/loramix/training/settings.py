@@ -39,6 +39,12 @@ class TrainingArgs:
     device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
     gradient_checkpointing: bool = False  # recompute the base's blocks in backward instead of keeping activations
     mixed_precision: str | None = None  # "bf16" | "fp16": torch.autocast, trainable tensors kept in float32
+    # shard the weights, gradients and optimizer state over the processes (FSDP2, training/fsdp.py) instead of
+    # each process holding the whole model; with one process it changes nothing
+    fsdp: bool = False
+    # trackers that also get the metrics (training/run_logging.py): "tensorboard", "wandb", a sequence or one
+    # comma-separated string of them; "none" or () for metrics.jsonl alone. Kept as a tuple of names
+    report_to: str | tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, least, optional in (("batch_size", 1, False), ("grad_accum", 1, False),
@@ -66,9 +72,25 @@ class TrainingArgs:
             raise ValueError(f"lr_scheduler: one of linear, cosine, constant, got {self.lr_scheduler!r}")
         if self.mixed_precision not in (None, "bf16", "fp16"):
             raise ValueError(f"mixed_precision: None, 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        for name in ("resume", "progress", "gradient_checkpointing"):
+        if self.fsdp is True and self.mixed_precision == "fp16":
+            raise ValueError("fsdp: fp16 loss scaling is not implemented with sharded gradients; use "
+                             "mixed_precision='bf16'")
+        for name in ("resume", "progress", "gradient_checkpointing", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        object.__setattr__(self, "report_to", _trackers(self.report_to))
+
+
+def _trackers(value) -> tuple[str, ...]:
+    """report_to as a tuple of distinct tracker names; ValueError naming the field for anything else."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"report_to: 'tensorboard', 'wandb', 'none' or a list of them, got {value!r}")
+    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip() not in ("", "none")))
+    for name in names:
+        if name not in ("tensorboard", "wandb"):
+            raise ValueError(f"report_to: {name!r} is not one of tensorboard, wandb, none")
+    return names
 
 
 @dataclass(frozen=True)
