@@ -15,6 +15,8 @@ _LAZY = {  # public name -> the module that defines it
     "XLoraConfig": "config",
     "GateOptions": "config",
     "SamplingParams": "engine.params",
+    "generate": "engine.generate",
+    "GenerationResult": "engine.generate",
     "RoutingLosses": "losses",
     "TrainingArgs": "training.settings",
     "LoraSettings": "training.settings",
@@ -30,12 +32,13 @@ _LAZY = {  # public name -> the module that defines it
     "evaluate": "evaluation",
 }
 
-__all__ = ["XLoraConfig", "GateOptions", "SamplingParams", "RoutingLosses", "TrainingArgs", "LoraSettings",
-           "DataFormat", "DataSource", "XLoraModel", "XLoraOutput", "TrainResult", "train_expert", "train_xlora",
-           "load_base", "load_tokenizer", "evaluate", "__version__"]
+__all__ = ["XLoraConfig", "GateOptions", "SamplingParams", "generate", "GenerationResult", "RoutingLosses",
+           "TrainingArgs", "LoraSettings", "DataFormat", "DataSource", "XLoraModel", "XLoraOutput", "TrainResult",
+           "train_expert", "train_xlora", "load_base", "load_tokenizer", "evaluate", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .config import GateOptions, XLoraConfig
+    from .engine.generate import GenerationResult, generate
     from .engine.params import SamplingParams
     from .evaluation import evaluate
     from .loading import load_base, load_tokenizer

@@ -410,6 +410,14 @@ class XLoraModel(nn.Module):
         if self._stack is not None:
             self._stack.by_hand = bool(on)
 
+    def rebuild_decoder_stack(self) -> None:
+        """Read the base's decoder layers again, after they were wrapped or replaced in place (FSDP's
+        `fully_shard`, training/fsdp.py); whether steps run by hand is kept."""
+        by_hand = self._stack.by_hand if self._stack is not None else True
+        self._stack = DecoderStack.of(self.base)
+        if self._stack is not None:
+            self._stack.by_hand = by_hand
+
     def _direct_stack(self) -> DecoderStack | None:
         return self._stack if self.direct_layers else None
 

@@ -27,3 +27,25 @@ def test_chat_rows_are_scored_on_the_prompt_training_rendered(tmp_path):
     # without a chat format the prompt is read as it is
     (plain,) = eval_rows(DataSource(path), DataFormat())
     assert prompt_text(plain, tok) == "r ab="
+
+
+def test_rows_that_bring_messages_are_scored_as_the_format_trains_them(tmp_path):
+    """Packaged rows carry ready-made messages (no system turn); the format decides what the model reads: the
+    system prompt of a chat format is there, a plain format reads the plain prompt (a base without a chat
+    template must not be sent through one), a template format its rendered prompt."""
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    raw = {"prompt": "r ab=", "completion": "ba", "choices": ["ba", "ab"], "answer": 0,
+           "messages": [{"role": "user", "content": "r ab="}, {"role": "assistant", "content": "ba"}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [raw])
+    fmt = DataFormat(chat=True, system_prompt="be brief")
+    (row,) = eval_rows(DataSource(path), fmt)
+    example = tokenize_row(raw, fmt, tok)
+    untrained = [i for i, label in zip(example.input_ids, example.labels) if label == -100]
+    assert tok(prompt_text(row, tok), add_special_tokens=False)["input_ids"] == untrained
+    assert row["messages"][0] == {"role": "system", "content": "be brief"}
+    (plain,) = eval_rows(DataSource(path), DataFormat())
+    assert "messages" not in plain and prompt_text(plain, tok) == "r ab="
+    templated = DataFormat(prompt_template="Q: {prompt}\nA:", completion_template=" {completion}")
+    (row,) = eval_rows(DataSource(path), templated)
+    assert prompt_text(row, tok) == "Q: r ab=\nA:" and row["completion"] == " ba"

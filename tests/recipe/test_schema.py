@@ -64,6 +64,8 @@ def test_a_recipe_reads_into_typed_settings(tmp_path):
      "evaluation.sets[0].metric", 17),
     ("  baselines: [base, experts, xlora]", "  baselines: [base, moe]", "evaluation.baselines[1]", 18),
     ("name: t", "nmae: t", "nmae", 1),
+    ("    - {name: a, path: a.jsonl, metric: choice}", "    - {name: a, path: \"packaged:modlamp/amp\", metric: choice}",
+     "evaluation.sets[0]", 17),  # a packaged held-out set without its split would be scored on training rows
     ("    datasets: [b.jsonl]", "    datasets: [{path: b.jsonl, type: alpaca}]", "experts[1].datasets[0].type", 11),
 ])
 def test_errors_name_the_key_and_its_line(tmp_path, old, new, key, line):

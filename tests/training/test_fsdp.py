@@ -55,7 +55,8 @@ if os.environ["RANK"] == "0":  # a run stopped after step 2, resumed on 2 proces
 loramix.train_xlora(base, config, data, os.path.join(root, "resumed2"),
                     args=TrainingArgs(**steps, fsdp=True, resume=True))
 loramix.train_expert(base, data, os.path.join(root, "expert2"), lora=LoraSettings(rank=4),
-                     args=TrainingArgs(**{{**steps, "save_steps": None}}, fsdp=True, gradient_checkpointing=True))
+                     args=TrainingArgs(**{{**steps, "save_steps": 1}}, save_total_limit=1, fsdp=True,
+                                       gradient_checkpointing=True))
 torch.distributed.destroy_process_group()
 """
 
@@ -184,6 +185,13 @@ def test_a_cut_shard_is_named_and_not_loaded(runs, tmp_path):
     with pytest.raises(ValueError, match="no intact checkpoint.*sharded"):
         loramix.train_xlora(str(runs / "base"), _config(runs), str(runs / "data.jsonl"), str(out),
                             args=TrainingArgs(**STEPS, grad_accum=2, resume=True), log=_quiet)
+
+
+def test_sharded_checkpoints_beyond_the_limit_are_removed(runs):
+    """The sharded expert run saved after steps 1, 2 and 3 with save_total_limit 1: the newest alone is kept."""
+    kept = sorted(name for name in os.listdir(runs / "expert2") if name.startswith("checkpoint-"))
+    assert kept == ["checkpoint-3"]
+    assert os.listdir(runs / "expert2" / "checkpoint-3" / "sharded")
 
 
 def test_fsdp_settings_are_checked_and_one_process_is_not_sharded():

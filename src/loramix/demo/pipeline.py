@@ -160,8 +160,9 @@ def _run_demo(out: str, quick: bool, fresh: bool, seed: int, log: Callable[[str]
     results["history"] = {"own_top_turns": sum(turn == top for turn, _, top in figures["history_dominant"]),
                           "turns": len(figures["history_dominant"])}
     results["composed_figure"] = figures["composed_checks"]
-    results.update({"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
-                    "cpus": os.cpu_count(), "quick": quick, "seed": seed, "versions": installed_versions()})
+    results.update({"seconds": round(time.perf_counter() - start, 1),
+                    "cpu_seconds": round(time.process_time() - cpu_start, 1), "cpus": os.cpu_count(),
+                    "quick": quick, "seed": seed, "versions": installed_versions()})
     _write_json(os.path.join(out, "results.json"), results)
     report = write_report(out, results, figures, domains, timings, settings, examples, ablation,
                           dict(model=MODEL, expert=EXPERT, gate=GATE, routing=_routing(scale),

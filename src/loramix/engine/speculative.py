@@ -152,8 +152,16 @@ def draft(batch, gamma: int) -> tuple[torch.Tensor, list[list[torch.Tensor | Non
                 q[i].append(None)
             else:
                 probs = sampling_distribution(edited, row.params)
+                try:
+                    token = torch.multinomial(probs, 1, generator=row.generator)[0]
+                except RuntimeError:  # no distribution (non-finite logits under the frozen scalings): draft the
+                    # argmax, q one-hot on it; the acceptance rule stays exact for any q, and the verified
+                    # distribution decides (a row that fails there fails as in plain decoding)
+                    token = torch.nan_to_num(edited, nan=-math.inf).argmax()
+                    probs = torch.zeros_like(probs)
+                    probs[token] = 1.0
                 q[i].append(probs)
-                drafts[i, j] = torch.multinomial(probs, 1, generator=row.generator)[0]
+                drafts[i, j] = token
         tokens, positions = drafts[:, j:j + 1], positions + 1
     return drafts, q
 
@@ -326,7 +334,7 @@ def _shift_right(x: torch.Tensor, shifts: torch.Tensor, dim: int = 1) -> torch.T
     shape = [x.shape[0]] + [1] * (x.dim() - 1)
     shape[dim] = width
     index = source.clamp(min=0).view(shape).expand_as(x)
-    return torch.gather(x, dim, index) * valid.view(shape).to(x.dtype)
+    return torch.where(valid.view(shape), torch.gather(x, dim, index), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _clamp(positions: torch.Tensor, batch) -> torch.Tensor:

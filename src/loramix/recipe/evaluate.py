@@ -15,14 +15,16 @@ import hashlib
 import json
 from typing import Any
 
-from ..training.data import read_rows
+from ..training.data import prompt_and_completion, read_rows
 
 
 def eval_rows(source, run_format=None) -> list[dict]:
     """A held-out set's rows as the scorer takes them: {"prompt" or "messages", "completion"}, and "choices" and
-    an int "answer" (choice), or a float "target" (numeric, r2). Under a `chat: true` format (the set's own, else
-    `run_format`) a row without messages gets them (system prompt, user prompt, assistant completion), so its
-    prompt is read through the chat template as in training."""
+    an int "answer" (choice), or a float "target" (numeric, r2). The prompt is what training renders from the row
+    under the format (the set's own, else `run_format`): its fields or templates, and under `chat: true` the
+    messages of training (system prompt, user prompt, assistant completion), read through the chat template;
+    otherwise the plain prompt, with any messages the row brought (packaged rows carry them) dropped. A row in
+    the messages format keeps its own messages."""
     fmt = source.format_or(run_format) if run_format is not None else source.format
     rows = []
     for where, row in read_rows(source.path, source.split, source.max_rows):
@@ -36,10 +38,18 @@ def eval_rows(source, run_format=None) -> list[dict]:
                 row["answer"] = int(row["answer"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: target must be a number and answer an integer ({e})") from None
-        if fmt is not None and fmt.chat and "messages" not in row and "prompt" in row:
-            system = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt is not None else []
-            row["messages"] = system + [{"role": "user", "content": str(row["prompt"])},
-                                        {"role": "assistant", "content": str(row.get("completion", ""))}]
+        if fmt is not None and fmt.kind in ("prompt_completion", "template"):
+            try:
+                prompt, completion = prompt_and_completion(row, fmt)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            row.pop("messages", None)
+            if fmt.chat:
+                system = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt is not None else []
+                row["messages"] = system + [{"role": "user", "content": prompt},
+                                            {"role": "assistant", "content": completion}]
+            else:
+                row["prompt"], row["completion"] = prompt, completion
         rows.append(row)
     if not rows:
         raise ValueError(f"{source.label}: no held-out rows")

@@ -4,7 +4,9 @@ results.json keeps the demo's layout and extends it:
   domains.SET.{metric, rows, base, experts.EXPERT, static_merge (the cat merge, else the first merge scored),
                static_merge_linear, static_merge_cat, static_merge_ties, arrow, xlora, xlora_topk, xlora_ce_only,
                intervals.SYSTEM = [score, low, high]}   (a set's score: the mean of its rows' scores; R² for r2)
-  mean_over_sets.SYSTEM = [mean of the sets' scores, low, high]
+  mean_over_sets.SYSTEM = [mean of the sets' scores, low, high], over the sets named in mean_over_sets_of: those
+               scored as a proportion (choice, exact_match: all in [0, 1]), else all sets when they share one
+               metric; a numeric error or an R² is not averaged with accuracies (other units and ranges)
   routing.SET.EXPERT, routing_ce_only.SET.EXPERT, mixing.SET, unavailable.SYSTEM, timings, versions
 Intervals are percentile bootstraps over rows (science.scoring); the mean over sets resamples each set's rows
 with the same generator and averages the resampled set scores.
@@ -19,6 +21,17 @@ import numpy as np
 
 from .._version import installed_versions
 from ..files import atomic_write_text
+
+PROPORTIONS = ("choice", "exact_match")  # metrics whose scores are shares in [0, 1], averaged over sets
+
+
+def averaged_sets(metrics: dict[str, str]) -> list[str]:
+    """The sets a mean over sets averages: those scored as proportions, else all of them when they share one
+    metric, else none."""
+    shares = [name for name, metric in metrics.items() if metric in PROPORTIONS]
+    if shares:
+        return shares
+    return list(metrics) if len(set(metrics.values())) == 1 else []
 
 
 def _set_score(scores: list[float], rows: list[dict], metric: str, n: int, seed: int) -> list[float]:
@@ -70,10 +83,13 @@ def results_of(build, evaluation: dict) -> dict:
         if merges:
             row["static_merge"] = row[merges[0]]
         domains[name] = row
-    mean = {system: _mean_over_sets(value["scores"], rows, metrics, spec.bootstrap, seed)
-            for system, value in systems.items()} if metrics else {}
+    averaged = averaged_sets(metrics)
+    mean = {system: _mean_over_sets({name: value["scores"][name] for name in averaged}, rows, metrics,
+                                    spec.bootstrap, seed)
+            for system, value in systems.items()} if averaged else {}
     out = {"name": build.recipe.name, "recipe": build.recipe.path, "base": build.base, "seed": seed,
            "experts": build.recipe.expert_names, "domains": domains, "mean_over_sets": mean,
+           "mean_over_sets_of": averaged,
            "unavailable": evaluation["unavailable"]}
     for system, key in (("xlora", "routing"), ("xlora_ce_only", "routing_ce_only")):
         if system in systems:
@@ -101,16 +117,19 @@ def write_outputs(build, evaluation: dict, figures: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    """Systems (rows) by held-out sets (columns): score [low, high]; the mean over sets last."""
+    """Systems (rows) by held-out sets (columns): score [low, high]; the mean over the averaged sets last."""
     sets = list(results["domains"])
-    systems = list(results["mean_over_sets"])
     if not sets:
         return "(no held-out sets)"
-    lines = ["| system | " + " | ".join(f"{s} ({results['domains'][s]['metric']})" for s in sets)
-             + " | mean over sets |", "|---|" + "---|" * (len(sets) + 1)]
+    systems = list(results["domains"][sets[0]]["intervals"])
+    mean, averaged = results.get("mean_over_sets") or {}, results.get("mean_over_sets_of") or []
+    last = [f"mean over {', '.join(averaged)}"] if mean else []
+    lines = ["| system | " + " | ".join([f"{s} ({results['domains'][s]['metric']})" for s in sets] + last) + " |",
+             "|---|" + "---|" * (len(sets) + len(last))]
     for system in systems:
         cells = [_cell(results["domains"][s]["intervals"][system]) for s in sets]
-        lines.append(f"| {system} | " + " | ".join(cells) + f" | {_cell(results['mean_over_sets'][system])} |")
+        cells += [_cell(mean[system])] if mean else []
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -273,6 +273,9 @@ class _Reader:
                 source = source_from_mapping(rest, DataFormat(), key, weighted=False)
             except DataSpecError as e:
                 raise self.fail(e.key, str(e).split(": ", 1)[-1]) from None
+            if str(source.path).startswith("packaged:") and source.split is None:  # read_rows would give "train"
+                raise self.fail(key, "a packaged: held-out set needs its split (test or dev): without one it "
+                                     "would be scored on training rows")
             source = dataclasses.replace(source, path=self.path(source.path, f"{key}.path"))
             sets.append(EvalSet(entry["name"], source, entry["metric"]))
         baselines = value.get("baselines", list(EvaluationSpec.baselines))

@@ -241,6 +241,8 @@ class Engine:
         ended = set()
         for taken in positions:
             for k, (row, reason) in enumerate(zip(taken.rows, taken.reasons)):
+                if id(row) in ended:  # its request already had its last event (an error at an earlier position)
+                    continue
                 request = row.owner
                 if reason == "error":
                     event = Event(finish_reason="error", error=row.error)

@@ -339,12 +339,21 @@ def save_sharded_checkpoint(folder: str, step: int, task, optimizer: torch.optim
     target = os.path.join(folder, f"checkpoint-{step}")
     tmp = _shared_temporary_folder(folder, f".checkpoint-{step}.", dist)
     try:
+        failed: BaseException | None = None
         with full_parameters(task.model, saved_by_task):  # collective; only the main process writes
             if dist.main:
-                with naming_write_errors(tmp, target, f"; checkpoint-{step} was not saved"):
-                    task.save(tmp)
-                    if tokenizer is not None:
-                        tokenizer.save_pretrained(tmp)
+                try:
+                    with naming_write_errors(tmp, target, f"; checkpoint-{step} was not saved"):
+                        task.save(tmp)
+                        if tokenizer is not None:
+                            tokenizer.save_pretrained(tmp)
+                except Exception as err:  # noqa: BLE001 - raised below, once every process knows
+                    failed = err
+        # every process learns whether the main one failed, so that none waits in dcp.save for it
+        if dist.gather_ints(int(failed is not None))[0]:
+            if failed is not None:
+                raise failed
+            raise OSError(f"checkpoint-{step}: the main process could not write it (its error is in its output)")
         tensors, entries = _sharded_state(task, optimizer)
         dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(os.path.join(tmp, SHARDED_NAME),
                                                                        save_distributed=dist.world > 1))

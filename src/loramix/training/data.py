@@ -529,6 +529,15 @@ def tokenize_row(row: dict[str, Any], fmt: DataFormat, tokenizer, expert_names: 
     return Example(ids, labels, routing=written_by[1:] + [-100])  # position t routes for token t + 1
 
 
+def prompt_and_completion(row: dict[str, Any], fmt: DataFormat) -> tuple[str, str]:
+    """A prompt/completion row's (prompt, completion) as `fmt` renders it for training (its fields or templates);
+    a ValueError naming the reason for a row the format cannot read."""
+    try:
+        return _render(row, fmt)
+    except _RowError as e:
+        raise ValueError(str(e)) from None
+
+
 def chat_turns(row: dict[str, Any], fmt: DataFormat) -> list[dict[str, Any]]:
     """A prompt/completion row (fields or templates) as the chat a `chat: true` format trains on: an optional
     system turn, the prompt as the user's turn, the completion as the assistant's; the row's expert label (a

@@ -92,15 +92,14 @@ def _drop_unsharded_references(model: nn.Module) -> None:
     """Point every plain reference to a parameter that `model` keeps for speed at the sharded model: the mixed
     layers' tensor tuples, and the XLoraModel's decoder stack (rebuilt: with FSDP's hooks on the layers it runs
     them as modules, never the hand-written one-token step that holds their weights)."""
-    from ..backbone.decoder import DecoderStack
     from ..layers import MixedLoraLayer
 
     for m in model.modules():
         if isinstance(m, MixedLoraLayer):
             m.tensors = _LiveTensors(m)
             m.plain_linear_base = False  # call the base Linear: FSDP's hooks may sit on it
-    if getattr(model, "_stack", None) is not None:
-        model._stack = DecoderStack.of(model.base)
+    if hasattr(model, "rebuild_decoder_stack"):  # an XLoraModel
+        model.rebuild_decoder_stack()
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -149,12 +148,12 @@ def full_parameters(model: nn.Module, which) -> Iterator[None]:
                 continue
             owner_name, _, leaf = name.rpartition(".")
             owner = model.get_submodule(owner_name)
-            owner._parameters[leaf] = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
+            owner.register_parameter(leaf, nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad))
             swapped.append((owner, leaf, p))
         yield
     finally:
         for owner, leaf, p in swapped:
-            owner._parameters[leaf] = p
+            owner.register_parameter(leaf, p)
 
 
 def saved_by_task(name: str, p: nn.Parameter) -> bool:

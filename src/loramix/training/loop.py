@@ -406,9 +406,10 @@ class _Loop:
         the oldest beyond save_total_limit removed."""
         if self.sharded:
             save_sharded_checkpoint(self.out, step, self.task, self.optimizer, self.signature, self.dist, tokenizer)
-        if self.dist.main and not self.sharded:
+        elif self.dist.main:
             save_checkpoint(self.out, step, self.task, self.optimizer, self.signature, tokenizer,
                             self.precision.scaler)
+        if self.dist.main:
             prune_checkpoints(self.out, self.args.save_total_limit, newest=step)
         self.dist.barrier()
 
@@ -699,6 +700,9 @@ def train_xlora(base: str | nn.Module, config: XLoraConfig, data: DataArg, outpu
 
 def _check_fsdp(args: TrainingArgs, dist: Distributed, quantization: Any) -> None:
     """Refuse what FSDP does not shard, before the base is loaded."""
+    if dist.shards(args.fsdp) and args.mixed_precision == "fp16":  # --fsdp or accelerate's FSDP config
+        raise NotImplementedError("--fsdp with --fp16: loss scaling over sharded gradients is not implemented; "
+                                  "use --bf16")
     if dist.shards(args.fsdp) and quantization is not None:
         raise NotImplementedError("--fsdp with a 4-bit or 8-bit base: bitsandbytes weights are not sharded by "
                                   "FSDP here; load the base in bfloat16 (--dtype bfloat16) to shard it")
