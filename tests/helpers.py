@@ -162,6 +162,31 @@ def tiny_xlora(arch: str, folder, **config):
     return base, adapters, model
 
 
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompts of 10 ids, rows 1 and 2 left-padded by 4 and 2: (ids, attention mask)."""
+    torch.manual_seed(11)
+    ids = torch.randint(3, 97, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def recorded_training_calls(monkeypatch, argv_list) -> list:
+    """Run `loramix` on each argv with the training entry points replaced by a recorder (and no path checks: the
+    argv name files that are not there); their (args, kwargs), in order."""
+    import loramix.cli
+    import loramix.training.loop
+    from loramix import TrainResult
+
+    monkeypatch.setattr(loramix.cli, "check_paths", lambda args: None)
+    calls = []
+    for name in ("train_xlora", "train_expert"):
+        monkeypatch.setattr(loramix.training.loop, name,
+                            lambda *args, **kwargs: calls.append((args, kwargs)) or TrainResult("o", {}))
+    for argv in argv_list:
+        assert loramix.cli.main(argv) == 0
+    return calls
 
 
 # ---- the server in a thread (test_server*.py) ----------------------------------------------------------------

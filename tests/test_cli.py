@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from helpers import recorded_training_calls
 
 from loramix import XLoraConfig
 from loramix.cli import main
@@ -112,28 +113,12 @@ def test_bad_flags_fail_at_parse_time_in_one_line(argv, flag, capsys, monkeypatc
     assert captured.err.startswith(f"loramix {argv[0]}: error: argument {flag}"), captured.err
 
 
-def _entry_point_calls(monkeypatch, argv_list) -> list:
-    """Run `loramix` on each argv with the training entry points replaced by a recorder; their (args, kwargs)."""
-    import loramix.cli
-    import loramix.training.loop
-    from loramix import TrainResult
-
-    monkeypatch.setattr(loramix.cli, "check_paths", lambda args: None)  # the argv name files that are not there
-    calls = []
-    for name in ("train_xlora", "train_expert"):
-        monkeypatch.setattr(loramix.training.loop, name,
-                            lambda *args, **kwargs: calls.append((args, kwargs)) or TrainResult("o", {}))
-    for argv in argv_list:
-        assert main(argv) == 0
-    return calls
-
-
 def test_flags_are_named_after_config_fields_and_old_spellings_still_work(capsys, monkeypatch):
     import dataclasses
 
     from loramix.losses import RoutingLosses
 
-    new, old = _entry_point_calls(monkeypatch, [
+    new, old = recorded_training_calls(monkeypatch, [
         TRAIN + ["--xlora-dropout-p", "0.3", "--balance-weight", "2", "--routing-weight", "1"],
         TRAIN + ["--xlora-dropout", "0.3", "--balance-loss-weight", "2", "--routing-loss-weight", "1"]])
     assert new == old
@@ -168,7 +153,7 @@ def test_train_flags_build_the_settings_a_python_user_builds(monkeypatch, capsys
                   "--use-trainable-adapters", "--entropy-weight", "-0.5", "--expert-field", "task",
                   "--routing-weight", "1", "--routing-anneal-steps", "7"]
     expert = ["train-expert", "--base", "b", "--data", "d.jsonl", "--output", "o"]
-    calls = _entry_point_calls(monkeypatch, [
+    calls = recorded_training_calls(monkeypatch, [
         TRAIN, TRAIN + run_flags + gate_flags, expert,
         expert + ["--rank", "4", "--alpha", "8", "--dropout", "0.1", "--target-modules", "q_proj,v_proj"]])
     loading = dict(tokenizer=None, dtype=None, quantization=None, trust_remote_code=False)
@@ -200,7 +185,7 @@ def test_train_flags_build_the_settings_a_python_user_builds(monkeypatch, capsys
 
 def test_enable_softmax_topk_replaces_the_softmax_over_all_experts(monkeypatch):
     """`--enable-softmax-topk` gives the config a Python user writes for it (it used to be refused, always)."""
-    calls = _entry_point_calls(monkeypatch, [TRAIN + ["--top-k-lora", "1", "--enable-softmax-topk"]])
+    calls = recorded_training_calls(monkeypatch, [TRAIN + ["--top-k-lora", "1", "--enable-softmax-topk"]])
     assert calls[0][0][1] == XLoraConfig(adapters={"a": "x"}, top_k_lora=1, enable_softmax=False,
                                          enable_softmax_topk=True)
     assert main(TRAIN + ["--enable-softmax-topk"]) == 2  # without --top-k-lora: refused, naming the field

@@ -4,24 +4,11 @@ on the command line over the file, errors naming the key and its line; `--chat-t
 from __future__ import annotations
 
 import pytest
-from helpers import CHAT_TEMPLATE, save_tiny_model
+from helpers import CHAT_TEMPLATE, recorded_training_calls, save_tiny_model
 
 import loramix.cli
 import loramix.training.loop
-from loramix import TrainResult
 from loramix.cli import main
-
-
-def _calls(monkeypatch, argv_list) -> list:
-    monkeypatch.setattr(loramix.cli, "check_paths", lambda args: None)
-    calls = []
-    for name in ("train_xlora", "train_expert"):
-        monkeypatch.setattr(loramix.training.loop, name,
-                            lambda *args, **kwargs: calls.append((args, kwargs)) or TrainResult("o", {}))
-    for argv in argv_list:
-        assert main(argv) == 0
-    return calls
-
 
 CONFIG = """\
 base: b
@@ -48,7 +35,7 @@ def test_a_config_file_gives_the_call_its_flags_give(tmp_path, monkeypatch):
              "--batch-size", "4", "--layerwise-scalings", "--lr-scheduler", "cosine", "--prompt-field", "q",
              "--max-length", "64", "--data", "d.jsonl", "--data", "e.csv", "--data-weights", "1", "3",
              "--eval-data", "h.jsonl"]
-    by_flags, by_file, overridden = _calls(monkeypatch, [
+    by_flags, by_file, overridden = recorded_training_calls(monkeypatch, [
         flags, ["train", "--config", str(tmp_path / "c.yaml")],
         ["train", "--config", str(tmp_path / "c.yaml"), "--max-steps", "9", "--data", "z.jsonl"]])
     csv_format = DataFormat(prompt_field="q", max_length=64, prompt_template="Q: {question}",
@@ -79,7 +66,7 @@ def test_chat_template_gives_the_training_verbs_a_template(tmp_path, monkeypatch
     """--chat-template: the tokenizer handed to the entry point is the base's with the file's template."""
     base = save_tiny_model(tmp_path / "base")
     (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
-    (call,) = _calls(monkeypatch, [["train-expert", "--base", base, "--data", "d.jsonl", "--output", "o",
+    (call,) = recorded_training_calls(monkeypatch, [["train-expert", "--base", base, "--data", "d.jsonl", "--output", "o",
                                     "--chat-template", str(tmp_path / "chat.jinja")]])
     tokenizer = call[1]["tokenizer"]
     assert tokenizer.chat_template == CHAT_TEMPLATE

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import make_experts, peft_reference, tiny_base, tiny_tokenizer
+from helpers import make_experts, padded_batch, peft_reference, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.engine.params import SamplingParams
@@ -30,15 +30,6 @@ def build(experts, **config):
     return XLoraModel.from_base(copy.deepcopy(base), XLoraConfig(adapters=adapters, **config))
 
 
-def batch():
-    torch.manual_seed(11)
-    ids = torch.randint(3, 97, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    mask[2, :2] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def no_cache_greedy(model, ids, n):
     """Reference: every step re-runs the whole sequence through both passes (what PEFT does)."""
     seq = ids.clone()
@@ -58,17 +49,17 @@ def peft_generate(experts, model, config, ids, mask, n, eos):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_equals_full_recompute_and_peft(name, experts):
     model = build(experts, **CONFIGS[name])
-    ids, _ = batch()
+    ids, _ = padded_batch()
     ours = model.generate(ids[:1], max_new_tokens=12, eos_token_id=None)
     assert torch.equal(ours, no_cache_greedy(model, ids[:1], 12))
-    ids, mask = batch()
+    ids, mask = padded_batch()
     ours = model.generate(ids, mask, max_new_tokens=12, eos_token_id=None)
     assert torch.equal(ours, peft_generate(experts, model, CONFIGS[name], ids, mask, 12, None))
 
 
 def test_left_padded_rows_equal_rows_alone_and_stop_at_eos(experts):
     model = build(experts, **CONFIGS["layerwise-depth2"])
-    ids, mask = batch()
+    ids, mask = padded_batch()
     free = model.generate(ids, mask, max_new_tokens=10, eos_token_id=None)
     eos = int(free[0, ids.shape[1] + 3])  # a token row 0 produces early: rows finish at different steps
     together = model.generate(ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
@@ -83,7 +74,7 @@ def test_left_padded_rows_equal_rows_alone_and_stop_at_eos(experts):
 
 def test_min_new_tokens_blocks_eos(experts):
     model = build(experts, **CONFIGS["layerwise-depth2"])
-    ids, _ = batch()
+    ids, _ = padded_batch()
     free = model.generate(ids[:1], max_new_tokens=6, eos_token_id=None)
     eos = int(free[0, ids.shape[1]])  # the very first token
     assert model.generate(ids[:1], max_new_tokens=6, eos_token_id=eos).shape[1] == ids.shape[1] + 1
@@ -94,7 +85,7 @@ def test_min_new_tokens_blocks_eos(experts):
 @pytest.mark.parametrize("after", [0, 3])
 def test_frozen_scalings_equal_recompute_with_frozen_scalings(after, experts):
     model = build(experts, **CONFIGS["layerwise-depth2"])
-    ids, _ = batch()
+    ids, _ = padded_batch()
     prompt = ids[:1]
     result = model.generate(prompt, max_new_tokens=8, eos_token_id=None, freeze_scalings_after=after,
                             return_scalings=True)
@@ -121,7 +112,7 @@ def test_frozen_scalings_equal_recompute_with_frozen_scalings(after, experts):
 
 def test_returned_scalings_are_the_ones_that_produced_each_token(experts):
     model = build(experts, **CONFIGS["layerwise-depth2"])
-    ids, _ = batch()
+    ids, _ = padded_batch()
     result = model.generate(ids[:1], max_new_tokens=5, eos_token_id=None, return_scalings=True)
     with torch.no_grad():
         full = model(input_ids=result.sequences).scalings  # (1, t, L, E)
@@ -132,7 +123,7 @@ def test_returned_scalings_are_the_ones_that_produced_each_token(experts):
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(experts):
     model = build(experts, **CONFIGS["layerwise-depth2"])
-    ids, mask = batch()
+    ids, mask = padded_batch()
     kwargs = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95, eos_token_id=None)
     a = model.generate(ids, mask, seed=5, **kwargs)
     b = model.generate(ids, mask, seed=5, **kwargs)
@@ -148,7 +139,7 @@ def test_repetition_penalty_matches_transformers(experts):
     base = experts[0]
     model = build(experts, **CONFIGS["layerwise-depth2"])
     model.set_global_scaling_weight(0.0)  # experts off: X-LoRA is the base model
-    ids, _ = batch()
+    ids, _ = padded_batch()
     ours = model.generate(ids[:1], max_new_tokens=12, repetition_penalty=1.8, eos_token_id=None)
     theirs = base.generate(ids[:1], max_new_tokens=12, repetition_penalty=1.8, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
@@ -194,7 +185,7 @@ def test_streamer_and_stop_strings(experts):
 def test_a_tiny_temperature_samples_greedily(experts):
     """temperature 1e-39 used to overflow float32 (logits / T = inf) and the sampler raised."""
     model = build(experts, **CONFIGS["layerwise-depth2"])
-    ids, mask = batch()
+    ids, mask = padded_batch()
     greedy = model.generate(ids, mask, max_new_tokens=8, eos_token_id=None)
     for temperature in (1e-39, 1e-6):
         tiny = model.generate(ids, mask, max_new_tokens=8, eos_token_id=None, do_sample=True,
@@ -242,7 +233,7 @@ def test_finish_reason_rules():
 
 def test_gate_options_are_arguments_checked_by_name(experts):
     model = build(experts, **CONFIGS["layerwise-depth2"])
-    ids, _ = batch()
+    ids, _ = padded_batch()
     with torch.no_grad():
         with pytest.raises(ValueError, match="top_k_lora"):
             model(input_ids=ids, top_k_lora=9)
@@ -256,7 +247,7 @@ def test_gate_options_are_arguments_checked_by_name(experts):
 
 def test_log_probabilities_are_those_of_the_distribution_sampled_from(experts):
     model = build(experts, **CONFIGS["layerwise-depth2"])
-    ids, _ = batch()
+    ids, _ = padded_batch()
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, -1]  # (3, vocab)
     rows = [RowState.start(ids[0].tolist(), SamplingParams(), device="cpu"),
@@ -290,7 +281,7 @@ def test_an_expert_on_the_lm_head_generates(tmp_path):
     with torch.no_grad():
         for p in model.classifier.parameters():
             p.normal_(0, 0.5)
-    ids, mask = batch()
+    ids, mask = padded_batch()
     reference = no_cache_greedy(model, ids[:1], 8)
     assert torch.equal(model.generate(ids[:1], max_new_tokens=8, eos_token_id=None), reference)
     model.direct_layers = False

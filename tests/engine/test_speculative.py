@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import make_experts, tiny_base, tiny_tokenizer
+from helpers import make_experts, padded_batch, tiny_base, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.config import GateOptions
@@ -43,15 +43,6 @@ def models(tmp_path_factory):
     return built
 
 
-def prompts():
-    torch.manual_seed(11)
-    ids = torch.randint(3, 97, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    mask[2, :2] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def test_the_decode_paths_are_those_named(models):
     assert models["llama"].decodes_by_hand and not models["gpt2"].decodes_by_hand
     assert not models["mistral-window"].decodes_by_hand
@@ -60,7 +51,7 @@ def test_the_decode_paths_are_those_named(models):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_tokens_equal_plain_decoding(arch, models):
     model = models[arch]
-    ids, mask = prompts()
+    ids, mask = padded_batch()
     options = dict(max_new_tokens=40, eos_token_id=None, return_scalings=True)
     plain = model.generate(ids, mask, **options)
     for n in (1, 3, 8):  # rows accept different lengths: holes (GrowingCache) or shifted rows (transformers caches)
@@ -75,7 +66,7 @@ def test_greedy_tokens_equal_plain_decoding(arch, models):
 
 def test_the_plain_layers_of_a_hand_written_model(models):
     model = models["llama"]
-    ids, mask = prompts()
+    ids, mask = padded_batch()
     plain = model.generate(ids, mask, max_new_tokens=30, eos_token_id=None)
     model.decodes_by_hand = False  # DynamicCaches through the model's own layers
     try:
@@ -88,7 +79,7 @@ def test_every_decoding_rule_with_speculation(models):
     """EOS with min_new_tokens, repetition penalty, stop strings, top-k gating and the gate's softmax temperature:
     the same tokens, texts, finish reasons and scalings."""
     model, tok = models["llama"], tiny_tokenizer()
-    ids, mask = prompts()
+    ids, mask = padded_batch()
     free = model.generate(ids, mask, max_new_tokens=30, eos_token_id=None)
     eos = int(free[0, ids.shape[1] + 5])  # rows end at different steps, some mid-draft
     text = tok.decode(free[2, ids.shape[1] + 12: ids.shape[1] + 14])
@@ -106,7 +97,7 @@ def test_every_decoding_rule_with_speculation(models):
 def test_verified_distributions_within_1e_5_of_plain_steps(arch, models):
     """Every vocabulary entry's log-probability of every verified position against the plain step's."""
     model = models[arch]
-    ids, mask = prompts()
+    ids, mask = padded_batch()
     vocab = model.base.config.vocab_size
 
     def run(speculate: int):
@@ -167,7 +158,7 @@ def test_sampling_matches_plain_decoding_in_distribution(models):
 
 
 def test_speculate_is_checked(models):
-    ids, _ = prompts()
+    ids, _ = padded_batch()
     with pytest.raises(ValueError, match="speculate"):
         models["llama"].generate(ids, speculate=-1)
     with pytest.raises(ValueError, match="speculate"):
@@ -206,7 +197,7 @@ def test_gamma_grows_shrinks_and_pauses():
 
 def test_routing_that_changes_every_token_pauses_drafting_and_stays_exact(models):
     model = models["llama"]
-    ids, _ = prompts()
+    ids, _ = padded_batch()
     options = dict(max_new_tokens=40, eos_token_id=None, softmax_temperature=0.005)  # sharp: drafts fail
     for r in range(3):
         plain = model.generate(ids[r:r + 1], **options)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from helpers import VOCAB, make_experts, tiny_base, tiny_tokenizer
+from helpers import VOCAB, make_experts, tiny_tokenizer, tiny_xlora
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.config import GateOptions
@@ -20,10 +20,8 @@ EOS = 2
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    base = tiny_base("llama")
-    adapters = make_experts(base, "llama", tmp_path_factory.mktemp("experts"))
-    return XLoraModel.from_base(base, XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=16,
-                                                  layerwise_scalings=True))
+    return tiny_xlora("llama", tmp_path_factory.mktemp("experts"), xlora_depth=2, xlora_size=16,
+                      layerwise_scalings=True)[2]
 
 
 @pytest.fixture(scope="module")

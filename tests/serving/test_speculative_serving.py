@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from helpers import make_experts, tiny_base, tiny_tokenizer
+from helpers import tiny_tokenizer, tiny_xlora
 
-from loramix import XLoraConfig, XLoraModel
 from loramix.config import GateOptions
 from loramix.engine.params import SamplingParams
 from loramix.serving.scheduler import Engine, Event, Request
@@ -22,10 +21,8 @@ EOS = 2
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    base = tiny_base("llama")
-    adapters = make_experts(base, "llama", tmp_path_factory.mktemp("experts"))
-    return XLoraModel.from_base(base, XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=16,
-                                                  layerwise_scalings=True))
+    return tiny_xlora("llama", tmp_path_factory.mktemp("experts"), xlora_depth=2, xlora_size=16,
+                      layerwise_scalings=True)[2]
 
 
 @dataclass
