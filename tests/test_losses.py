@@ -101,3 +101,16 @@ def test_routing_losses_refuse_a_bad_weight_naming_it(field, value):
     with pytest.raises(ValueError, match=f"^{field}: got "):
         RoutingLosses(**{field: value})
     assert RoutingLosses(entropy_weight=-0.5).entropy_weight == -0.5  # a negative entropy weight flattens: allowed
+
+
+def test_mixing_entropy_is_each_layers_mean_token_entropy():
+    import math
+
+    from loramix.losses import mixing_entropy
+
+    torch.manual_seed(0)
+    probs = torch.rand(5, 3, 4).softmax(-1)
+    probs[0, 1] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # one-hot: 0 · ln 0 counts as 0
+    loop = [sum(-sum(p * math.log(p) for p in probs[n, layer].tolist() if p > 0) for n in range(5)) / 5
+            for layer in range(3)]
+    torch.testing.assert_close(mixing_entropy(probs), torch.tensor(loop), rtol=0, atol=1e-6)

@@ -79,6 +79,13 @@ def routing_log_probs(scalings: torch.Tensor, softmaxed: bool) -> tuple[torch.Te
     return log_probs.exp(), log_probs
 
 
+def mixing_entropy(token_probs: torch.Tensor) -> torch.Tensor:
+    """Per LoRA layer, the mean over tokens of the entropy over experts, -sum_e p ln p in nats (0 one-hot, ln E
+    uniform): token_probs (n, L, E) -> (L,), float32."""
+    p = token_probs.float()
+    return -(p * p.clamp_min(1e-9).log()).sum(-1).mean(0)
+
+
 def balance_loss(token_probs: torch.Tensor) -> torch.Tensor:
     """E * sum_e mean_p[e]^2 - 1, averaged over LoRA layers. token_probs: (n, L, E), one row per attended token."""
     n_experts = token_probs.shape[-1]

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from ..losses import mixing_entropy
 from .domains import COMPOSED, Domain, composed_parts, first_number
 
 MIXING_THRESHOLD = 0.2  # an expert "takes part" in a layer when its scaling there is at least this
@@ -57,7 +58,7 @@ def mixing(scalings: torch.Tensor) -> dict:
     entropy: mean over tokens of the entropy of each layer's scalings (nats; 0 is one-hot, ln E uniform);
     experts_per_layer: mean over tokens of how many experts have at least MIXING_THRESHOLD in each layer."""
     p = scalings.float()
-    entropy = -(p * p.clamp_min(1e-9).log()).sum(-1).mean(0)  # (L,)
+    entropy = mixing_entropy(p)  # (L,)
     above = (p >= MIXING_THRESHOLD).sum(-1).float().mean(0)  # (L,)
     return {"entropy": round(float(entropy.mean()), 4), "entropy_max_layer": round(float(entropy.max()), 4),
             "experts_per_layer": round(float(above.mean()), 4),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..losses import mixing_entropy
 from .scoring import prompt_text
 
 TAKES_PART = 0.2  # an expert takes part in a layer at a token when its scaling there is at least this
@@ -43,7 +44,7 @@ def mixing(scalings: torch.Tensor) -> dict:
     have a scaling >= TAKES_PART; layers_mixing_share: the share of layers where the token-mean scalings have
     two experts >= TAKES_PART."""
     p = scalings.float()
-    entropy = -(p * p.clamp_min(1e-9).log()).sum(-1).mean(0)  # (L,)
+    entropy = mixing_entropy(p)  # (L,)
     two = ((p >= TAKES_PART).sum(-1) >= 2).float()  # (n, L)
     mean_layers = ((p.mean(0) >= TAKES_PART).sum(-1) >= 2).float()  # (L,)
     return {"entropy": round(float(entropy.mean()), 4),
